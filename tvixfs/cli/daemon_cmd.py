@@ -1,0 +1,3 @@
+"""daemon_cmd"""
+
+from tvixfs.cli.app import app  # noqa: F401

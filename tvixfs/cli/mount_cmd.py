@@ -1,0 +1,3 @@
+"""mount_cmd"""
+
+from tvixfs.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""store_cmds"""
+
+from tvixfs.cli.app import app  # noqa: F401

@@ -1,0 +1,1 @@
+"""The three store services (blob, directory, path info): interfaces, URLs and backends."""

@@ -1,0 +1,111 @@
+"""The three service interfaces every backend implements.
+
+They are synchronous and thread-safe: the gRPC server calls them from worker threads and the
+FUSE daemon reaches them through its trio bridge. Data is validated model objects
+(``Directory``, ``Node``) or wire ``PathInfo`` messages that passed ``validate_pathinfo``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.nodes import Node
+from tvixfs.protos import pathinfo_pb2
+
+
+class ChunkMeta(NamedTuple):
+    digest: bytes
+    size: int
+
+
+class BlobService(ABC):
+    @abstractmethod
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        """None if absent; else the chunk list (empty: present, not chunked further)."""
+
+    @abstractmethod
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        """The bytes of a blob, or of a chunk by its own digest, in pieces.
+
+        Raises NotFoundError (on the first ``next``) if absent. Backends that fetch from
+        elsewhere verify what they yield: a corrupt blob raises CorruptDataError, never
+        yields wrong bytes past the point of detection.
+        """
+
+    @abstractmethod
+    def put(self, data: Iterable[bytes]) -> bytes:
+        """Store the concatenation of ``data``; returns its BLAKE3 digest."""
+
+    def has(self, digest: bytes) -> bool:
+        return self.stat(digest) is not None
+
+    def read_all(self, digest: bytes) -> bytes:
+        return b"".join(self.read(digest))
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release connections or files."""
+
+
+class DirectoryService(ABC):
+    @abstractmethod
+    def get(self, digest: bytes) -> Directory | None:
+        """One directory, or None if absent."""
+
+    @abstractmethod
+    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+        """The root first, then every descendant breadth-first, each digest once.
+
+        Raises NotFoundError if the root is absent.
+        """
+
+    @abstractmethod
+    def put_many(self, directories: Iterable[Directory]) -> bytes:
+        """Store a closure, leaves first and root last; returns the root digest.
+
+        Every directory must refer only to directories sent before it or already stored;
+        otherwise FailedPreconditionError and nothing of the batch is stored.
+        """
+
+    def put(self, directory: Directory) -> bytes:
+        return self.put_many([directory])
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release connections or files."""
+
+
+class PathInfoService(ABC):
+    @abstractmethod
+    def get(self, output_hash: bytes) -> pathinfo_pb2.PathInfo | None:
+        """The PathInfo whose store path hash is ``output_hash`` (20 bytes), or None."""
+
+    @abstractmethod
+    def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
+        """Validate and store; the root node's content must already be present."""
+
+    @abstractmethod
+    def list(self) -> Iterator[pathinfo_pb2.PathInfo]:
+        """Every PathInfo, in no promised order."""
+
+    @abstractmethod
+    def calculate_nar(self, node: Node) -> tuple[int, bytes]:
+        """(nar_size, nar_sha256) of the NAR that ``node`` renders to."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release connections or files."""
+
+
+@dataclass
+class Store:
+    """The three services of one store, as the CLI, the server and the FUSE daemon use them."""
+
+    blobs: BlobService
+    directories: DirectoryService
+    pathinfos: PathInfoService
+
+    def close(self) -> None:
+        for service in (self.pathinfos, self.directories, self.blobs):
+            service.close()

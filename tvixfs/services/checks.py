@@ -1,0 +1,68 @@
+"""Rules every backend enforces on writes, written once so that they agree exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.errors import ValidationError
+from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.base import BlobService, DirectoryService
+from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tvixfs.store.pathinfo import validate_pathinfo
+from tvixfs.store.storepath import StorePath
+
+
+def check_closure(
+    directories: Iterable[Directory], stored: Callable[[bytes], bool]
+) -> dict[bytes, Directory]:
+    """Check a Put stream: leaves first, each child sent before or already ``stored``.
+
+    Returns the batch keyed by digest, in arrival order (root last). Raises before the caller
+    stores anything, so a rejected stream leaves no trace.
+    """
+    batch: dict[bytes, Directory] = {}
+    for directory in directories:
+        for child in directory.directories:
+            if child.digest not in batch and not stored(child.digest):
+                raise FailedPreconditionError(
+                    f"directory {child.name!r} refers to {child.digest.hex()}, "
+                    "which was neither sent before it nor stored"
+                )
+        batch[directory.digest()] = directory
+    if not batch:
+        raise InvalidArgumentError("no directories sent")
+    return batch
+
+
+def check_pathinfo(
+    info: pathinfo_pb2.PathInfo, blobs: BlobService, directories: DirectoryService
+) -> StorePath:
+    """Validate a PathInfo and check that its root content is present."""
+    try:
+        store_path, node = validate_pathinfo(info)
+    except ValidationError as e:
+        raise InvalidArgumentError(f"invalid PathInfo: {e}") from None
+    if isinstance(node, DirectoryNode) and directories.get(node.digest) is None:
+        raise FailedPreconditionError(
+            f"{store_path}: root directory {node.digest.hex()} is not in the store"
+        )
+    if isinstance(node, FileNode) and blobs.stat(node.digest) is None:
+        raise FailedPreconditionError(f"{store_path}: root blob {node.digest.hex()} is not in the store")
+    return store_path
+
+
+def calculate_nar(
+    node: Node, blobs: BlobService, directories: DirectoryService
+) -> tuple[int, bytes]:
+    """(size, sha256) of the NAR of ``node``, rendered from the store."""
+    from tvixfs.store.nar import nar_hash
+
+    def get_directory(digest: bytes) -> Directory:
+        found = directories.get(digest)
+        if found is None:
+            raise NotFoundError(f"directory {digest.hex()} not found")
+        return found
+
+    return nar_hash(node, get_directory, blobs.read)

@@ -1,0 +1,93 @@
+"""Store URLs: the one place that turns ``--store`` and the per-service flags into services."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tvixfs.services.base import Store
+from tvixfs.services.errors import StoreError
+
+SCHEMES = ("local", "memory", "grpc+http", "grpc+unix")
+
+
+class StoreURLError(StoreError, ValueError):
+    """A URL that names no store tvixfs can open; the message says what is accepted."""
+
+
+def default_store_url() -> str:
+    """The embedded store: ``/var/lib/tvixfs`` for root, else under ``$XDG_DATA_HOME``."""
+    if os.geteuid() == 0:
+        return "local:///var/lib/tvixfs"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"local://{Path(data_home) / 'tvixfs'}"
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    scheme: str
+    path: str = ""  # local: directory; grpc+unix: socket path
+    host: str = ""  # grpc+http: host:port as grpcio takes it
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        if scheme not in SCHEMES:
+            raise StoreURLError(
+                f"unknown store URL {url!r}: expected one of "
+                "local:///path, memory://, grpc+http://host:port, grpc+unix:///path.sock"
+            )
+        if scheme == "memory":
+            return cls(scheme)
+        if scheme == "local":
+            path = parts.netloc + parts.path if parts.netloc else parts.path
+            if not path.startswith("/"):
+                raise StoreURLError(f"local store URL needs an absolute path: {url!r}")
+            return cls(scheme, path=path)
+        if scheme == "grpc+unix":
+            if parts.netloc or not parts.path.startswith("/"):
+                raise StoreURLError(f"grpc+unix URL needs an absolute socket path: {url!r}")
+            return cls(scheme, path=parts.path)
+        if not parts.netloc or parts.port is None:
+            raise StoreURLError(f"grpc+http URL needs host:port: {url!r}")
+        return cls(scheme, host=parts.netloc)
+
+
+def open_url(url: StoreURL) -> Store:
+    """Open all three services of one URL."""
+    if url.scheme == "memory":
+        from tvixfs.services.memory import open_memory_store
+
+        return open_memory_store()
+    if url.scheme == "local":
+        from tvixfs.services.local import open_local_store
+
+        return open_local_store(Path(url.path))
+    from tvixfs.services.grpc import open_grpc_store
+
+    target = f"unix:{url.path}" if url.scheme == "grpc+unix" else url.host
+    return open_grpc_store(target)
+
+
+def open_store(
+    store: str | None = None,
+    blob_service_addr: str | None = None,
+    directory_service_addr: str | None = None,
+    path_info_service_addr: str | None = None,
+) -> Store:
+    """One store from ``--store`` plus per-service overrides; each distinct URL opened once."""
+    base = store or default_store_url()
+    urls = [
+        StoreURL.parse(u or base)
+        for u in (blob_service_addr, directory_service_addr, path_info_service_addr)
+    ]
+    opened: dict[StoreURL, Store] = {}
+    for url in urls:
+        if url not in opened:
+            opened[url] = open_url(url)
+    return Store(
+        opened[urls[0]].blobs, opened[urls[1]].directories, opened[urls[2]].pathinfos
+    )
