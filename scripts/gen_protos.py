@@ -68,7 +68,7 @@ def main() -> int:
         generate(fresh)
         committed = sorted(p.name for p in PACKAGE_DIR.iterdir() if p.is_file())
         expected = sorted(p.name for p in fresh.iterdir())
-        match, mismatch, errors = filecmp.cmpfiles(fresh, PACKAGE_DIR, expected, shallow=False)
+        _, mismatch, errors = filecmp.cmpfiles(fresh, PACKAGE_DIR, expected, shallow=False)
         if committed != expected or mismatch or errors:
             print(
                 f"tvixfs/protos is stale (differs: {mismatch + errors}, "
