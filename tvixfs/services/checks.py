@@ -10,6 +10,7 @@ from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import BlobService, DirectoryService
 from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tvixfs.store.nar import nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
 
@@ -24,6 +25,10 @@ def check_closure(
     """
     batch: dict[bytes, Directory] = {}
     for directory in directories:
+        try:  # nodes built in process skip the wire checks: run them, as a server would
+            Directory.from_proto(directory.to_proto())
+        except ValidationError as e:
+            raise InvalidArgumentError(f"invalid directory: {e}") from None
         for child in directory.directories:
             if child.digest not in batch and not stored(child.digest):
                 raise FailedPreconditionError(
@@ -57,8 +62,6 @@ def calculate_nar(
     node: Node, blobs: BlobService, directories: DirectoryService
 ) -> tuple[int, bytes]:
     """(size, sha256) of the NAR of ``node``, rendered from the store."""
-    from tvixfs.store.nar import nar_hash
-
     def get_directory(digest: bytes) -> Directory:
         found = directories.get(digest)
         if found is None:

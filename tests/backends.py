@@ -1,0 +1,68 @@
+"""The backends the service contract suite (tests/test_contract.py) runs against.
+
+``BACKENDS`` maps a backend's name (the pytest id) to a factory: called with a fresh, short
+temporary directory (fit for unix sockets) that it may use as it likes, it returns a context
+manager that yields an open, empty ``Store`` and closes it (and whatever serves it) on exit.
+To run the whole contract against another backend, add one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from tvixfs.server.serve import start_server
+from tvixfs.services.base import Store
+from tvixfs.services.grpc import open_grpc_store
+from tvixfs.services.local import open_local_store
+from tvixfs.services.memory import open_memory_store
+
+BackendFactory = Callable[[Path], AbstractContextManager[Store]]
+
+
+@contextmanager
+def memory_backend(tmp: Path) -> Iterator[Store]:
+    store = open_memory_store()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def local_backend(tmp: Path) -> Iterator[Store]:
+    store = open_local_store(tmp / "store")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def _served(tmp: Path, inner: BackendFactory, listen: str) -> Iterator[Store]:
+    """``inner`` served by an in-process tvixfs gRPC server, seen through the gRPC client."""
+    with inner(tmp) as served:
+        running = start_server(served, [listen], threads=16)
+        client = open_grpc_store(running.addresses[0])
+        try:
+            yield client
+        finally:
+            client.close()
+            running.stop(None)
+
+
+def grpc_http_backend(tmp: Path) -> AbstractContextManager[Store]:
+    return _served(tmp, memory_backend, "[::1]:0")
+
+
+def grpc_unix_backend(tmp: Path) -> AbstractContextManager[Store]:
+    return _served(tmp, local_backend, f"unix:{tmp / 'store.sock'}")
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "memory": memory_backend,
+    "local": local_backend,
+    "grpc+http": grpc_http_backend,
+    "grpc+unix": grpc_unix_backend,
+}

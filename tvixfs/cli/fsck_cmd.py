@@ -1,0 +1,56 @@
+"""``tvixfs fsck``: check (and repair) the embedded store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tvixfs.castore.errors import ValidationError
+from tvixfs.cli.app import StoreOpt, app, fail
+from tvixfs.services.errors import StoreError
+from tvixfs.services.fsck import fsck_local_store
+from tvixfs.services.url import StoreURL, default_store_url
+
+
+@app.command()
+def fsck(
+    store: StoreOpt = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Remove damaged and incomplete entries, path infos whose content is gone, "
+            "temporary and unreferenced chunk files, so that re-importing completes. "
+            "Run it while nothing else writes to the store.",
+        ),
+    ] = False,
+    check_contents: Annotated[
+        bool,
+        typer.Option(
+            "--check-contents",
+            help="Also render every path's NAR and compare its size and sha256 with the path "
+            "info (reads all content twice).",
+        ),
+    ] = False,
+) -> None:
+    """Verify every chunk, blob, directory and path info of a local:// store.
+
+    Prints one line per problem, then a summary.
+
+    Exit status: 0 consistent (or all repaired), 1 problems remain, 2 store not checkable.
+    """
+    try:
+        url = StoreURL.parse(store or default_store_url())
+    except (StoreError, ValidationError) as e:
+        fail(str(e), code=2)
+    if url.scheme != "local":
+        fail(f"fsck checks the embedded store only (local:///path), not {url.scheme}://", code=2)
+    try:
+        result = fsck_local_store(Path(url.path), report=print, repair=repair, check_contents=check_contents)
+    except (StoreError, ValidationError, OSError) as e:
+        fail(f"cannot check {url.path}: {e}", code=2)
+    print(result.summary())
+    if result.problems and not result.repaired:
+        raise typer.Exit(1)
