@@ -1,3 +1,59 @@
-"""daemon_cmd"""
+"""``tvixfs daemon``: serve a store to other machines over gRPC (tvix and snix names)."""
 
-from tvixfs.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tvixfs.cli.app import (
+    BlobAddrOpt,
+    DirAddrOpt,
+    PathInfoAddrOpt,
+    StoreOpt,
+    app,
+    fail,
+    open_store_or_fail,
+)
+from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
+from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
+
+ListenOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--listen",
+        help=f"Address to serve on: HOST:PORT, [IPV6]:PORT or unix:/abs/path.sock (mode 0660). "
+        f"Repeat for several. Default: {DEFAULT_LISTEN}.",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def daemon(
+    *,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+    listen: ListenOpt = None,
+    threads: Annotated[int, typer.Option(help="Worker threads; each open stream holds one.", min=1)] = (
+        DEFAULT_THREADS
+    ),
+    grace: Annotated[
+        float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
+    ] = DEFAULT_GRACE,
+) -> None:
+    """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
+
+    Unauthenticated and unencrypted: listen on loopback or a unix socket unless the network is trusted.
+
+    Also serves gRPC health and reflection; runs as a systemd Type=notify service.
+    """
+    opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    try:
+        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
+    except ListenError as e:
+        fail(str(e))
+    finally:
+        opened.close()

@@ -1,0 +1,188 @@
+"""The gRPC client (services/grpc.py) against tvixfs's own server: big blobs, errors as service
+errors, restarts, snix-only servers, concurrency.
+
+A server that lies is tests/test_fault_client.py's subject; the shared contract of all backends
+(grpc over tcp and unix included) is tests/test_contract.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from grpcserver import running_daemon
+
+from tvixfs.castore.digest import b3digest
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.nodes import DirectoryNode, FileNode
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.server.serve import RunningServer, start_server
+from tvixfs.services.base import Store
+from tvixfs.services.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreUnavailableError,
+)
+from tvixfs.services.grpc import WHOLE_READ_LIMIT, ClientConfig, open_grpc_store
+from tvixfs.services.ingest import ingest_path
+from tvixfs.services.local import open_local_store
+from tvixfs.services.memory import open_memory_store
+from tvixfs.store.storepath import StorePath
+
+pytestmark = pytest.mark.timeout(120)
+
+QUICK = ClientConfig(timeout=5.0, stream_timeout=20.0, attempts=3, backoff=0.05)
+
+
+def serve(store: Store, listen: str, prefixes: tuple[str, ...] = ("tvix", "snix")) -> RunningServer:
+    return start_server(store, [listen], threads=16, prefixes=prefixes)
+
+
+@pytest.fixture
+def local_served(short_tmp: Path) -> Iterator[tuple[Store, Store]]:
+    """(the local store behind a server, a gRPC client of that server)."""
+    backend = open_local_store(short_tmp / "store")
+    running = serve(backend, f"unix:{short_tmp / 's.sock'}")
+    client = open_grpc_store(running.addresses[0], QUICK)
+    yield backend, client
+    client.close()
+    running.stop(None)
+    backend.close()
+
+
+def test_big_blobs_stream_verified(local_served: tuple[Store, Store]) -> None:
+    """Above the whole-read limit: a chunked blob streams chunk by chunk, an unchunked one whole."""
+    backend, client = local_served
+    data = os.urandom(2 * WHOLE_READ_LIMIT + 4321)
+    digest = client.blobs.put(data[i : i + 3_000_000] for i in range(0, len(data), 3_000_000))
+    assert digest == b3digest(data)
+    chunks = client.blobs.stat(digest, send_chunks=True)
+    assert chunks is not None
+    assert len(chunks) > 1
+    assert sum(c.size for c in chunks) == len(data)
+    pieces = list(client.blobs.read(digest))
+    assert b"".join(pieces) == data
+    assert len(pieces) == len(chunks), "one verified piece per chunk"
+    assert client.blobs.read_all(chunks[3].digest) == backend.blobs.read_all(chunks[3].digest)
+
+    memory = open_memory_store()
+    unchunked = serve(memory, "[::1]:0")
+    try:
+        other = open_grpc_store(unchunked.addresses[0], QUICK)
+        assert b"".join(other.blobs.read(other.blobs.put([data]))) == data
+        other.close()
+    finally:
+        unchunked.stop(None)
+
+
+def test_errors_are_service_errors(local_served: tuple[Store, Store]) -> None:
+    _, client = local_served
+    absent = bytes(32)
+    assert client.blobs.stat(absent) is None
+    assert client.directories.get(absent) is None
+    assert client.pathinfos.get(bytes(20)) is None
+    reading = client.blobs.read(absent)
+    with pytest.raises(NotFoundError):
+        next(reading)
+    with pytest.raises(NotFoundError):
+        next(client.directories.get_recursive(absent))
+    dangling = Directory(directories=(DirectoryNode(b"d", absent, 1),))
+    with pytest.raises(FailedPreconditionError):
+        client.directories.put_many([dangling])
+    with pytest.raises(InvalidArgumentError):
+        client.pathinfos.get(bytes(19))
+    path = StorePath(bytes(range(20)), "missing")
+    node = FileNode(path.basename.encode(), b3digest(b"never stored"), 12)
+    info = pathinfo_pb2.PathInfo(node={"file": node.to_proto()})
+    with pytest.raises(FailedPreconditionError):
+        client.pathinfos.put(info)
+    info.node.file.name = b"no-hash"
+    with pytest.raises(InvalidArgumentError):
+        client.pathinfos.put(info)
+
+
+def test_failing_put_stores_nothing_and_raises_the_cause(local_served: tuple[Store, Store]) -> None:
+    backend, client = local_served
+
+    def pieces() -> Iterator[bytes]:
+        yield b"first part, "
+        raise OSError("disk read failed")
+
+    with pytest.raises(OSError, match="disk read failed"):
+        client.blobs.put(pieces())
+    assert backend.blobs.stat(b3digest(b"first part, ")) is None, "no truncated blob stored"
+
+
+def test_unreachable_store_is_unavailable(short_tmp: Path) -> None:
+    client = open_grpc_store(f"unix:{short_tmp / 'nobody.sock'}", QUICK)
+    with pytest.raises(StoreUnavailableError):
+        client.pathinfos.get(bytes(20))
+    with pytest.raises(StoreUnavailableError):
+        client.blobs.put([b"x"])
+    client.close()
+    client.close()  # idempotent
+
+
+def test_client_survives_a_daemon_restart(tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path) -> None:
+    sock = short_tmp / "d.sock"
+    store_url = f"local://{short_tmp / 'store'}"
+    with running_daemon(tvixfs_cmd, short_tmp, store=store_url, listen=[f"unix:{sock}"]) as daemon:
+        client = open_grpc_store(f"unix:{sock}", QUICK)
+        info = ingest_path(client, sample_tree, "sample")
+        assert daemon.stop() == 0
+    with running_daemon(tvixfs_cmd, short_tmp, store=store_url, listen=[f"unix:{sock}"]):
+        assert client.pathinfos.get(StorePath.from_basename(info.node.directory.name).digest) == info
+        root = info.node.directory.digest
+        assert next(client.directories.get_recursive(root)).digest() == root
+    client.close()
+
+
+def test_snix_only_server(short_tmp: Path) -> None:
+    """A server that only speaks the snix names: the client finds them, even for a first Put."""
+    memory = open_memory_store()
+    running = serve(memory, f"unix:{short_tmp / 'snix.sock'}", prefixes=("snix",))
+    try:
+        client = open_grpc_store(running.addresses[0], QUICK)
+        digest = client.blobs.put([b"spoken in snix"])
+        assert memory.blobs.read_all(digest) == b"spoken in snix"
+        leaf = Directory(files=(FileNode(b"f", digest, 14),))
+        assert client.directories.put_many([leaf]) == leaf.digest()
+        assert client.directories.get(leaf.digest()) == leaf
+        assert client.pathinfos.get(bytes(20)) is None
+        client.close()
+    finally:
+        running.stop(None)
+
+
+def test_one_client_many_threads(local_served: tuple[Store, Store]) -> None:
+    _, client = local_served
+    blobs = [os.urandom(n) for n in (0, 1, 1000, 300_000, 2_000_000) for _ in range(4)]
+    digests = [client.blobs.put([b]) for b in blobs]
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(client.blobs.read_all, digests))
+    assert read == blobs
+
+
+def test_cli_import_and_export_nar_through_a_daemon(
+    tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path
+) -> None:
+    """`tvixfs import` / `export-nar` against a remote store give what Nix gives."""
+    with running_daemon(tvixfs_cmd, short_tmp, store=f"local://{short_tmp / 'store'}") as daemon:
+        imported = subprocess.run(
+            [*tvixfs_cmd, "import", "--store", daemon.url, str(sample_tree)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        store_path = imported.stdout.strip()
+        assert store_path.startswith("/nix/store/") and store_path.endswith("-sample")
+        exported = subprocess.run(
+            [*tvixfs_cmd, "export-nar", "--store", daemon.url, store_path], check=True, capture_output=True
+        )
+    dump = subprocess.run(["nix-store", "--dump", str(sample_tree)], check=True, capture_output=True)
+    assert exported.stdout == dump.stdout

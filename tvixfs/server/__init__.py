@@ -1,0 +1,1 @@
+"""The gRPC server: any store's three services under the tvix and snix protocol names."""

@@ -1,0 +1,80 @@
+"""Register a store's servicers under both the tvix and the snix method names.
+
+The two names share one handler per method: the messages are the same bytes, so only the path
+the client asks for differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from tvixfs.server.servicers import (
+    READ_MESSAGE_SIZE,
+    BlobServicer,
+    DirectoryServicer,
+    Handlers,
+    PathInfoServicer,
+)
+from tvixfs.server.status import GrpcHandler, Handler, guard
+from tvixfs.services.base import Store
+from tvixfs.services.errors import InvalidArgumentError
+from tvixfs.services.grpc_methods import METHODS, PREFIXES, SERVICES, Method, service_name
+
+
+def add_store_services(
+    server: grpc.Server,
+    store: Store,
+    read_message_size: int = READ_MESSAGE_SIZE,
+    prefixes: Sequence[str] = PREFIXES,
+) -> list[str]:
+    """Add the three services of ``store`` under ``prefixes``; returns the service names served."""
+    handlers: Handlers = {
+        **BlobServicer(store.blobs, read_message_size).handlers(),
+        **DirectoryServicer(store.directories).handlers(),
+        **PathInfoServicer(store.pathinfos).handlers(),
+    }
+    names = []
+    for prefix in prefixes:
+        for service in SERVICES:
+            name = service_name(service, prefix)
+            methods = {
+                m.name: _method_handler(
+                    m, guard(m.path(prefix), _decoding(m, handlers[m]), m.server_streaming)
+                )
+                for m in METHODS
+                if m.service == service
+            }
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
+            names.append(name)
+    return names
+
+
+def _decoding(method: Method, handler: Handler) -> Handler:
+    """``handler`` fed with requests decoded from raw bytes.
+
+    Decoding inside the guard makes an undecodable request INVALID_ARGUMENT; grpcio's own
+    deserializer would log a traceback and answer INTERNAL.
+    """
+
+    def decode(data: bytes) -> Message:
+        try:
+            return method.request.FromString(data)
+        except DecodeError as e:
+            raise InvalidArgumentError(f"undecodable {method.request.__name__}: {e}") from None
+
+    if method.client_streaming:
+        return lambda requests: handler(decode(data) for data in requests)
+    return lambda request: handler(decode(request))
+
+
+def _method_handler(method: Method, behaviour: GrpcHandler) -> grpc.RpcMethodHandler[Any, Any]:
+    serialize = method.response.SerializeToString
+    if method.client_streaming:
+        return grpc.stream_unary_rpc_method_handler(behaviour, response_serializer=serialize)
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=serialize)
+    return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=serialize)

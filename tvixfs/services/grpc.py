@@ -1,0 +1,400 @@
+"""``grpc+http://`` and ``grpc+unix://``: a remote tvix/snix store, verified on receipt.
+
+The server is not trusted: every blob and chunk is checked against its BLAKE3 digest before a
+byte of it is handed on, every Directory against the digest it was asked for, a recursive Get
+against the closure it claims to be, and every PathInfo against the rules and the requested
+hash. Whatever fails raises CorruptDataError. Synchronous and thread-safe like every backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from typing import Any
+
+import grpc
+
+from tvixfs.castore.digest import b3digest, check_digest, new_hasher
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.errors import ValidationError
+from tvixfs.castore.nodes import Node, node_to_proto
+from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.services.base import (
+    BlobService,
+    ChunkMeta,
+    DirectoryService,
+    PathInfoService,
+    Store,
+)
+from tvixfs.services.errors import (
+    CorruptDataError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreUnavailableError,
+)
+from tvixfs.services.grpc_channel import ClientConfig, Connection, first_message, receive
+from tvixfs.services.grpc_methods import (
+    BLOB_PUT,
+    BLOB_READ,
+    BLOB_STAT,
+    DIRECTORY_GET,
+    DIRECTORY_PUT,
+    PATHINFO_CALCULATE_NAR,
+    PATHINFO_GET,
+    PATHINFO_LIST,
+    PATHINFO_PUT,
+)
+from tvixfs.store import nixbase32
+from tvixfs.store.pathinfo import SHA256_SIZE, validate_pathinfo
+from tvixfs.store.storepath import HASH_SIZE, StorePath
+
+log = logging.getLogger(__name__)
+
+# A blob is read in one stream and buffered until verified; past this size we ask for its chunk
+# list instead, so that a big blob streams chunk by verified chunk.
+WHOLE_READ_LIMIT = 8 << 20
+# Bytes per BlobChunk we send: below the 4 MiB receive limit of a default gRPC server.
+PUT_MESSAGE = 1 << 20
+
+
+class GrpcBlobService(BlobService):
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        check_digest(digest)
+        request = rpc_blobstore_pb2.StatBlobRequest(digest=digest, send_chunks=send_chunks)
+        what = f"stat blob {digest.hex()}"
+        try:
+            response: rpc_blobstore_pb2.StatBlobResponse = self._conn.call(
+                BLOB_STAT, lambda f: f(request, timeout=self._conn.config.timeout), what
+            )
+        except NotFoundError:
+            return None
+        chunks = []
+        for i, chunk in enumerate(response.chunks):
+            if len(chunk.digest) != len(digest):
+                raise CorruptDataError(f"{what}: chunk {i} has a {len(chunk.digest)}-byte digest")
+            chunks.append(ChunkMeta(chunk.digest, chunk.size))
+        return chunks
+
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        check_digest(digest)
+        return self._read(digest)
+
+    def _read(self, digest: bytes) -> Iterator[bytes]:
+        what = f"read blob {digest.hex()}"
+        request = rpc_blobstore_pb2.ReadBlobRequest(digest=digest)
+        parts, rest = self._conn.call(
+            BLOB_READ,
+            lambda f: _receive_up_to(f(request, timeout=self._conn.config.stream_timeout), WHOLE_READ_LIMIT),
+            what,
+        )
+        if rest is not None:
+            chunks = self.stat(digest, send_chunks=True)
+            if chunks and (len(chunks) > 1 or chunks[0].digest != digest):
+                yield from self._read_chunked(digest, chunks, chain(parts, _data(receive(rest, what))))
+                return
+            parts.extend(_data(receive(rest, what)))
+        hasher = new_hasher()
+        for part in parts:
+            hasher.update(part)
+        if hasher.digest() != digest:
+            raise CorruptDataError(f"{what}: the server sent bytes with another BLAKE3 digest")
+        yield from parts
+
+    def _read_chunked(
+        self, digest: bytes, chunks: list[ChunkMeta], received: Iterable[bytes]
+    ) -> Iterator[bytes]:
+        """Stream a big blob, each chunk verified against the chunk list before it is yielded.
+
+        The bytes come from the one Read stream of the whole blob (no call per chunk); if that
+        stream breaks, the remaining chunks are fetched by their own digests, with retries.
+        """
+        hasher = new_hasher()
+        done = 0
+        try:
+            for data in _split(received, [c.size for c in chunks], f"read blob {digest.hex()}"):
+                yield self._checked_chunk(digest, chunks[done], data)
+                hasher.update(data)
+                done += 1
+        except StoreUnavailableError as e:
+            log.info("%s; fetching its %d remaining chunks one by one", e, len(chunks) - done)
+            for meta in chunks[done:]:
+                data = self._fetch_chunk(digest, meta)
+                yield data
+                hasher.update(data)
+        if hasher.digest() != digest:
+            # Every chunk matched its own digest, but the chunk list describes another blob.
+            raise CorruptDataError(f"read blob {digest.hex()}: its chunk list describes other bytes")
+
+    def _fetch_chunk(self, blob: bytes, meta: ChunkMeta) -> bytes:
+        request = rpc_blobstore_pb2.ReadBlobRequest(digest=meta.digest)
+        data: bytes = self._conn.call(
+            BLOB_READ,
+            lambda f: b"".join(m.data for m in f(request, timeout=self._conn.config.timeout)),
+            f"read chunk {meta.digest.hex()} of blob {blob.hex()}",
+        )
+        return self._checked_chunk(blob, meta, data)
+
+    @staticmethod
+    def _checked_chunk(blob: bytes, meta: ChunkMeta, data: bytes) -> bytes:
+        if len(data) != meta.size or b3digest(data) != meta.digest:
+            raise CorruptDataError(
+                f"read blob {blob.hex()}: chunk {meta.digest.hex()} does not match the bytes the server sent"
+            )
+        return data
+
+    def put(self, data: Iterable[bytes]) -> bytes:
+        hasher = new_hasher()
+        failure: list[BaseException] = []
+
+        def messages(cancel: Any) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
+            try:
+                for piece in data:
+                    hasher.update(piece)
+                    for i in range(0, len(piece), PUT_MESSAGE):
+                        yield rpc_blobstore_pb2.BlobChunk(data=bytes(piece[i : i + PUT_MESSAGE]))
+            except Exception as e:
+                # Ending the stream would store a truncated blob; cancel the call instead.
+                failure.append(e)
+                cancel()
+
+        def invoke(method: Any) -> rpc_blobstore_pb2.PutBlobResponse:
+            # grpc pulls ``messages`` on its own thread, possibly before ``future`` returns.
+            handle: list[grpc.Future[Any]] = []
+            issued = threading.Event()
+
+            def cancel() -> None:
+                issued.wait()
+                for future in handle:
+                    future.cancel()
+
+            try:
+                future = method.future(messages(cancel), timeout=self._conn.config.stream_timeout)
+                handle.append(future)
+            finally:
+                issued.set()
+            try:
+                response: rpc_blobstore_pb2.PutBlobResponse = future.result()
+            except grpc.FutureCancelledError:
+                if failure:
+                    raise failure[0] from None
+                raise StoreUnavailableError("put blob: the call was cancelled (client closed?)") from None
+            return response
+
+        response = self._conn.call(BLOB_PUT, invoke, "put blob", idempotent=False)
+        if failure:
+            raise failure[0]
+        expected: bytes = hasher.digest()
+        if response.digest != expected:
+            raise CorruptDataError(
+                f"put blob: the server answered digest {response.digest.hex()}, expected {expected.hex()}"
+            )
+        return expected
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _data(messages: Iterable[rpc_blobstore_pb2.BlobChunk]) -> Iterator[bytes]:
+    for message in messages:
+        yield message.data
+
+
+def _split(received: Iterable[bytes], sizes: list[int], what: str) -> Iterator[bytes]:
+    """Regroup a byte stream into pieces of ``sizes``; CorruptDataError if the lengths differ."""
+    wanted = iter(sizes)
+    size = next(wanted, None)
+    held = b""
+    for data in received:
+        held = held + data if held else data
+        start = 0
+        while size is not None and len(held) - start >= size:
+            yield held if start == 0 and size == len(held) else held[start : start + size]
+            start += size
+            size = next(wanted, None)
+        held = held[start:]
+        if size is None and held:
+            break
+    if size is not None or held:
+        raise CorruptDataError(f"{what}: the server sent a blob whose length differs from its chunk list")
+
+
+def _receive_up_to(call: Any, limit: int) -> tuple[list[bytes], Any]:
+    """Receive a Read stream; stop after ``limit`` bytes and hand back the unread rest."""
+    parts: list[bytes] = []
+    size = 0
+    for message in call:
+        parts.append(message.data)
+        size += len(message.data)
+        if size > limit:
+            return parts, call
+    return parts, None
+
+
+class GrpcDirectoryService(DirectoryService):
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get(self, digest: bytes) -> Directory | None:
+        check_digest(digest)
+        what = f"get directory {digest.hex()}"
+        request = rpc_directory_pb2.GetDirectoryRequest(digest=digest)
+        try:
+            messages: list[castore_pb2.Directory] = self._conn.call(
+                DIRECTORY_GET, lambda f: list(f(request, timeout=self._conn.config.timeout)), what
+            )
+        except NotFoundError:
+            return None
+        if len(messages) != 1:
+            raise CorruptDataError(f"{what}: the server sent {len(messages)} directories, not one")
+        directory = _directory(messages[0], what)
+        if directory.digest() != digest:
+            raise CorruptDataError(f"{what}: the server sent a directory with another digest")
+        return directory
+
+    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+        check_digest(digest)
+        return self._get_recursive(digest)
+
+    def _get_recursive(self, digest: bytes) -> Iterator[Directory]:
+        what = f"get directory {digest.hex()} recursively"
+        request = rpc_directory_pb2.GetDirectoryRequest(digest=digest, recursive=True)
+        first, call = self._conn.call(
+            DIRECTORY_GET,
+            lambda f: first_message(f(request, timeout=self._conn.config.stream_timeout)),
+            what,
+        )
+        if first is None:
+            raise CorruptDataError(f"{what}: the server sent no directory")
+        # Referenced by a directory already received, and not yet received itself.
+        wanted = {digest}
+        received: set[bytes] = set()
+        for message in chain([first], receive(call, what)):
+            directory = _directory(message, what)
+            got = directory.digest()
+            if got not in wanted:
+                reason = (
+                    "twice" if got in received else "without any directory received before referring to it"
+                )
+                raise CorruptDataError(f"{what}: the server sent directory {got.hex()} {reason}")
+            wanted.discard(got)
+            received.add(got)
+            wanted.update(d.digest for d in directory.directories if d.digest not in received)
+            yield directory
+        if wanted:
+            raise CorruptDataError(f"{what}: the stream ended without {len(wanted)} referenced directories")
+
+    def put_many(self, directories: Iterable[Directory]) -> bytes:
+        batch = [d.to_proto() for d in directories]
+        # Materialized, so the stream can be sent again after UNAVAILABLE (Put is idempotent).
+        response: rpc_directory_pb2.PutDirectoryResponse = self._conn.call(
+            DIRECTORY_PUT,
+            lambda f: f(iter(batch), timeout=self._conn.config.stream_timeout),
+            "put directories",
+        )
+        if batch:
+            root = b3digest(batch[-1].SerializeToString(deterministic=True))
+            if response.root_digest != root:
+                raise CorruptDataError(
+                    f"put directories: the server answered root {response.root_digest.hex()}, "
+                    f"expected {root.hex()}"
+                )
+        return response.root_digest
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _directory(message: castore_pb2.Directory, what: str) -> Directory:
+    try:
+        return Directory.from_proto(message)
+    except ValidationError as e:
+        raise CorruptDataError(f"{what}: the server sent an invalid directory: {e}") from None
+
+
+class GrpcPathInfoService(PathInfoService):
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get(self, output_hash: bytes) -> pathinfo_pb2.PathInfo | None:
+        if len(output_hash) != HASH_SIZE:
+            raise InvalidArgumentError(f"output hash: expected {HASH_SIZE} bytes, got {len(output_hash)}")
+        what = f"get path info {nixbase32.encode(output_hash)}"
+        request = rpc_pathinfo_pb2.GetPathInfoRequest(by_output_hash=output_hash)
+        try:
+            info: pathinfo_pb2.PathInfo = self._conn.call(
+                PATHINFO_GET, lambda f: f(request, timeout=self._conn.config.timeout), what
+            )
+        except NotFoundError:
+            return None
+        if _store_path(info, what).digest != output_hash:
+            raise CorruptDataError(f"{what}: the server answered with another store path")
+        return info
+
+    def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
+        try:
+            store_path, _ = validate_pathinfo(info)
+        except ValidationError as e:
+            raise InvalidArgumentError(f"invalid PathInfo: {e}") from None
+        what = f"put path info {store_path}"
+        answer: pathinfo_pb2.PathInfo = self._conn.call(
+            PATHINFO_PUT, lambda f: f(info, timeout=self._conn.config.timeout), what
+        )
+        if _store_path(answer, what) != store_path:
+            raise CorruptDataError(f"{what}: the server answered with another store path")
+        return answer
+
+    def list(self) -> Iterator[pathinfo_pb2.PathInfo]:
+        return self._list()
+
+    def _list(self) -> Iterator[pathinfo_pb2.PathInfo]:
+        what = "list path infos"
+        request = rpc_pathinfo_pb2.ListPathInfoRequest()
+        first, call = self._conn.call(
+            PATHINFO_LIST,
+            lambda f: first_message(f(request, timeout=self._conn.config.stream_timeout)),
+            what,
+        )
+        if first is None:
+            return
+        for info in chain([first], receive(call, what)):
+            _store_path(info, what)
+            yield info
+
+    def calculate_nar(self, node: Node) -> tuple[int, bytes]:
+        what = f"calculate NAR of {node.name!r}"
+        request = node_to_proto(node)
+        response: rpc_pathinfo_pb2.CalculateNARResponse = self._conn.call(
+            PATHINFO_CALCULATE_NAR, lambda f: f(request, timeout=self._conn.config.stream_timeout), what
+        )
+        if len(response.nar_sha256) != SHA256_SIZE:
+            raise CorruptDataError(f"{what}: the server sent a {len(response.nar_sha256)}-byte sha256")
+        return response.nar_size, response.nar_sha256
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _store_path(info: pathinfo_pb2.PathInfo, what: str) -> StorePath:
+    try:
+        store_path, _ = validate_pathinfo(info)
+    except ValidationError as e:
+        raise CorruptDataError(f"{what}: the server sent an invalid PathInfo: {e}") from None
+    return store_path
+
+
+def open_grpc_store(target: str, config: ClientConfig | None = None) -> Store:
+    """The three services of the store at ``target`` (``host:port`` or ``unix:/abs/path``).
+
+    They share one channel, which connects on first use: opening never blocks, and an
+    unreachable store shows as StoreUnavailableError on the first call.
+    """
+    conn = Connection(target, config or ClientConfig.from_env())
+    return Store(GrpcBlobService(conn), GrpcDirectoryService(conn), GrpcPathInfoService(conn))
+
+
+__all__ = ["ClientConfig", "open_grpc_store"]

@@ -1,0 +1,99 @@
+"""The wire names of the store protocol's methods, under both package prefixes.
+
+tvix and snix send identical message bytes; only the package in a method path differs
+(``/tvix.castore.v1.BlobService/Read`` or ``/snix.castore.v1.BlobService/Read``). The client and
+the server both build their calls and handlers from this one table, so the two prefixes cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from tvixfs.protos import (
+    castore_pb2,
+    pathinfo_pb2,
+    rpc_blobstore_pb2,
+    rpc_directory_pb2,
+    rpc_pathinfo_pb2,
+)
+
+# tvix first: it is what the .proto files under protos/ declare and what a client tries first.
+PREFIXES = ("tvix", "snix")
+
+BLOB_SERVICE = "castore.v1.BlobService"
+DIRECTORY_SERVICE = "castore.v1.DirectoryService"
+PATHINFO_SERVICE = "store.v1.PathInfoService"
+SERVICES = (BLOB_SERVICE, DIRECTORY_SERVICE, PATHINFO_SERVICE)
+
+
+@dataclass(frozen=True)
+class Method:
+    service: str  # without the prefix, e.g. "castore.v1.BlobService"
+    name: str
+    request: type[Message]
+    response: type[Message]
+    client_streaming: bool = False
+    server_streaming: bool = False
+
+    def path(self, prefix: str) -> str:
+        return f"/{service_name(self.service, prefix)}/{self.name}"
+
+
+def service_name(service: str, prefix: str) -> str:
+    return f"{prefix}.{service}"
+
+
+BLOB_STAT = Method(
+    BLOB_SERVICE, "Stat", rpc_blobstore_pb2.StatBlobRequest, rpc_blobstore_pb2.StatBlobResponse
+)
+BLOB_READ = Method(
+    BLOB_SERVICE,
+    "Read",
+    rpc_blobstore_pb2.ReadBlobRequest,
+    rpc_blobstore_pb2.BlobChunk,
+    server_streaming=True,
+)
+BLOB_PUT = Method(
+    BLOB_SERVICE, "Put", rpc_blobstore_pb2.BlobChunk, rpc_blobstore_pb2.PutBlobResponse, client_streaming=True
+)
+DIRECTORY_GET = Method(
+    DIRECTORY_SERVICE,
+    "Get",
+    rpc_directory_pb2.GetDirectoryRequest,
+    castore_pb2.Directory,
+    server_streaming=True,
+)
+DIRECTORY_PUT = Method(
+    DIRECTORY_SERVICE,
+    "Put",
+    castore_pb2.Directory,
+    rpc_directory_pb2.PutDirectoryResponse,
+    client_streaming=True,
+)
+PATHINFO_GET = Method(PATHINFO_SERVICE, "Get", rpc_pathinfo_pb2.GetPathInfoRequest, pathinfo_pb2.PathInfo)
+PATHINFO_PUT = Method(PATHINFO_SERVICE, "Put", pathinfo_pb2.PathInfo, pathinfo_pb2.PathInfo)
+PATHINFO_CALCULATE_NAR = Method(
+    PATHINFO_SERVICE, "CalculateNAR", castore_pb2.Node, rpc_pathinfo_pb2.CalculateNARResponse
+)
+PATHINFO_LIST = Method(
+    PATHINFO_SERVICE,
+    "List",
+    rpc_pathinfo_pb2.ListPathInfoRequest,
+    pathinfo_pb2.PathInfo,
+    server_streaming=True,
+)
+
+METHODS = (
+    BLOB_STAT,
+    BLOB_READ,
+    BLOB_PUT,
+    DIRECTORY_GET,
+    DIRECTORY_PUT,
+    PATHINFO_GET,
+    PATHINFO_PUT,
+    PATHINFO_CALCULATE_NAR,
+    PATHINFO_LIST,
+)
