@@ -7,6 +7,7 @@ bound that proves "never a hang".
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -404,3 +405,14 @@ def wait_until(condition: Callable[[], bool], tries: int = 500) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("condition not reached")
+
+
+def test_pathinfo_list_skips_an_invalid_entry(
+    faults: FaultStore, client: Store, sample: Sample, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One invalid PathInfo must not hide the valid ones (the mount lists the root from this)."""
+    faults.put_raw_pathinfo(bytes(20), pathinfo_pb2.PathInfo())
+    with caplog.at_level(logging.WARNING, logger="tvixfs.services.grpc"):
+        listed = list(client.pathinfos.list())
+    assert len(listed) == 2
+    assert "invalid PathInfo" in caplog.text

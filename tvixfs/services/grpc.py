@@ -205,18 +205,31 @@ def _data(messages: Iterable[rpc_blobstore_pb2.BlobChunk]) -> Iterator[bytes]:
 
 
 def _split(received: Iterable[bytes], sizes: list[int], what: str) -> Iterator[bytes]:
-    """Regroup a byte stream into pieces of ``sizes``; CorruptDataError if the lengths differ."""
+    """Regroup a byte stream into pieces of ``sizes``; CorruptDataError if the lengths differ.
+
+    Messages are collected in a list and joined once a whole piece is there, so the cost stays
+    linear whatever the message size the server chose.
+    """
     wanted = iter(sizes)
     size = next(wanted, None)
-    held = b""
+    parts: list[bytes] = []
+    held = 0
     for data in received:
-        held = held + data if held else data
+        parts.append(data)
+        held += len(data)
+        if size is None or held < size:
+            if size is None and held:
+                break
+            continue
+        buffer = parts[0] if len(parts) == 1 else b"".join(parts)
         start = 0
-        while size is not None and len(held) - start >= size:
-            yield held if start == 0 and size == len(held) else held[start : start + size]
+        while size is not None and held - start >= size:
+            yield buffer if start == 0 and size == held else buffer[start : start + size]
             start += size
             size = next(wanted, None)
-        held = held[start:]
+        rest = buffer[start:]
+        parts = [rest] if rest else []
+        held = len(rest)
         if size is None and held:
             break
     if size is not None or held:
@@ -362,7 +375,12 @@ class GrpcPathInfoService(PathInfoService):
         if first is None:
             return
         for info in chain([first], receive(call, what)):
-            _store_path(info, what)
+            # One bad entry must not hide every other store path from a listing: skip it, loudly.
+            try:
+                _store_path(info, what)
+            except CorruptDataError as e:
+                log.warning("%s; skipping that entry", e)
+                continue
             yield info
 
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:
