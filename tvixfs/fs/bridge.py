@@ -1,0 +1,131 @@
+"""The one way from the trio event loop to the synchronous, thread-safe store services.
+
+pyfuse3 awaits every handler inline on one thread, so a blocking service call would stall all
+kernel requests. Every call therefore runs in a worker thread, under one CapacityLimiter (so a
+slow store cannot spawn unbounded threads) and under a deadline. A thread cannot be killed, so
+a call that misses its deadline is abandoned: the request fails with StoreUnavailableError at
+once and the thread finishes (and frees its limiter slot) in the background.
+
+Server streams (blob reads, recursive directory gets, path info listings) are pumped by one
+thread into a bounded trio memory channel: the consumer sees items as they arrive, the deadline
+applies to each item rather than to the whole stream (a large blob that keeps flowing is
+not cut off), and leaving early closes the channel, which makes the thread stop and close the
+service's iterator (a gRPC client cancels its call there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Generic, TypeVar, TypeVarTuple
+
+import trio
+
+from tvixfs.services.errors import StoreUnavailableError
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+DEFAULT_THREADS = 16
+DEFAULT_DEADLINE = 60.0
+STREAM_BUFFER = 4
+
+# What ends a pump thread quietly: the consumer left, the run ended, or its task was cancelled.
+_CONSUMER_GONE = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.RunFinishedError,
+    trio.Cancelled,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class Stream(Generic[T]):
+    """The receiving end of a pumped stream; iterate it with ``async for``."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[T | _Failed | _End], deadline: float) -> None:
+        self._receive = receive
+        self._deadline = deadline
+        self._done = False
+
+    def __aiter__(self) -> Stream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._done:
+            raise StopAsyncIteration
+        with trio.move_on_after(self._deadline) as scope:
+            item = await self._receive.receive()
+        if scope.cancelled_caught:
+            raise StoreUnavailableError(f"store sent nothing for {self._deadline:g} s")
+        if isinstance(item, _End):
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, _Failed):
+            self._done = True
+            raise item.error
+        return item
+
+
+class Bridge:
+    def __init__(self, threads: int = DEFAULT_THREADS, deadline: float = DEFAULT_DEADLINE) -> None:
+        self.limiter = trio.CapacityLimiter(threads)
+        self.deadline = deadline
+
+    async def call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """``fn(*args)`` in a worker thread; StoreUnavailableError if it misses the deadline."""
+        with trio.move_on_after(self.deadline):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise StoreUnavailableError(f"{name} did not answer within {self.deadline:g} s")
+
+    @asynccontextmanager
+    async def stream(self, source: Callable[[], Iterable[T]]) -> AsyncIterator[Stream[T]]:
+        """Iterate ``source()`` in a worker thread; the body receives its items in order.
+
+        An exception raised by the source is raised by the ``async for`` after the items
+        before it. Leaving the body early stops the thread at its next item.
+        """
+        send, receive = trio.open_memory_channel[T | _Failed | _End](STREAM_BUFFER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_pump, source, send)
+            try:
+                with receive:
+                    yield Stream(receive, self.deadline)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _run_pump(
+        self, source: Callable[[], Iterable[T]], send: trio.MemorySendChannel[T | _Failed | _End]
+    ) -> None:
+        await trio.to_thread.run_sync(_pump, source, send, limiter=self.limiter, abandon_on_cancel=True)
+
+
+def _pump(source: Callable[[], Iterable[T]], send: trio.MemorySendChannel[T | _Failed | _End]) -> None:
+    iterator: Iterator[T] | None = None
+    try:
+        iterator = iter(source())
+        for item in iterator:
+            trio.from_thread.run(send.send, item)
+        trio.from_thread.run(send.send, _END)
+    except _CONSUMER_GONE:
+        pass
+    except Exception as e:
+        with suppress(*_CONSUMER_GONE):
+            trio.from_thread.run(send.send, _Failed(e))
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()

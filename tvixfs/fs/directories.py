@@ -1,0 +1,106 @@
+"""Directory listings behind DirectoryNode digests, fetched once and kept in a bounded cache.
+
+On a miss the whole subtree is asked for in one recursive Get (one round trip fills a store
+path's tree when it is first entered), unless the parent says the subtree is large compared
+with the cache, in which case only the one directory is fetched. Every directory of a recursive
+answer must have been referred to by one received before it; the digest that keys the cache
+is computed from the directory itself (in the pump thread, off the event loop), so a store
+cannot make one directory appear under another's digest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.nodes import DirectoryNode, Node
+from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.inflight import InFlight
+from tvixfs.services.base import DirectoryService
+from tvixfs.services.errors import CorruptDataError, NotFoundError
+
+# Entries (of all cached directories together) the cache holds; about 200 bytes each.
+CACHE_ENTRIES = 1 << 19
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One directory, ready for lookup (by name) and readdir (sorted)."""
+
+    entries: tuple[Node, ...]
+    by_name: dict[bytes, Node]
+    subdirectories: int
+
+    @classmethod
+    def of(cls, directory: Directory) -> Listing:
+        entries = tuple(directory.entries())
+        return cls(entries, {node.name: node for node in entries}, len(directory.directories))
+
+
+def _listing_size(listing: Listing) -> int:
+    return len(listing.entries) + 1
+
+
+def _checked_tree(service: DirectoryService, root: bytes) -> Iterator[tuple[bytes, Listing]]:
+    """Runs in the pump thread: digest, check and index each directory of a recursive Get."""
+    expected = {root}
+    for directory in service.get_recursive(root):
+        digest = directory.digest()
+        if digest not in expected:
+            raise CorruptDataError(
+                f"recursive get of {root.hex()}: got directory {digest.hex()}, "
+                "which no directory before it refers to"
+            )
+        expected.update(child.digest for child in directory.directories)
+        yield digest, Listing.of(directory)
+
+
+def _checked_one(service: DirectoryService, digest: bytes) -> Listing:
+    directory = service.get(digest)
+    if directory is None:
+        raise NotFoundError(f"directory {digest.hex()} not found")
+    if directory.digest() != digest:
+        raise CorruptDataError(f"store returned another directory for {digest.hex()}")
+    return Listing.of(directory)
+
+
+class Directories:
+    def __init__(self, bridge: Bridge, service: DirectoryService, entries: int = CACHE_ENTRIES) -> None:
+        self._bridge = bridge
+        self._service = service
+        self._cache: LRUCache[bytes, Listing] = LRUCache(entries, getsizeof=_listing_size)
+        self._inflight: InFlight[bytes, Listing] = InFlight()
+
+    def peek(self, digest: bytes) -> Listing | None:
+        """The listing if it is cached, without asking the store."""
+        return self._cache.get(digest)
+
+    async def get(self, node: DirectoryNode) -> Listing:
+        found = self._cache.get(node.digest)
+        if found is not None:
+            return found
+        return await self._inflight.run(node.digest, lambda: self._fetch(node))
+
+    async def _fetch(self, node: DirectoryNode) -> Listing:
+        # ``size`` is advisory (tvix and snix write other values), good enough to choose.
+        if node.size > self._cache.maxsize // 4:
+            listing = await self._bridge.call(_checked_one, self._service, node.digest)
+            self._store(node.digest, listing)
+            return listing
+        received: list[tuple[bytes, Listing]] = []
+        async with self._bridge.stream(lambda: _checked_tree(self._service, node.digest)) as tree:
+            async for item in tree:
+                received.append(item)
+        if not received:
+            raise CorruptDataError(f"recursive get of {node.digest.hex()} returned nothing")
+        # Leaves first, so that the LRU cache evicts the deepest directories first.
+        for digest, listing in reversed(received):
+            self._store(digest, listing)
+        return received[0][1]
+
+    def _store(self, digest: bytes, listing: Listing) -> None:
+        if _listing_size(listing) <= self._cache.maxsize:
+            self._cache[digest] = listing

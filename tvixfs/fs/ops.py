@@ -1,0 +1,357 @@
+"""The pyfuse3 request handlers: thin, they map kernel requests onto the inode table.
+
+One uncaught exception ends ``pyfuse3.main`` and leaves a dead mount, so every handler runs
+inside ``_guard``: a FUSEError passes through, anything else (a store that fails, data that
+does not verify, a bug) becomes EIO for that one request and one log line naming the store
+path. Every request that would write answers EROFS (the kernel already refuses most of them on
+an ``ro`` mount).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvixfs.fs.attrs import BLOCK_SIZE, FOREVER, mount_root_attributes, negative_entry, node_attributes
+from tvixfs.fs.bridge import DEFAULT_THREADS, Bridge
+from tvixfs.fs.directories import Directories
+from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
+from tvixfs.fs.roots import NEGATIVE_TTL, Roots
+from tvixfs.fs.xattrs import xattrs_of
+from tvixfs.services.base import Store
+
+log = logging.getLogger(__name__)
+
+ReaddirReply = Callable[[pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, int], bool]
+NAME_MAX = 255
+
+
+@dataclass(frozen=True, slots=True)
+class FsOptions:
+    list_root: bool = False
+    show_xattr: bool = True
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    threads: int = DEFAULT_THREADS
+    negative_ttl: float = NEGATIVE_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class _DirHandle:
+    """One open directory: a snapshot, so that readdir cookies (index + 1) stay valid."""
+
+    origin: bytes
+    count: int
+    # The inode and name of the entry at an index; None: listing refused (the mount root
+    # without --list-root).
+    entry_at: Callable[[int], tuple[Inode, bytes]] | None
+
+
+class TvixOperations(pyfuse3.Operations):
+    # A directory inode stands for every directory with its digest, so ".." has no single
+    # answer: do not offer the kernel NFS export (the only user of "." and ".." lookups).
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        store: Store,
+        background: trio.Nursery,
+        options: FsOptions,
+        readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
+    ) -> None:
+        super().__init__()
+        bridge = Bridge(options.threads)
+        self._options = options
+        self._roots = Roots(bridge, store.pathinfos, options.negative_ttl)
+        self._directories = Directories(bridge, store.directories)
+        self._reader = BlobReader(bridge, store.blobs, background, options.cache_bytes)
+        self._inodes = InodeTable()
+        self._files: dict[int, OpenFile] = {}
+        self._dir_handles: dict[int, _DirHandle] = {}
+        self._handles = itertools.count(1)
+        self._readdir_reply = readdir_reply
+        self.failures = 0
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=."""
+        stats = self._reader.stats
+        return (
+            f"{len(self._inodes)} inodes, {len(self._files)} open files, "
+            f"chunk cache {self._reader.cached_bytes >> 20} MiB, "
+            f"fetched {stats.chunks_fetched} chunks ({stats.bytes_fetched >> 20} MiB), "
+            f"{stats.fetch_failures} failed fetches, {self.failures} failed requests"
+        )
+
+    # -- error handling -------------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self, request: str, origin: Callable[[], bytes | None]) -> Iterator[None]:
+        try:
+            yield
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            self.failures += 1
+            where = origin()
+            place = f"store path {os.fsdecode(where)}" if where else "the mount root"
+            # One line per failure; the traceback only at debug level.
+            log.error("%s in %s: %s: %s", request, place, type(e).__name__, e)  # noqa: TRY400
+            log.debug("%s failed", request, exc_info=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _origin_of(self, ino: int) -> Callable[[], bytes | None]:
+        def origin() -> bytes | None:
+            inode = self._inodes.get(ino)
+            return inode.origin if inode is not None else None
+
+        return origin
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self._inodes.get(ino)
+        if inode is None:
+            raise LookupError(f"the kernel asked for inode {ino}, which the daemon does not know")
+        return inode
+
+    def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        node = inode.node
+        subdirectories = None
+        if isinstance(node, DirectoryNode):
+            listing = self._directories.peek(node.digest)
+            subdirectories = listing.subdirectories if listing is not None else None
+        return node_attributes(inode.ino, node, subdirectories)
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attrs = self._attributes(inode)
+        self._inodes.remember(inode)
+        return attrs
+
+    # -- names and attributes -------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        in_root = parent_inode == ROOT_INODE
+        with self._guard("lookup", (lambda: name) if in_root else self._origin_of(parent_inode)):
+            if in_root:
+                root = await self._roots.lookup(name)
+                if root is None:
+                    return negative_entry(self._options.negative_ttl)
+                return self._entry(self._inodes.for_root(root))
+            parent = self._inode(parent_inode)
+            if not isinstance(parent.node, DirectoryNode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            listing = await self._directories.get(parent.node)
+            child = listing.by_name.get(name)
+            if child is None:
+                return negative_entry(FOREVER)
+            return self._entry(self._inodes.for_child(child, parent.origin))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # pyfuse3 does not let forget report errors; a bug here must not end the main loop.
+        try:
+            for ino, count in inode_list:
+                self._inodes.forget(ino, count)
+        except Exception:
+            log.exception("forget failed")
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with self._guard("getattr", self._origin_of(inode)):
+            if inode == ROOT_INODE:
+                return mount_root_attributes(ROOT_INODE, FOREVER)
+            return self._attributes(self._inode(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with self._guard("readlink", self._origin_of(inode)):
+            node = self._inode(inode).node if inode != ROOT_INODE else None
+            if not isinstance(node, SymlinkNode):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return node.target
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Only called without default_permissions: answer as the modes above would.
+        with self._guard("access", self._origin_of(inode)):
+            if mode & os.W_OK:
+                return False
+            node = self._inode(inode).node if inode != ROOT_INODE else None
+            return not (mode & os.X_OK and isinstance(node, FileNode) and not node.executable)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = BLOCK_SIZE
+        stats.f_frsize = BLOCK_SIZE
+        stats.f_namemax = NAME_MAX
+        return stats
+
+    # -- directories ----------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with self._guard("opendir", self._origin_of(inode)):
+            if inode == ROOT_INODE:
+                handle = await self._open_root()
+            else:
+                directory = self._inode(inode)
+                if not isinstance(directory.node, DirectoryNode):
+                    raise pyfuse3.FUSEError(errno.ENOTDIR)
+                listing = await self._directories.get(directory.node)
+                handle = self._children_handle(directory.origin, listing.entries)
+            fh = next(self._handles)
+            self._dir_handles[fh] = handle
+            return fh
+
+    async def _open_root(self) -> _DirHandle:
+        if not self._options.list_root:
+            return _DirHandle(b"", 0, None)
+        roots = await self._roots.list()
+
+        def entry_at(index: int) -> tuple[Inode, bytes]:
+            return self._inodes.for_root(roots[index]), roots[index].name
+
+        return _DirHandle(b"", len(roots), entry_at)
+
+    def _children_handle(self, origin: bytes, children: Sequence[Node]) -> _DirHandle:
+        def entry_at(index: int) -> tuple[Inode, bytes]:
+            return self._inodes.for_child(children[index], origin), children[index].name
+
+        return _DirHandle(origin, len(children), entry_at)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Reply entries from cookie ``start_id`` until the kernel's buffer is full.
+
+        READDIRPLUS: each accepted entry is a lookup (its count goes up); the entry the kernel
+        refused is not counted and is asked for again, by its cookie, in the next readdir.
+        """
+        handle = self._dir_handles.get(fh)
+        with self._guard("readdir", lambda: handle.origin if handle else None):
+            if handle is None:
+                raise LookupError(f"unknown directory handle {fh}")
+            if handle.entry_at is None:
+                raise pyfuse3.FUSEError(errno.EPERM)  # listing the root needs --list-root
+            for index in range(start_id, handle.count):
+                inode, name = handle.entry_at(index)
+                if not self._readdir_reply(token, name, self._attributes(inode), index + 1):
+                    self._inodes.discard_unused(inode)
+                    return
+                self._inodes.remember(inode)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- files ----------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        with self._guard("open", self._origin_of(inode)):
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            entry = self._inode(inode)
+            if not isinstance(entry.node, FileNode):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            file = await self._reader.open(entry.node, entry.origin)
+            fh = next(self._handles)
+            self._files[fh] = file
+            # keep_cache: a store path never changes, so the page cache stays valid across opens.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        file = self._files.get(fh)
+        with self._guard("read", lambda: file.origin if file else None):
+            if file is None:
+                raise LookupError(f"unknown file handle {fh}")
+            return await self._reader.read(file, off, size)
+
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    # -- extended attributes --------------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        with self._guard("getxattr", self._origin_of(inode)):
+            if not self._options.show_xattr:
+                raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
+            found = None if inode == ROOT_INODE else xattrs_of(self._inode(inode)).get(name)
+            if found is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return found
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        with self._guard("listxattr", self._origin_of(inode)):
+            if not self._options.show_xattr:
+                raise pyfuse3.FUSEError(errno.ENOSYS)
+            return [] if inode == ROOT_INODE else list(xattrs_of(self._inode(inode)))
+
+    # -- everything that writes -----------------------------------------------------------
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(  # noqa: PLR0917  (pyfuse3's signature)
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)

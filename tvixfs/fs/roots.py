@@ -1,0 +1,116 @@
+"""Store path basename -> root node, the entries of the mount root.
+
+The kernel serializes lookups within one directory, and the mount root holds every store path,
+so this is the hottest and most serialized path of the daemon: answers are cached (positive
+ones for long, since a store path never changes; negative ones briefly, since a path may be
+imported at any moment) and concurrent identical lookups share one PathInfoService call. A
+failing store is never cached: the next lookup asks again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from cachetools import LRUCache, TTLCache
+
+from tvixfs.castore.errors import ValidationError
+from tvixfs.castore.nodes import Node
+from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.inflight import InFlight
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.base import PathInfoService
+from tvixfs.services.errors import CorruptDataError
+from tvixfs.store.pathinfo import validate_pathinfo
+from tvixfs.store.storepath import StorePath
+
+log = logging.getLogger(__name__)
+
+POSITIVE_ENTRIES = 65536
+NEGATIVE_ENTRIES = 65536
+NEGATIVE_TTL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorePathRoot:
+    """One store path as the mount shows it: its root node is named by the basename."""
+
+    store_path: StorePath
+    node: Node
+    nar_size: int | None
+    nar_sha256: bytes | None
+
+    @property
+    def name(self) -> bytes:
+        return self.node.name
+
+
+def root_from_pathinfo(info: pathinfo_pb2.PathInfo) -> StorePathRoot:
+    """Validate a PathInfo from the store; CorruptDataError if it breaks a rule."""
+    try:
+        store_path, node = validate_pathinfo(info)
+    except ValidationError as e:
+        raise CorruptDataError(f"store returned an invalid PathInfo: {e}") from None
+    narinfo = info.narinfo if info.HasField("narinfo") else None
+    return StorePathRoot(
+        store_path,
+        node,
+        narinfo.nar_size if narinfo is not None else None,
+        narinfo.nar_sha256 if narinfo is not None else None,
+    )
+
+
+class Roots:
+    def __init__(
+        self,
+        bridge: Bridge,
+        pathinfos: PathInfoService,
+        negative_ttl: float = NEGATIVE_TTL,
+    ) -> None:
+        self._bridge = bridge
+        self._pathinfos = pathinfos
+        self._positive: LRUCache[bytes, StorePathRoot] = LRUCache(POSITIVE_ENTRIES)
+        self._negative: TTLCache[bytes, bool] = TTLCache(NEGATIVE_ENTRIES, negative_ttl)
+        self._inflight: InFlight[bytes, StorePathRoot | None] = InFlight()
+
+    async def lookup(self, name: bytes) -> StorePathRoot | None:
+        """The store path named ``name``, or None if it is not a store path or not in the store."""
+        found = self._positive.get(name)
+        if found is not None:
+            return found
+        if name in self._negative:
+            return None
+        try:
+            store_path = StorePath.from_basename(name)
+        except ValidationError:
+            return None
+        return await self._inflight.run(name, lambda: self._fetch(name, store_path))
+
+    async def _fetch(self, name: bytes, store_path: StorePath) -> StorePathRoot | None:
+        info = await self._bridge.call(self._pathinfos.get, store_path.digest)
+        root = None if info is None else root_from_pathinfo(info)
+        if root is not None and root.name != name:
+            # Same hash, other name: the requested path does not exist. tvix-store does not
+            # check this; without the check ``<hash>-anything`` would show the content.
+            log.debug("%r: the store has %r under this hash", name, root.name)
+            root = None
+        if root is None:
+            self._negative[name] = True
+        else:
+            self._positive[name] = root
+        return root
+
+    async def list(self) -> list[StorePathRoot]:
+        """Every store path, sorted by name (one snapshot, for one listing of the root)."""
+        roots: dict[bytes, StorePathRoot] = {}
+        async with self._bridge.stream(self._pathinfos.list) as infos:
+            async for info in infos:
+                try:
+                    root = root_from_pathinfo(info)
+                except CorruptDataError as e:
+                    log.warning("listing the root: skipping %s", e)
+                    continue
+                roots[root.name] = root
+        for root in roots.values():
+            self._negative.pop(root.name, None)
+        return [roots[name] for name in sorted(roots)]
