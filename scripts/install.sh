@@ -9,8 +9,9 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 # fuse3: fusermount3 (auto_unmount); libfuse3-dev + pkg-config: pyfuse3 builds from source;
-# nix-bin: the reference Nix the tests compare against; attr: getfattr; systemd: systemd-analyze.
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv nix-bin attr systemd util-linux)
+# nix-bin: the reference Nix the tests compare against; attr: getfattr; systemd: systemd-analyze;
+# iproute2: `ip`, brings up loopback in the benchmark daemons' own network namespaces.
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv nix-bin attr systemd util-linux iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -1,0 +1,150 @@
+"""Workload trees, built once from real data on this machine and cached under bench/work/trees.
+
+Each tree is built under a temporary name and renamed into place, so an existing tree is a
+complete one. The sources are copied, not used in place: another process upgrading a package
+must not change a tree between the tvixfs import and the baseline's copy of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+LIB_DIRS = (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib"))
+FILES_PER_DIR = 999  # plus the directory itself: 1000 entries per directory
+
+
+def _cached(path: Path, build: Callable[[Path], object]) -> Path:
+    if not path.exists():
+        tmp = path.with_name(path.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        build(tmp)
+        tmp.rename(path)
+    return path
+
+
+def count_entries(root: Path) -> int:
+    """Files, directories and symlinks below root (root itself not counted), like `find | wc -l` - 1."""
+    total = 0
+    for _, dirs, files in os.walk(root):
+        total += len(dirs) + len(files)
+    return total
+
+
+def _big_binaries() -> list[Path]:
+    """Shared libraries of this machine, largest first: real machine code, not zeros."""
+    found: dict[tuple[int, int], Path] = {}
+    for lib in LIB_DIRS:
+        if not lib.is_dir():
+            continue
+        for p in lib.iterdir():
+            if ".so" in p.name and p.is_file() and not p.is_symlink():
+                st = p.stat()
+                found.setdefault((st.st_dev, st.st_ino), p)
+    return sorted(found.values(), key=lambda p: p.stat().st_size, reverse=True)
+
+
+def big_file_tree(trees: Path, size_mib: int) -> Path:
+    """A directory holding one file of exactly size_mib MiB: real binaries concatenated."""
+
+    def build(dest: Path) -> None:
+        dest.mkdir()
+        remaining = size_mib << 20
+        with (dest / "big.bin").open("wb") as out:
+            while remaining:
+                for src in _big_binaries():
+                    with src.open("rb") as f:
+                        data = f.read(remaining)
+                    out.write(data)
+                    remaining -= len(data)
+                    if not remaining:
+                        break
+
+    return _cached(trees / f"big-{size_mib}m", build)
+
+
+def python_tree(trees: Path) -> Path:
+    """A copy of the Python installation running this harness, minus its site-packages.
+
+    That is the standard library, the interpreter and libpython: thousands of real files, and a
+    program that can run from the mount.
+    """
+    prefix = Path(sys.base_prefix)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = prefix / "lib" / version / "site-packages"
+
+    def build(dest: Path) -> None:
+        def ignore(directory: str, names: list[str]) -> list[str]:
+            return ["site-packages"] if Path(directory) == site.parent else []
+
+        shutil.copytree(prefix, dest, symlinks=True, ignore=ignore)
+        (dest / "lib" / version / "site-packages").mkdir()
+
+    tree = _cached(trees / f"python-{sys.version.split()[0]}", build)
+    if not (tree / "bin" / "python3").exists():
+        raise RuntimeError(f"{prefix} has no bin/python3: cannot build the program-run workload")
+    return tree
+
+
+def walk_tree(trees: Path, source: Path, total: int, part_max: int) -> Path:
+    """At least `total` entries of real directories from source (e.g. /usr/share), in parts.
+
+    The tree is `part0/`, `part1/`, ... each holding whole top-level directories of source
+    and at most part_max entries. The baseline serves each part with its own passthrough_ll:
+    it keeps one open file descriptor per inode the kernel knows, and the hard limit on open
+    files here (20000, not raisable without CAP_SYS_RESOURCE) is below the walk's size.
+    """
+    sizes = sorted(
+        ((count_entries(d) + 1, d) for d in source.iterdir() if d.is_dir() and not d.is_symlink()),
+        reverse=True,
+    )
+    parts: list[list[Path]] = []
+    filled: list[int] = []
+    for size, d in sizes:
+        if sum(filled) >= total:
+            break
+        if size > part_max:
+            continue
+        i = min(range(len(filled)), key=filled.__getitem__, default=-1)
+        if i < 0 or filled[i] + size > part_max:
+            parts.append([])
+            filled.append(0)
+            i = len(parts) - 1
+        parts[i].append(d)
+        filled[i] += size
+    if sum(filled) < total:
+        raise RuntimeError(f"{source} has fewer than {total} entries in directories of <= {part_max}")
+
+    def build(dest: Path) -> None:
+        for i, part in enumerate(parts):
+            for d in part:
+                shutil.copytree(d, dest / f"part{i}" / d.name, symlinks=True)
+
+    return _cached(trees / f"walk-{total}", build)
+
+
+def many_tree(trees: Path, per_half: int) -> Path:
+    """Two halves `a/` and `b/` of per_half small, distinct entries each (dirs of 1000).
+
+    Walking `a` then `b` through one mount gives the daemon's memory after per_half and after
+    2 * per_half entries: the growth between them is what the cache limits must bound.
+    """
+
+    def build(dest: Path) -> None:
+        for half in ("a", "b"):
+            made = 0
+            d = 0
+            while made < per_half:
+                sub = dest / half / f"d{d:04}"
+                sub.mkdir(parents=True)
+                made += 1
+                for i in range(min(FILES_PER_DIR, per_half - made)):
+                    (sub / f"f{i:03}").write_text(f"{half}/{d}/{i}\n")
+                    made += 1
+                d += 1
+
+    return _cached(trees / f"many-{per_half}x2", build)
