@@ -1,3 +1,371 @@
-"""store_cmds"""
+"""Commands that fill and inspect a store: import, import-nar, import-nix, export-nar, info, ls, cat."""
 
-from tvixfs.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, Annotated, Any
+
+import typer
+
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.errors import ValidationError
+from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvixfs.cli.app import (
+    BlobAddrOpt,
+    DirAddrOpt,
+    PathInfoAddrOpt,
+    StoreOpt,
+    app,
+    fail,
+    log,
+    open_store_or_fail,
+    user_errors,
+)
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.base import Store
+from tvixfs.services.errors import NotFoundError
+from tvixfs.services.ingest import ingest_nar, ingest_path
+from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
+from tvixfs.store.nar import file_contents, write_nar
+from tvixfs.store.nixtext import format_ca, format_hash, format_signature
+from tvixfs.store.pathinfo import validate_pathinfo
+from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
+
+# Symlinks followed while resolving one path, as Linux allows (ELOOP beyond).
+MAX_SYMLINKS = 40
+# Import progress appears only for imports that take longer than this, then at this interval.
+_PROGRESS_AFTER = 1.0
+_PROGRESS_EVERY = 0.2
+
+
+@contextmanager
+def _store(
+    store: str | None, blob: str | None, directory: str | None, pathinfo: str | None
+) -> Iterator[Store]:
+    opened = open_store_or_fail(store, blob, directory, pathinfo)
+    try:
+        with user_errors():
+            yield opened
+    finally:
+        opened.close()
+
+
+class _Progress:
+    """Files and bytes imported so far, on one rewritten stderr line (terminals only)."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, files: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if now - self._start < _PROGRESS_AFTER or now - self._last < _PROGRESS_EVERY:
+            return
+        self._last = now
+        self._shown = True
+        sys.stderr.write(f"\r\x1b[K{self._label}: {files} files, {nbytes / 2**20:.1f} MiB")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+@app.command("import")
+def import_(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories or symlinks to import.")],
+    *,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Store path name (default: the basename).")
+    ] = None,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """Import trees as `nix-store --add` does; prints each resulting store path."""
+    if name is not None and len(paths) > 1:
+        fail("--name applies to a single path")
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        for path in paths:
+            if not os.path.lexists(path):
+                fail(f"{path}: no such file or directory")
+            path_name = name or os.path.basename(os.path.abspath(path))
+            try:
+                check_name(path_name)
+            except ValidationError as e:
+                fail(f"{path}: {e} (choose another with --name)")
+            progress = _Progress(path) if sys.stderr.isatty() else None
+            try:
+                info = ingest_path(opened, path, path_name, progress)
+            finally:
+                if progress is not None:
+                    progress.clear()
+            print(_store_path(info))
+
+
+@app.command("import-nar")
+def import_nar(
+    file: Annotated[str, typer.Argument(help="The NAR file, or - for standard input.")],
+    *,
+    path: Annotated[str, typer.Option("--path", help="The store path it becomes (/nix/store/…).")],
+    reference: Annotated[
+        list[str] | None, typer.Option("--reference", help="A store path it refers to (repeatable).")
+    ] = None,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """Import a NAR as the store path given by --path; prints it."""
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        store_path = StorePath.from_absolute(path)
+        references = [StorePath.from_absolute(r) for r in reference or []]
+        with _input(file) as stream:
+            info = ingest_nar(opened, stream, store_path, references)
+        print(_store_path(info))
+
+
+@contextmanager
+def _input(file: str) -> Iterator[IO[bytes]]:
+    if file == "-":
+        yield sys.stdin.buffer
+    else:
+        with open(file, "rb") as stream:
+            yield stream
+
+
+@app.command("import-nix")
+def import_nix(
+    paths: Annotated[list[str], typer.Argument(help="Store paths (or symlinks to them) in Nix's store.")],
+    *,
+    nix_store: Annotated[
+        str | None, typer.Option("--nix-store", help="Nix store URI to read from (default: Nix's own).")
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Also import everything they refer to.")
+    ] = False,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """Copy store paths from a Nix store, verified against Nix's narHash; prints each one."""
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        wanted = [parse_nix_path(p) for p in paths]
+        import_from_nix(
+            opened,
+            NixSource(nix_store),
+            wanted,
+            recursive=recursive,
+            imported=lambda p: log.info("imported %s", p),
+        )
+        for store_path in dict.fromkeys(wanted):
+            print(store_path)
+
+
+@app.command("export-nar")
+def export_nar(
+    path: Annotated[str, typer.Argument(help="A store path, or a path inside one.")],
+    *,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """Write the NAR of a path to standard output, byte for byte what `nix-store --dump` gives."""
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        node = _resolve(opened, path, follow_last=False)
+        directories: dict[bytes, Directory] = {}
+        if isinstance(node, DirectoryNode):  # one request for the whole tree, not one per directory
+            directories = {d.digest(): d for d in opened.directories.get_recursive(node.digest)}
+        _write_stdout(write_nar(node, directories.__getitem__, opened.blobs.read))
+
+
+def _write_stdout(pieces: Iterable[bytes]) -> None:
+    """Copy to stdout; a reader that went away (``| head``) ends the command quietly."""
+    out = sys.stdout.buffer
+    try:
+        for piece in pieces:
+            out.write(piece)
+        out.flush()
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from None
+
+
+@app.command("info")
+def info(
+    paths: Annotated[list[str], typer.Argument(help="Store paths.")],
+    *,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """Print path infos as JSON, shaped like `nix path-info --json`."""
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        found = [_info_json(_pathinfo(opened, StorePath.from_absolute(p))) for p in paths]
+        print(json.dumps(found, indent=2))
+
+
+def _info_json(info: pathinfo_pb2.PathInfo) -> dict[str, Any]:
+    narinfo = info.narinfo
+    out: dict[str, Any] = {
+        "path": _store_path(info),
+        "narHash": format_hash(narinfo.nar_sha256),
+        "narSize": narinfo.nar_size,
+        "references": sorted(f"{STORE_DIR}/{name}" for name in narinfo.reference_names),
+    }
+    if narinfo.HasField("ca"):
+        out["ca"] = format_ca(narinfo.ca)
+    if narinfo.HasField("deriver"):
+        out["deriver"] = str(StorePath(narinfo.deriver.digest, narinfo.deriver.name))
+    if narinfo.signatures:
+        out["signatures"] = [format_signature(s) for s in narinfo.signatures]
+    return out
+
+
+@app.command("ls")
+def ls(
+    path: Annotated[
+        str | None, typer.Argument(help="A store path or a path inside one (default: list store paths).")
+    ] = None,
+    *,
+    long: Annotated[bool, typer.Option("--long", "-l", help="Show type, size and link targets.")] = False,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """List the store paths, or a directory inside one."""
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        if path is None:
+            for store_path in sorted(_store_path(i) for i in opened.pathinfos.list()):
+                print(store_path)
+            return
+        node = _resolve(opened, path, follow_last=False)
+        if isinstance(node, SymlinkNode):  # like ls: a link to a directory lists the directory
+            try:
+                target = _resolve(opened, path, follow_last=True)
+            except (NotFoundError, ValidationError):
+                target = node
+            if isinstance(target, DirectoryNode):
+                node = target
+        entries: list[Node] = [node]
+        if isinstance(node, DirectoryNode):
+            entries = _directory(opened, node).entries()
+        sys.stdout.buffer.write(b"".join(_ls_line(e, long) for e in entries))
+
+
+def _ls_line(node: Node, long: bool) -> bytes:
+    if not long:
+        return node.name + b"\n"
+    if isinstance(node, DirectoryNode):
+        return b"dr-xr-xr-x %12d %s\n" % (0, node.name)
+    if isinstance(node, FileNode):
+        return b"%s %12d %s\n" % (b"-r-xr-xr-x" if node.executable else b"-r--r--r--", node.size, node.name)
+    return b"lrwxrwxrwx %12d %s -> %s\n" % (0, node.name, node.target)
+
+
+@app.command("cat")
+def cat(
+    path: Annotated[str, typer.Argument(help="A file inside a store path.")],
+    *,
+    store: StoreOpt = None,
+    blob_service_addr: BlobAddrOpt = None,
+    directory_service_addr: DirAddrOpt = None,
+    path_info_service_addr: PathInfoAddrOpt = None,
+) -> None:
+    """Write a file of a store path to standard output (symlinks are followed)."""
+    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+        node = _resolve(opened, path, follow_last=True)
+        if not isinstance(node, FileNode):
+            fail(f"{path}: not a regular file")
+        _write_stdout(file_contents(node, opened.blobs.read))
+
+
+# --- reading paths out of a store ------------------------------------------------------------
+
+
+def _store_path(info: pathinfo_pb2.PathInfo) -> str:
+    store_path, _ = validate_pathinfo(info)
+    return str(store_path)
+
+
+def _pathinfo(store: Store, store_path: StorePath) -> pathinfo_pb2.PathInfo:
+    """The PathInfo of ``store_path``; its root must carry the name asked for."""
+    info = store.pathinfos.get(store_path.digest)
+    if info is None or validate_pathinfo(info)[0] != store_path:
+        raise NotFoundError(f"{store_path} is not in the store")
+    return info
+
+
+def _directory(store: Store, node: DirectoryNode) -> Directory:
+    found = store.directories.get(node.digest)
+    if found is None:
+        raise NotFoundError(f"directory {node.digest.hex()} ({node.name!r}) is missing from the store")
+    return found
+
+
+def _resolve(store: Store, path: str, follow_last: bool) -> Node:
+    """The node at ``/nix/store/<hash>-<name>/sub/path``, walking symlinks as the kernel would.
+
+    Symlinks inside a path are always followed, the last one only with ``follow_last``;
+    targets may be relative or point into another store path, but not outside the store.
+    """
+    prefix = STORE_DIR.encode() + b"/"
+    pending = deque(os.fsencode(path).removeprefix(prefix).split(b"/"))
+    trail: list[Node] = []  # from the store path root down to the current node
+    followed = 0
+    while pending:
+        part = pending.popleft()
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if not trail:
+                raise ValidationError(f"{path}: leads out of {STORE_DIR}")
+            trail.pop()
+            continue
+        node = _child(store, trail[-1], part, path) if trail else _root(store, part)
+        if isinstance(node, SymlinkNode) and (pending or follow_last):
+            followed += 1
+            if followed > MAX_SYMLINKS:
+                raise ValidationError(f"{path}: too many levels of symbolic links")
+            target = node.target
+            if target.startswith(b"/"):
+                if not target.startswith(prefix):
+                    raise ValidationError(f"{path}: symlink {node.name!r} points outside {STORE_DIR}")
+                trail.clear()
+                target = target.removeprefix(prefix)
+            pending.extendleft(reversed(target.split(b"/")))
+            continue
+        trail.append(node)
+    if not trail:
+        raise ValidationError(f"{path}: not a path inside a store path")
+    return trail[-1]
+
+
+def _root(store: Store, basename: bytes) -> Node:
+    store_path = StorePath.from_basename(basename)
+    _, node = validate_pathinfo(_pathinfo(store, store_path))
+    return node
+
+
+def _child(store: Store, parent: Node, name: bytes, path: str) -> Node:
+    if not isinstance(parent, DirectoryNode):
+        raise NotFoundError(f"{path}: {parent.name!r} is not a directory")
+    for entry in _directory(store, parent):
+        if entry.name == name:
+            return entry
+    raise NotFoundError(f"{path}: no such file or directory")

@@ -62,6 +62,7 @@ def calculate_nar(
     node: Node, blobs: BlobService, directories: DirectoryService
 ) -> tuple[int, bytes]:
     """(size, sha256) of the NAR of ``node``, rendered from the store."""
+
     def get_directory(digest: bytes) -> Directory:
         found = directories.get(digest)
         if found is None:

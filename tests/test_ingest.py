@@ -1,0 +1,258 @@
+"""Imports checked against what Nix 2.8 does with the same trees and the same store paths."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from nixchroot import (
+    Closure,
+    make_closure,
+    nix_add,
+    nix_dump,
+    nix_dump_path,
+    nix_hash_text,
+    nix_path_info,
+)
+
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.nodes import DirectoryNode, node_from_proto
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.base import Store
+from tvixfs.services.errors import CorruptDataError
+from tvixfs.services.ingest import IngestError, ingest_nar, ingest_path
+from tvixfs.services.local import open_local_store
+from tvixfs.services.memory import open_memory_store
+from tvixfs.services.nixsource import NixError, NixSource, import_from_nix, parse_nix_path
+from tvixfs.store.nar import NARError, write_nar
+from tvixfs.store.nixtext import format_ca, format_hash, format_signature
+from tvixfs.store.pathinfo import validate_pathinfo
+from tvixfs.store.storepath import StorePath
+
+
+@pytest.fixture(scope="module")
+def real_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few thousand files of this machine's Python packages, copied so nothing changes them."""
+    candidates = [Path("/usr/lib/python3/dist-packages"), *sorted(Path("/usr/lib").glob("python3.*"))]
+    source = next(p for p in candidates if p.is_dir())
+    target = tmp_path_factory.mktemp("real") / "pylib"
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def closure(tmp_path_factory: pytest.TempPathFactory) -> Closure:
+    return make_closure(tmp_path_factory.mktemp("nix"))
+
+
+def render(store: Store, info: pathinfo_pb2.PathInfo) -> bytes:
+    _, node = validate_pathinfo(info)
+
+    def get(digest: bytes) -> Directory:
+        found = store.directories.get(digest)
+        assert found is not None
+        return found
+
+    return b"".join(write_nar(node, get, store.blobs.read))
+
+
+def assert_same_as_nix(store: Store, info: pathinfo_pb2.PathInfo, nix_root: Path, path: Path) -> None:
+    """The store path, NAR hash and size Nix gives ``path``, and the NAR bytes it dumps."""
+    expected = nix_add(nix_root, path)
+    store_path, _ = validate_pathinfo(info)
+    assert str(store_path) == expected
+    nix = nix_path_info(nix_root, [expected])[expected]
+    assert format_hash(info.narinfo.nar_sha256) == nix_hash_text(nix["narHash"])
+    assert info.narinfo.nar_size == nix["narSize"]
+    assert format_ca(info.narinfo.ca) == nix["ca"]
+    assert not info.references
+    assert store.pathinfos.get(store_path.digest) == info
+    assert render(store, info) == nix_dump(path)
+
+
+@pytest.mark.parametrize(
+    "entry", ["", "bin/hello", "share/doc/README", "link-to-readme", "empty-file", "empty-dir"]
+)
+def test_ingest_path_as_nix_store_add(sample_tree: Path, tmp_path: Path, entry: str) -> None:
+    path = sample_tree / entry if entry else sample_tree
+    store = open_memory_store()
+    info = ingest_path(store, path, path.name)
+    assert_same_as_nix(store, info, tmp_path / "nix", path)
+
+
+@pytest.mark.parametrize("backend", ["memory", "local"])
+def test_ingest_real_tree(real_tree: Path, tmp_path: Path, backend: str) -> None:
+    store = open_memory_store() if backend == "memory" else open_local_store(tmp_path / "tvixfs")
+    seen: list[tuple[int, int]] = []
+    try:
+        info = ingest_path(store, real_tree, "pylib", lambda files, size: seen.append((files, size)))
+        assert_same_as_nix(store, info, tmp_path / "nix", real_tree)
+    finally:
+        store.close()
+    files = [Path(d) / f for d, _, fs in os.walk(real_tree) for f in fs]
+    regular = [f for f in files if not f.is_symlink()]
+    assert len(regular) > 1000
+    assert seen[-1] == (len(regular), sum(f.stat().st_size for f in regular))
+
+
+def test_unsupported_file_type_stores_no_path(sample_tree: Path) -> None:
+    os.mkfifo(sample_tree / "share" / "a-fifo")
+    store = open_memory_store()
+    with pytest.raises(IngestError, match="a-fifo: unsupported file type"):
+        ingest_path(store, sample_tree, "sample")
+    assert list(store.pathinfos.list()) == []
+
+
+def test_invalid_name_rejected_before_any_work(sample_tree: Path) -> None:
+    store = open_memory_store()
+    with pytest.raises(ValueError, match="characters outside"):
+        ingest_path(store, sample_tree, "has space")
+    assert list(store.pathinfos.list()) == []
+
+
+# --- NAR streams -----------------------------------------------------------------------------
+
+SOME_PATH = StorePath.from_absolute("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-some")
+REFS = [
+    StorePath.from_absolute("/nix/store/zzbgd045z0d4icpbc2yyz4gx48ak44la-zed"),
+    StorePath.from_absolute("/nix/store/11bgd045z0d4icpbc2yyz4gx48ak44la-one"),
+]
+
+
+def test_ingest_nar_round_trip(sample_tree: Path) -> None:
+    dump = nix_dump(sample_tree)
+    store = open_memory_store()
+    info = ingest_nar(store, io.BytesIO(dump), SOME_PATH, REFS)
+    assert render(store, info) == dump
+    assert info.narinfo.nar_size == len(dump)
+    assert list(info.narinfo.reference_names) == sorted(r.basename for r in REFS)
+    assert list(info.references) == [r.digest for r in sorted(REFS, key=lambda r: r.basename)]
+    assert node_from_proto(info.node).name == SOME_PATH.basename.encode()
+    assert store.pathinfos.get(SOME_PATH.digest) == info
+
+
+def _root_digest(dump: bytes) -> bytes:
+    store = open_memory_store()
+    node = node_from_proto(ingest_nar(store, io.BytesIO(dump), SOME_PATH).node)
+    assert isinstance(node, DirectoryNode)
+    return node.digest
+
+
+def test_malformed_nar_stores_no_path(sample_tree: Path) -> None:
+    dump = nix_dump(sample_tree)
+    store = open_memory_store()
+    with pytest.raises(NARError, match="trailing data"):
+        ingest_nar(store, io.BytesIO(dump + b"\0" * 8), SOME_PATH)
+    assert store.pathinfos.get(SOME_PATH.digest) is None
+    assert store.directories.get(_root_digest(dump)) is None
+
+
+def test_nar_hash_mismatch_stores_no_path(sample_tree: Path) -> None:
+    dump = nix_dump(sample_tree)
+    store = open_memory_store()
+    expected = pathinfo_pb2.NARInfo(nar_sha256=b"\1" * 32, nar_size=len(dump))
+    with pytest.raises(CorruptDataError, match=r"expected sha256:.*not imported"):
+        ingest_nar(store, io.BytesIO(dump), SOME_PATH, narinfo=expected)
+    assert store.pathinfos.get(SOME_PATH.digest) is None
+    assert store.directories.get(_root_digest(dump)) is None
+
+
+# --- from a real Nix store -------------------------------------------------------------------
+
+
+def nix_closure(closure: Closure, path: str) -> list[str]:
+    out = subprocess.run(
+        ["nix-store", "--store", closure.uri, "-qR", path], check=True, capture_output=True, text=True
+    ).stdout
+    return out.split()
+
+
+def assert_metadata_as_nix(store: Store, closure: Closure, paths: list[str]) -> None:
+    """Every field ``nix path-info --json`` shows, as tvixfs stored it."""
+    for path, nix in nix_path_info(closure.root, paths).items():
+        info = store.pathinfos.get(StorePath.from_absolute(path).digest)
+        assert info is not None, path
+        narinfo = info.narinfo
+        assert format_hash(narinfo.nar_sha256) == nix_hash_text(nix["narHash"]), path
+        assert narinfo.nar_size == nix["narSize"], path
+        assert ["/nix/store/" + n for n in narinfo.reference_names] == nix["references"], path
+        assert [r.hex() for r in info.references] == [
+            StorePath.from_absolute(r).digest.hex() for r in nix["references"]
+        ]
+        assert [format_signature(s) for s in narinfo.signatures] == nix.get("signatures", []), path
+        deriver = (
+            str(StorePath(narinfo.deriver.digest, narinfo.deriver.name)) if narinfo.deriver.name else None
+        )
+        assert deriver == nix.get("deriver"), path
+        assert (format_ca(narinfo.ca) if narinfo.HasField("ca") else None) == nix.get("ca"), path
+
+
+def test_import_closure_from_nix(closure: Closure) -> None:
+    store = open_memory_store()
+    order: list[StorePath] = []
+    wanted = [parse_nix_path(closure.built), parse_nix_path(closure.drv)]
+    import_from_nix(store, NixSource(closure.uri), wanted, recursive=True, imported=order.append)
+    everything = sorted({*nix_closure(closure, closure.built), *nix_closure(closure, closure.drv)})
+    assert sorted(str(p) for p in order) == everything
+    position = {p: i for i, p in enumerate(order)}
+    for path in order:  # references first
+        info = store.pathinfos.get(path.digest)
+        assert info is not None
+        for name in info.narinfo.reference_names:
+            assert position[StorePath.from_basename(name)] < position[path]
+    assert_metadata_as_nix(store, closure, everything)
+    for path in everything:
+        dump = nix_dump_path(closure.root, path)
+        info = store.pathinfos.get(StorePath.from_absolute(path).digest)
+        assert info is not None
+        assert render(store, info) == dump, path
+    again: list[StorePath] = []  # already present: nothing to do
+    import_from_nix(store, NixSource(closure.uri), wanted, recursive=True, imported=again.append)
+    assert again == []
+
+
+def test_import_from_nix_without_closure_keeps_references(closure: Closure) -> None:
+    store = open_memory_store()
+    import_from_nix(store, NixSource(closure.uri), [parse_nix_path(closure.built)])
+    assert [str(validate_pathinfo(i)[0]) for i in store.pathinfos.list()] == [closure.built]
+    assert_metadata_as_nix(store, closure, [closure.built])
+
+
+def test_import_from_nix_refuses_content_that_fails_nars_hash(tmp_path: Path) -> None:
+    """A store whose file changed behind Nix's back: the NAR no longer has Nix's narHash."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_text("original\n")
+    nix_root = tmp_path / "nix"
+    path = nix_add(nix_root, tree)
+    stored = nix_root / path.lstrip("/") / "file"
+    stored.chmod(0o644)
+    stored.write_text("tampered\n")
+    store = open_memory_store()
+    with pytest.raises(CorruptDataError, match="not imported"):
+        import_from_nix(store, NixSource(f"local?root={nix_root}"), [parse_nix_path(path)])
+    assert list(store.pathinfos.list()) == []
+
+
+def test_import_from_nix_of_an_invalid_path(closure: Closure) -> None:
+    missing = parse_nix_path("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-missing")
+    store = open_memory_store()
+    with pytest.raises(NixError, match="is not valid"):
+        import_from_nix(store, NixSource(closure.uri), [missing])
+
+
+def test_parse_nix_path_follows_result_links(closure: Closure, tmp_path: Path) -> None:
+    (tmp_path / "result").symlink_to(closure.built)
+    assert str(parse_nix_path(str(tmp_path / "result"))) == closure.built
+    with pytest.raises(NixError, match="not a Nix store path"):
+        parse_nix_path(str(tmp_path))
+
+
+def test_unreadable_tree_is_one_clear_error(tmp_path: Path) -> None:
+    store = open_memory_store()
+    with pytest.raises(IngestError, match=r"cannot import .*/missing: No such file or directory"):
+        ingest_path(store, tmp_path / "missing", "missing")

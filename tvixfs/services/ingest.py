@@ -1,0 +1,372 @@
+"""Imports into a store: real trees (the way ``nix-store --add`` does) and NAR streams.
+
+Order is what makes an import crash-safe: blobs first, then directories (leaves first), and
+the PathInfo last, so a store path becomes visible only once everything below it is stored.
+A killed import leaves at most unreferenced blobs and directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO
+
+from tvixfs.castore.digest import b3digest
+from tvixfs.castore.directory import Directory
+from tvixfs.castore.nodes import FileNode, Node, SymlinkNode, node_to_proto, rename
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.base import BlobService, Store
+from tvixfs.services.errors import CorruptDataError, StoreError
+from tvixfs.store import nar
+from tvixfs.store.nixtext import format_hash
+from tvixfs.store.storepath import StorePath, check_name, source_store_path
+
+# Files up to this size are read whole and put by a worker thread, ahead of the NAR hash;
+# larger ones are streamed through the importing thread in READ_PIECE pieces.
+WHOLE_FILE_MAX = 4 << 20
+READ_PIECE = 1 << 20
+# How far the workers may run ahead of the NAR hash: bounds memory and open work.
+AHEAD_BYTES = 64 << 20
+AHEAD_ENTRIES = 2048
+# Puts mostly wait (fsync, network, hashing without the GIL): more workers than cores pay.
+WORKERS = 8
+
+Progress = Callable[[int, int], None]
+"""Called after each file with (files imported, bytes imported) so far."""
+
+
+class IngestError(StoreError):
+    """A tree that cannot be imported as it is: unsupported file type, changed while read."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Open:
+    name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    name: bytes
+    path: bytes
+    size: int
+    executable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Link:
+    name: bytes
+    target: bytes
+
+
+_Event = _Open | _Close | _File | _Link
+
+
+def _classify(name: bytes, path: bytes, st: os.stat_result) -> _Event:
+    if stat.S_ISDIR(st.st_mode):
+        return _Open(name)
+    if stat.S_ISREG(st.st_mode):
+        # Nix looks at the owner's execute bit only.
+        return _File(name, path, st.st_size, bool(st.st_mode & stat.S_IXUSR))
+    if stat.S_ISLNK(st.st_mode):
+        return _Link(name, os.readlink(path))
+    raise IngestError(f"{os.fsdecode(path)}: unsupported file type (not a file, directory or symlink)")
+
+
+def _sorted_entries(path: bytes) -> Iterator[os.DirEntry[bytes]]:
+    with os.scandir(path) as it:
+        return iter(sorted(it, key=lambda e: e.name))
+
+
+def _walk(path: bytes) -> Iterator[_Event]:
+    """The tree at ``path`` in NAR order (depth first, names sorted bytewise), lstat only."""
+    root = _classify(b"", path, os.lstat(path))
+    yield root
+    if not isinstance(root, _Open):
+        return
+    stack = [_sorted_entries(path)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            yield _Close()
+            continue
+        event = _classify(entry.name, entry.path, entry.stat(follow_symlinks=False))
+        yield event
+        if isinstance(event, _Open):
+            stack.append(_sorted_entries(entry.path))
+
+
+def _read_pieces(path: bytes, size: int, piece: int) -> Iterator[bytes]:
+    """The bytes of a file, checked against the size the walk saw."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        seen = 0
+        while data := os.read(fd, min(piece, size - seen + 1)):
+            seen += len(data)
+            if seen > size:
+                break
+            yield data
+    finally:
+        os.close(fd)
+    if seen != size:
+        raise IngestError(f"{os.fsdecode(path)}: changed while being imported ({size} -> {seen} bytes)")
+
+
+def _load(blobs: BlobService, file: _File) -> tuple[bytes, bytes]:
+    """Read a small file whole and put it: (digest, bytes); runs on a worker thread."""
+    data = b"".join(_read_pieces(file.path, file.size, WHOLE_FILE_MAX + 1))
+    return blobs.put((data,)), data
+
+
+_Loaded = Future[tuple[bytes, bytes]]
+
+
+def _ahead(
+    events: Iterator[_Event], pool: ThreadPoolExecutor, blobs: BlobService
+) -> Iterator[tuple[_Event, _Loaded | None]]:
+    """The walk in order, small files already submitted to the workers, within a bounded window."""
+    window: deque[tuple[_Event, _Loaded | None, int]] = deque()
+    ahead_bytes = 0
+    while True:
+        while ahead_bytes < AHEAD_BYTES and len(window) < AHEAD_ENTRIES:
+            event = next(events, None)
+            if event is None:
+                break
+            if isinstance(event, _File) and event.size <= WHOLE_FILE_MAX:
+                window.append((event, pool.submit(_load, blobs, event), event.size))
+                ahead_bytes += event.size
+            else:
+                window.append((event, None, 0))
+        if not window:
+            return
+        event, future, size = window.popleft()
+        ahead_bytes -= size
+        yield event, future
+
+
+class _NarHasher:
+    """sha256 and size of NAR bytes, small writes gathered so hashlib sees few large updates."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._buf = bytearray(nar.MAGIC)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if len(data) >= nar.PIECE:
+            self._flush()
+            self._sha.update(data)
+            self.size += len(data)
+            return
+        self._buf += data
+        if len(self._buf) >= nar.PIECE:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._sha.update(self._buf)
+        self.size += len(self._buf)
+        self._buf.clear()
+
+    def digest(self) -> bytes:
+        self._flush()
+        return self._sha.digest()
+
+
+def ingest_path(
+    store: Store, path: str | bytes, name: str, progress: Progress | None = None
+) -> pathinfo_pb2.PathInfo:
+    """Import a file, directory or symlink as ``nix-store --add`` would; returns its PathInfo.
+
+    Each file is read once: workers read small files and put their blobs ahead of the
+    importing thread, which feeds the same bytes, in NAR order, to the NAR sha256 (the store
+    path depends on it). Large files stream through the importing thread in pieces.
+    """
+    check_name(name)
+    hasher = _NarHasher()
+    tree = nar.TreeBuilder()
+    try:
+        root = _import_tree(store, os.fsencode(path), hasher, tree, progress)
+    except OSError as e:
+        where = os.fsdecode(e.filename) if e.filename is not None else os.fsdecode(path)
+        raise IngestError(f"cannot import {where}: {e.strerror or e}") from None
+    nar_sha256 = hasher.digest()
+    store_path = source_store_path(nar_sha256, name)
+    narinfo = pathinfo_pb2.NARInfo(
+        nar_size=hasher.size,
+        nar_sha256=nar_sha256,
+        ca=pathinfo_pb2.NARInfo.CA(type=pathinfo_pb2.NARInfo.CA.NAR_SHA256, digest=nar_sha256),
+    )
+    directories = list(tree.directories.values())
+    return _commit(store, store_path, root, directories=directories, narinfo=narinfo, references=())
+
+
+def _import_tree(
+    store: Store, path: bytes, hasher: _NarHasher, tree: nar.TreeBuilder, progress: Progress | None
+) -> Node:
+    """Put every blob of the tree, build its directories in ``tree``; returns the root node."""
+    files = imported = 0
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
+    try:
+        for event, loaded in _ahead(_walk(path), pool, store.blobs):
+            node: Node | None = None
+            if tree.depth and not isinstance(event, _Close):
+                hasher.write(nar.entry_open(event.name))
+            if isinstance(event, _Open):
+                hasher.write(nar.DIRECTORY_OPEN)
+                tree.open_directory(event.name)
+            elif isinstance(event, _Close):
+                hasher.write(nar.DIRECTORY_CLOSE)
+                node = tree.close_directory()
+            elif isinstance(event, _Link):
+                hasher.write(nar.symlink(event.target))
+                node = SymlinkNode(event.name, event.target)
+            else:
+                hasher.write(nar.file_open(event.size, event.executable))
+                if loaded is not None:
+                    digest, data = loaded.result()
+                    hasher.write(data)
+                else:
+                    pieces = _read_pieces(event.path, event.size, READ_PIECE)
+                    digest = store.blobs.put(_hashed(pieces, hasher))
+                hasher.write(nar.file_close(event.size))
+                node = FileNode(event.name, digest, event.size, event.executable)
+                files += 1
+                imported += event.size
+                if progress is not None:
+                    progress(files, imported)
+            if node is None:
+                continue
+            if not tree.depth:
+                return node
+            hasher.write(nar.ENTRY_CLOSE)
+            tree.add(node)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    raise AssertionError("a walk always ends with its root")
+
+
+def _hashed(pieces: Iterable[bytes], hasher: _NarHasher) -> Iterator[bytes]:
+    for piece in pieces:
+        hasher.write(piece)
+        yield piece
+
+
+class _BackgroundPuts:
+    """Small blobs are put by workers while the NAR is parsed on; large ones stream inline.
+
+    A small blob's digest is computed here (BLAKE3 costs little next to a store's put), so the
+    parser goes on at once; ``wait`` returns once every put is done, before anything may refer
+    to the blobs.
+    """
+
+    def __init__(self, blobs: BlobService, pool: ThreadPoolExecutor) -> None:
+        self._blobs = blobs
+        self._pool = pool
+        self._pending: deque[tuple[Future[bytes], bytes, int]] = deque()
+        self._pending_bytes = 0
+
+    def put(self, pieces: Iterable[bytes]) -> bytes:
+        rest = iter(pieces)
+        head: list[bytes] = []
+        size = 0
+        for piece in rest:
+            head.append(piece)
+            size += len(piece)
+            if size > WHOLE_FILE_MAX:
+                return self._blobs.put(itertools.chain(head, rest))
+        data = b"".join(head)
+        digest = b3digest(data)
+        self._pending.append((self._pool.submit(self._blobs.put, (data,)), digest, size))
+        self._pending_bytes += size
+        while self._pending_bytes > AHEAD_BYTES or len(self._pending) > AHEAD_ENTRIES:
+            self._settle_oldest()
+        return digest
+
+    def _settle_oldest(self) -> None:
+        future, digest, size = self._pending.popleft()
+        self._pending_bytes -= size
+        stored = future.result()
+        if stored != digest:
+            raise CorruptDataError(f"blob store stored {stored.hex()} for data with digest {digest.hex()}")
+
+    def wait(self) -> None:
+        while self._pending:
+            self._settle_oldest()
+
+
+def ingest_nar(
+    store: Store,
+    stream: IO[bytes],
+    store_path: StorePath,
+    references: Sequence[StorePath] = (),
+    narinfo: pathinfo_pb2.NARInfo | None = None,
+) -> pathinfo_pb2.PathInfo:
+    """Import the NAR read from ``stream`` as ``store_path``; returns its PathInfo.
+
+    ``narinfo`` carries what the source knows (signatures, deriver, ca); a nar_size or
+    nar_sha256 set in it is an expectation: on a mismatch nothing is committed.
+    """
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
+    try:
+        puts = _BackgroundPuts(store.blobs, pool)
+        contents = nar.read_nar(stream, store_path.basename.encode(), puts.put)
+        puts.wait()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    info = pathinfo_pb2.NARInfo()
+    if narinfo is not None:
+        info.CopyFrom(narinfo)
+        if narinfo.nar_sha256 and narinfo.nar_sha256 != contents.nar_sha256:
+            raise CorruptDataError(
+                f"{store_path}: the NAR has hash {format_hash(contents.nar_sha256)}, "
+                f"expected {format_hash(narinfo.nar_sha256)}; not imported"
+            )
+        if narinfo.nar_size and narinfo.nar_size != contents.nar_size:
+            raise CorruptDataError(
+                f"{store_path}: the NAR has {contents.nar_size} bytes, "
+                f"expected {narinfo.nar_size}; not imported"
+            )
+    info.nar_size = contents.nar_size
+    info.nar_sha256 = contents.nar_sha256
+    return _commit(
+        store,
+        store_path,
+        contents.root,
+        directories=contents.directories,
+        narinfo=info,
+        references=references,
+    )
+
+
+def _commit(
+    store: Store,
+    store_path: StorePath,
+    root: Node,
+    *,
+    directories: list[Directory],
+    narinfo: pathinfo_pb2.NARInfo,
+    references: Sequence[StorePath],
+) -> pathinfo_pb2.PathInfo:
+    """Directories (leaves first), then the PathInfo: the path appears only when complete."""
+    if directories:
+        store.directories.put_many(directories)
+    refs = sorted(set(references), key=lambda r: r.basename)
+    del narinfo.reference_names[:]
+    narinfo.reference_names.extend(r.basename for r in refs)
+    info = pathinfo_pb2.PathInfo(
+        node=node_to_proto(rename(root, store_path.basename.encode())),
+        references=[r.digest for r in refs],
+        narinfo=narinfo,
+    )
+    return store.pathinfos.put(info)
