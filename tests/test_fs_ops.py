@@ -63,16 +63,20 @@ class WatchedBlobs(BlobService):
 
 
 class FlakyPathInfos(PathInfoService):
-    """A real path info service that can be switched to 'unreachable'; counts gets."""
+    """A real path info service that can be switched to 'unreachable' (whole or for some
+    paths); counts gets."""
 
     def __init__(self, inner: PathInfoService) -> None:
         self.inner = inner
         self.down = False
+        self.broken: set[bytes] = set()  # output hashes whose gets fail
         self.gets = 0
+        self.asked: Counter[bytes] = Counter()
 
     def get(self, output_hash: bytes) -> pathinfo_pb2.PathInfo | None:
         self.gets += 1
-        if self.down:
+        self.asked[output_hash] += 1
+        if self.down or output_hash in self.broken:
             raise StoreUnavailableError("connection refused")
         return self.inner.get(output_hash)
 
@@ -107,8 +111,15 @@ def _reply(token: Buffer, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: 
 class Fs:
     """The operations plus the few request sequences the kernel would send."""
 
-    def __init__(self, ops: TvixOperations) -> None:
-        self.ops = ops
+    def __init__(self, store: Store, nursery: trio.Nursery, options: FsOptions) -> None:
+        self.invalidated: list[tuple[int, bytes]] = []  # entries the kernel was asked to drop
+        self.ops = TvixOperations(
+            store,
+            nursery,
+            options,
+            readdir_reply=_reply,  # type: ignore[arg-type]
+            invalidate=lambda parent, name: self.invalidated.append((parent, name)),
+        )
 
     async def walk(self, *names: bytes) -> pyfuse3.EntryAttributes:
         attrs = await self.ops.getattr(ROOT, CTX)
@@ -151,7 +162,7 @@ async def make_fs() -> AsyncIterator[Callable[..., Fs]]:
     async with trio.open_nursery() as nursery:
 
         def make(store: Store, **options: object) -> Fs:
-            return Fs(TvixOperations(store, nursery, FsOptions(**options), readdir_reply=_reply))  # type: ignore[arg-type]
+            return Fs(store, nursery, FsOptions(**options))  # type: ignore[arg-type]
 
         yield make
         nursery.cancel_scope.cancel()
@@ -331,6 +342,7 @@ async def test_parallel_reads_fetch_each_chunk_once(make_fs, local_store, sample
     assert f"fetched {len(watched.reads)} chunks" in fs.ops.status()
 
 
+@pytest.mark.expect_errors  # each EIO is logged as one ERROR line
 async def test_a_damaged_or_missing_chunk_fails_only_its_reads(make_fs, local_store, sample_tree):
     base, _ = import_tree(local_store, sample_tree, "sample")
     watched = WatchedBlobs(local_store.blobs)
@@ -359,6 +371,7 @@ async def test_a_damaged_or_missing_chunk_fails_only_its_reads(make_fs, local_st
         assert await fs.read(attrs.st_ino) == large
 
 
+@pytest.mark.expect_errors  # each EIO is logged as one ERROR line
 async def test_an_unchunked_blob_is_verified_as_a_whole(make_fs, memory_store, sample_tree):
     base, _ = import_tree(memory_store, sample_tree, "sample")
     watched = WatchedBlobs(memory_store.blobs)
@@ -431,6 +444,7 @@ async def test_everything_that_writes_is_refused(make_fs, memory_store, sample_t
     assert await fs.ops.access(readme, os.R_OK, CTX)
 
 
+@pytest.mark.expect_errors  # each EIO is logged as one ERROR line
 async def test_store_failures_are_eio_and_not_remembered(make_fs, memory_store, sample_tree):
     base, _ = import_tree(memory_store, sample_tree, "sample")
     flaky = FlakyPathInfos(memory_store.pathinfos)
@@ -459,6 +473,7 @@ async def test_concurrent_lookups_of_one_store_path_ask_once(make_fs, memory_sto
     assert flaky.gets == 1
 
 
+@pytest.mark.expect_errors  # each EIO is logged as one ERROR line
 async def test_forget_drops_inodes_and_numbers_are_never_reused(make_fs, memory_store, sample_tree):
     base, _ = import_tree(memory_store, sample_tree, "sample")
     fs = make_fs(memory_store)
@@ -505,6 +520,7 @@ class StrayDirectories(DirectoryService):
         return self.inner.put_many(directories)
 
 
+@pytest.mark.expect_errors  # each EIO is logged as one ERROR line
 async def test_a_directory_nobody_referred_to_fails_the_listing(make_fs, memory_store, sample_tree):
     base, _ = import_tree(memory_store, sample_tree, "sample")
     fs = make_fs(
@@ -523,3 +539,113 @@ def test_cache_size_takes_binary_suffixes() -> None:
     for bad in ("", "12X", "-1M", "1.5G"):
         with pytest.raises(ValueError, match="invalid size"):
             parse_size(bad)
+
+
+def _distinct_files(root: Path, count: int) -> Path:
+    """A tree ``d/f00 …`` of files with distinct content: one inode each."""
+    (root / "tree" / "d").mkdir(parents=True)
+    for i in range(count):
+        (root / "tree" / "d" / f"f{i:02}").write_text(f"file {i}\n")
+    return root / "tree"
+
+
+async def test_over_the_inode_limit_the_kernel_is_asked_to_drop_the_oldest(make_fs, memory_store, tmp_path):
+    base, _ = import_tree(memory_store, _distinct_files(tmp_path, 20), "many")
+    fs = make_fs(memory_store, max_inodes=8)
+    top = await fs.walk(base)
+    d = await fs.ops.lookup(top.st_ino, b"d", CTX)
+    assert fs.invalidated == []  # under the limit
+    listed = await fs.listdir(d.st_ino, 5)
+    files = {name: attrs.st_ino for name, attrs in listed}
+    given = {(ROOT, base), (top.st_ino, b"d")} | {(d.st_ino, name) for name in files}
+    # The store path was handed out first; dropping it drops d and the files under it in
+    # the kernel, so those are not asked for one by one in the same batch.
+    assert fs.invalidated[0] == (ROOT, base)
+    assert (top.st_ino, b"d") not in fs.invalidated
+    assert set(fs.invalidated) <= given
+    assert len(set(fs.invalidated)) == len(fs.invalidated)  # nothing asked for twice
+    assert (d.st_ino, b"f19") not in fs.invalidated  # the most recent stay
+    # Nothing is dropped until the kernel says so: it may still use every one.
+    assert fs.ops.inode_count == 2 + len(files)
+    assert (await fs.ops.getattr(files[b"f00"], CTX)).st_size == len(b"file 0\n")
+
+    # The kernel looks one up again before it lets go: that reference counts too.
+    again = await fs.ops.lookup(d.st_ino, b"f00", CTX)
+    assert again.st_ino == files[b"f00"]
+    await fs.ops.forget([(top.st_ino, 1), (d.st_ino, 1)] + [(ino, 1) for ino in files.values()])
+    assert fs.ops.inode_count == 1
+    await fs.ops.forget([(files[b"f00"], 1)])
+    assert fs.ops.inode_count == 0
+    later = await fs.walk(base, b"d", b"f00")
+    assert later.st_ino > max(files.values())
+
+
+async def test_every_handout_is_invalidated_at_most_once(make_fs, memory_store, tmp_path):
+    base, _ = import_tree(memory_store, _distinct_files(tmp_path, 40), "many")
+    fs = make_fs(memory_store, max_inodes=16)
+    d = await fs.walk(base, b"d")
+    for round_ in range(3):  # the kernel drops nothing: requests stop at what was handed out
+        await fs.listdir(d.st_ino, 7)
+        handouts = 2 + 40 * (round_ + 1)
+        assert len(fs.invalidated) <= handouts
+        assert fs.ops.inode_count == 42
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait for background work to reach ``condition`` (bounded; not a timing assertion)."""
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.005)
+
+
+def _import_referring(store: Store, path: Path, name: str, references: Iterable[bytes]) -> bytes:
+    """Import ``path`` as a store path that refers to ``references`` (basenames)."""
+    info = ingest_path(store, path, name)
+    info.references.extend(StorePath.from_basename(ref).digest for ref in references)
+    info.narinfo.reference_names.extend(ref.decode() for ref in references)
+    store.pathinfos.put(info)
+    return validate_pathinfo(info)[0].basename.encode()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+async def test_references_are_fetched_when_a_path_is_first_looked_up(
+    make_fs, memory_store, tmp_path, prefetch
+):
+    def path_file(name: str, references: tuple[bytes, ...] = ()) -> bytes:
+        (tmp_path / name).write_text(f"{name}\n")
+        return _import_referring(memory_store, tmp_path / name, name, references)
+
+    indirect = path_file("indirect")
+    deps = [path_file("dep0", (indirect,)), path_file("dep1"), path_file("dep2")]
+    missing = StorePath(bytes(range(20)), "missing").basename.encode()
+    broken = StorePath(bytes(range(1, 21)), "broken").basename.encode()
+    app = path_file("app", (*deps, missing, broken))
+    flaky = FlakyPathInfos(memory_store.pathinfos)
+    flaky.broken.add(StorePath.from_basename(broken).digest)
+    fs = make_fs(
+        Store(memory_store.blobs, memory_store.directories, flaky),
+        prefetch_references=prefetch,
+        negative_ttl=600.0,
+    )
+
+    def asked(name: bytes) -> int:
+        return flaky.asked[StorePath.from_basename(name).digest]
+
+    assert (await fs.ops.lookup(ROOT, app, CTX)).st_ino  # never held up by its references
+    if prefetch:
+        await _until(lambda: flaky.gets == 1 + 5)
+    for dep in deps:
+        assert (await fs.ops.lookup(ROOT, dep, CTX)).st_ino
+    assert not (await fs.ops.lookup(ROOT, missing, CTX)).st_ino
+    assert [asked(dep) for dep in [*deps, missing]] == [1, 1, 1, 1]  # prefetched, or by the lookup
+    # Only what a looked-up path refers to: "indirect" once dep0 was looked up itself.
+    if prefetch:
+        await _until(lambda: asked(indirect) == 1)
+    else:
+        assert asked(indirect) == 0
+    # A reference that failed to prefetch is asked for again by the lookup that needs it,
+    # and the failure never became a failed request.
+    assert fs.ops.failures == 0
+    flaky.broken.clear()
+    assert not (await fs.ops.lookup(ROOT, broken, CTX)).st_ino  # not in the store after all
+    assert asked(broken) == (2 if prefetch else 1)

@@ -275,6 +275,21 @@ def test_external_umount_ends_the_daemon_with_0(small_store: tuple[str, str], sh
         assert not m.is_mounted()
 
 
+def test_a_tiny_inode_limit_bounds_the_daemon_not_the_tree(short_tmp: Path, tmp_path: Path) -> None:
+    """The kernel is asked to drop entries all through two walks; both see the whole tree."""
+    source = make_sample_tree(tmp_path / "sample")
+    store_dir = short_tmp / "store"
+    basename = import_tree(store_dir, source, "sample")
+    limits = ["--max-inodes", "4", "--directory-cache", "8"]
+    with mounted([*TVIXFS, "-v"], short_tmp, f"local://{store_dir}", limits) as m:
+        for _ in range(2):
+            assert assert_same_tree(bytes(source), bytes(m.path(basename))) > 10
+        assert m.stop() == 0
+    log = m.stderr()
+    assert "asking the kernel to drop" in log
+    assert "ERROR" not in log, log
+
+
 def _drain(m: Mount) -> list[str]:
     notify = m.process.notify
     messages = list(m.process.messages)

@@ -19,6 +19,8 @@ from tvixfs.cli.app import (
     open_store_or_fail,
 )
 from tvixfs.fs.bridge import DEFAULT_THREADS
+from tvixfs.fs.directories import CACHE_ENTRIES
+from tvixfs.fs.inodes import DEFAULT_MAX_INODES
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
@@ -64,6 +66,25 @@ def mount(
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Concurrent requests to the store.")
     ] = DEFAULT_THREADS,
+    max_inodes: Annotated[
+        int,
+        typer.Option(
+            "--max-inodes",
+            min=1,
+            help="Inodes the kernel may hold before the least recently used are dropped.",
+        ),
+    ] = DEFAULT_MAX_INODES,
+    directory_cache: Annotated[
+        int,
+        typer.Option("--directory-cache", min=1, help="Directory entries kept in memory (all directories)."),
+    ] = CACHE_ENTRIES,
+    prefetch_references: Annotated[
+        bool,
+        typer.Option(
+            "--prefetch-references/--no-prefetch-references",
+            help="On the first lookup of a store path, fetch the path infos of its references.",
+        ),
+    ] = True,
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
@@ -89,7 +110,13 @@ def mount(
         except (StoreError, ValidationError, OSError) as e:
             fail(f"cannot reach the store: {e}")
         options = FsOptions(
-            list_root=list_root, show_xattr=show_xattr, cache_bytes=cache_bytes, threads=threads
+            list_root=list_root,
+            show_xattr=show_xattr,
+            cache_bytes=cache_bytes,
+            threads=threads,
+            max_inodes=max_inodes,
+            directory_cache_entries=directory_cache,
+            prefetch_references=prefetch_references,
         )
         config = MountConfig(absolute, options, allow_other=allow_other, debug_fuse=debug_fuse)
         try:

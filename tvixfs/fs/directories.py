@@ -10,6 +10,7 @@ cannot make one directory appear under another's digest.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,22 +23,33 @@ from tvixfs.fs.inflight import InFlight
 from tvixfs.services.base import DirectoryService
 from tvixfs.services.errors import CorruptDataError, NotFoundError
 
-# Entries (of all cached directories together) the cache holds; about 200 bytes each.
-CACHE_ENTRIES = 1 << 19
+# Entries (of all cached directories together) the cache holds; about 200 bytes each. With
+# the inode table's limit this bounds the daemon's metadata memory whatever is walked.
+CACHE_ENTRIES = 1 << 17
 
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """One directory, ready for lookup (by name) and readdir (sorted)."""
+    """One directory, ready for lookup (by name) and readdir (sorted).
+
+    Names are found by bisection in the sorted names rather than through a dict: a dict
+    entry per name would cost a fifth of what the cache holds per entry.
+    """
 
     entries: tuple[Node, ...]
-    by_name: dict[bytes, Node]
+    names: tuple[bytes, ...]
     subdirectories: int
 
     @classmethod
     def of(cls, directory: Directory) -> Listing:
         entries = tuple(directory.entries())
-        return cls(entries, {node.name: node for node in entries}, len(directory.directories))
+        return cls(entries, tuple(node.name for node in entries), len(directory.directories))
+
+    def find(self, name: bytes) -> Node | None:
+        i = bisect_left(self.names, name)
+        if i < len(self.names) and self.names[i] == name:
+            return self.entries[i]
+        return None
 
 
 def _listing_size(listing: Listing) -> int:

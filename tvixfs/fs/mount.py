@@ -20,8 +20,8 @@ import pyfuse3
 import trio
 
 from tvixfs.fs.inodes import ROOT_INODE
-from tvixfs.fs.ops import FsOptions, TvixOperations
-from tvixfs.fs.preflight import MountError
+from tvixfs.fs.ops import EntryInvalidator, FsOptions, TvixOperations
+from tvixfs.fs.preflight import FS_TYPE, MountError
 from tvixfs.fs.tuning import tune_connection
 from tvixfs.services.base import Store
 from tvixfs.systemd import Notifier, watchdog_interval
@@ -44,7 +44,7 @@ class MountConfig:
 
 
 def fuse_options(config: MountConfig) -> set[str]:
-    options = {"ro", "default_permissions", "fsname=tvixfs", "subtype=tvixfs", "auto_unmount"}
+    options = {"ro", "default_permissions", f"fsname={FS_TYPE}", f"subtype={FS_TYPE}", "auto_unmount"}
     if config.allow_other:
         options.add("allow_other")
     if config.debug_fuse:
@@ -136,10 +136,12 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
     mountpoint = config.mountpoint
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as background:
-            ops = TvixOperations(store, background, config.fs)
+            invalidator = EntryInvalidator()
+            ops = TvixOperations(store, background, config.fs, invalidate=invalidator.request)
             try:
                 pyfuse3.init(ops, str(mountpoint), fuse_options(config))
             except RuntimeError as e:
+                invalidator.stop()
                 background.cancel_scope.cancel()
                 return f"cannot mount on {mountpoint}: {e}"
             mount = _Mount(ops, config, notifier)
@@ -159,6 +161,7 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
                     if interval is not None:
                         nursery.start_soon(mount.ping_watchdog, interval)
             finally:
+                invalidator.stop()
                 # After an external umount the kernel has already let go of the mount.
                 pyfuse3.close(unmount=mount.terminated or not mount.main_done.is_set())
                 background.cancel_scope.cancel()

@@ -13,6 +13,8 @@ import errno
 import itertools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,8 +25,8 @@ import trio
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.fs.attrs import BLOCK_SIZE, FOREVER, mount_root_attributes, negative_entry, node_attributes
 from tvixfs.fs.bridge import DEFAULT_THREADS, Bridge
-from tvixfs.fs.directories import Directories
-from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from tvixfs.fs.directories import CACHE_ENTRIES, Directories
+from tvixfs.fs.inodes import DEFAULT_MAX_INODES, ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots
 from tvixfs.fs.xattrs import xattrs_of
@@ -33,7 +35,48 @@ from tvixfs.services.base import Store
 log = logging.getLogger(__name__)
 
 ReaddirReply = Callable[[pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, int], bool]
+InvalidateEntry = Callable[[int, bytes], None]
 NAME_MAX = 255
+INVALIDATE_GRACE = 1.0
+
+
+class EntryInvalidator:
+    """Asks the kernel to drop directory entries, from a thread of its own.
+
+    The kernel makes such a request wait while it works on a related one (a lookup in the
+    same directory), which only this daemon's event loop can answer: so it must never run
+    on the loop. pyfuse3's ``invalidate_entry_async`` has a thread for this too, but it
+    goes on working through its queue after ``pyfuse3.main`` returns, racing
+    ``pyfuse3.close``, which frees the session it writes to; this one is stopped before
+    that, dropping what is still queued (the mount is going away).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tvixfs-invalidate", daemon=True)
+        self._thread.start()
+
+    def request(self, parent: int, name: bytes) -> None:
+        self._queue.put((parent, name))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None and not self._stopping:
+            try:
+                pyfuse3.invalidate_entry(*item)
+            except FileNotFoundError:
+                pass  # the kernel had dropped it already
+            except OSError as e:
+                log.debug("cannot drop entry %r of inode %d: %s", item[1], item[0], e)
+
+    def stop(self, timeout: float = INVALIDATE_GRACE) -> None:
+        """Stop before the session is closed; waits a little for a request the kernel holds
+        up (until the unmount, if a request the daemon no longer answers blocks it)."""
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the kernel still holds up a request to drop an entry; closing anyway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +86,16 @@ class FsOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     threads: int = DEFAULT_THREADS
     negative_ttl: float = NEGATIVE_TTL
+    max_inodes: int = DEFAULT_MAX_INODES
+    directory_cache_entries: int = CACHE_ENTRIES
+    prefetch_references: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class _DirHandle:
     """One open directory: a snapshot, so that readdir cookies (index + 1) stay valid."""
 
+    ino: int
     origin: bytes
     count: int
     # The inode and name of the entry at an index; None: listing refused (the mount root
@@ -68,19 +115,24 @@ class TvixOperations(pyfuse3.Operations):
         store: Store,
         background: trio.Nursery,
         options: FsOptions,
+        *,
+        invalidate: InvalidateEntry,
         readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
     ) -> None:
+        """``invalidate(parent, name)`` asks the kernel to drop an entry, without waiting."""
         super().__init__()
         bridge = Bridge(options.threads)
         self._options = options
-        self._roots = Roots(bridge, store.pathinfos, options.negative_ttl)
-        self._directories = Directories(bridge, store.directories)
+        prefetch = background if options.prefetch_references else None
+        self._roots = Roots(bridge, store.pathinfos, options.negative_ttl, prefetch)
+        self._directories = Directories(bridge, store.directories, options.directory_cache_entries)
         self._reader = BlobReader(bridge, store.blobs, background, options.cache_bytes)
-        self._inodes = InodeTable()
+        self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
         self._handles = itertools.count(1)
         self._readdir_reply = readdir_reply
+        self._invalidate = invalidate
         self.failures = 0
 
     @property
@@ -91,7 +143,8 @@ class TvixOperations(pyfuse3.Operations):
         """One line for systemd's STATUS=."""
         stats = self._reader.stats
         return (
-            f"{len(self._inodes)} inodes, {len(self._files)} open files, "
+            f"{len(self._inodes)} inodes ({self._inodes.evicting} being dropped), "
+            f"{len(self._files)} open files, "
             f"chunk cache {self._reader.cached_bytes >> 20} MiB, "
             f"fetched {stats.chunks_fetched} chunks ({stats.bytes_fetched >> 20} MiB), "
             f"{stats.fetch_failures} failed fetches, {self.failures} failed requests"
@@ -135,10 +188,27 @@ class TvixOperations(pyfuse3.Operations):
             subdirectories = listing.subdirectories if listing is not None else None
         return node_attributes(inode.ino, node, subdirectories)
 
-    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def _entry(self, inode: Inode, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         attrs = self._attributes(inode)
-        self._inodes.remember(inode)
+        self._inodes.remember(inode, parent, name)
+        self._trim_inodes()
         return attrs
+
+    def _trim_inodes(self) -> None:
+        """Over the inode limit: ask the kernel to drop the least recently handed out entries.
+
+        The kernel answers with ``forget`` (for a directory, also for whatever below it is
+        unused), which is what shrinks the table; an entry it already dropped is ignored.
+        """
+        victims = self._inodes.overflow()
+        if victims:
+            log.debug(
+                "%d inodes, over the limit: asking the kernel to drop %d entries",
+                len(self._inodes),
+                len(victims),
+            )
+        for inode in victims:
+            self._invalidate(inode.parent, inode.name)
 
     # -- names and attributes -------------------------------------------------------------
 
@@ -151,15 +221,16 @@ class TvixOperations(pyfuse3.Operations):
                 root = await self._roots.lookup(name)
                 if root is None:
                     return negative_entry(self._options.negative_ttl)
-                return self._entry(self._inodes.for_root(root))
+                return self._entry(self._inodes.for_root(root), ROOT_INODE, root.name)
             parent = self._inode(parent_inode)
             if not isinstance(parent.node, DirectoryNode):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             listing = await self._directories.get(parent.node)
-            child = listing.by_name.get(name)
+            child = listing.find(name)
             if child is None:
                 return negative_entry(FOREVER)
-            return self._entry(self._inodes.for_child(child, parent.origin))
+            # The parent's own number and the listing's name: objects the table shares.
+            return self._entry(self._inodes.for_child(child, parent.origin), parent.ino, child.name)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # pyfuse3 does not let forget report errors; a bug here must not end the main loop.
@@ -208,26 +279,28 @@ class TvixOperations(pyfuse3.Operations):
                 if not isinstance(directory.node, DirectoryNode):
                     raise pyfuse3.FUSEError(errno.ENOTDIR)
                 listing = await self._directories.get(directory.node)
-                handle = self._children_handle(directory.origin, listing.entries)
+                handle = self._children_handle(directory, listing.entries)
             fh = next(self._handles)
             self._dir_handles[fh] = handle
             return fh
 
     async def _open_root(self) -> _DirHandle:
         if not self._options.list_root:
-            return _DirHandle(b"", 0, None)
+            return _DirHandle(ROOT_INODE, b"", 0, None)
         roots = await self._roots.list()
 
         def entry_at(index: int) -> tuple[Inode, bytes]:
             return self._inodes.for_root(roots[index]), roots[index].name
 
-        return _DirHandle(b"", len(roots), entry_at)
+        return _DirHandle(ROOT_INODE, b"", len(roots), entry_at)
 
-    def _children_handle(self, origin: bytes, children: Sequence[Node]) -> _DirHandle:
+    def _children_handle(self, directory: Inode, children: Sequence[Node]) -> _DirHandle:
+        origin = directory.origin
+
         def entry_at(index: int) -> tuple[Inode, bytes]:
             return self._inodes.for_child(children[index], origin), children[index].name
 
-        return _DirHandle(origin, len(children), entry_at)
+        return _DirHandle(directory.ino, origin, len(children), entry_at)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Reply entries from cookie ``start_id`` until the kernel's buffer is full.
@@ -241,12 +314,15 @@ class TvixOperations(pyfuse3.Operations):
                 raise LookupError(f"unknown directory handle {fh}")
             if handle.entry_at is None:
                 raise pyfuse3.FUSEError(errno.EPERM)  # listing the root needs --list-root
-            for index in range(start_id, handle.count):
-                inode, name = handle.entry_at(index)
-                if not self._readdir_reply(token, name, self._attributes(inode), index + 1):
-                    self._inodes.discard_unused(inode)
-                    return
-                self._inodes.remember(inode)
+            try:
+                for index in range(start_id, handle.count):
+                    inode, name = handle.entry_at(index)
+                    if not self._readdir_reply(token, name, self._attributes(inode), index + 1):
+                        self._inodes.discard_unused(inode)
+                        return
+                    self._inodes.remember(inode, handle.ino, name)
+            finally:
+                self._trim_inodes()
 
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)

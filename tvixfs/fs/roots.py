@@ -5,6 +5,15 @@ so this is the hottest and most serialized path of the daemon: answers are cache
 ones for long, since a store path never changes; negative ones briefly, since a path may be
 imported at any moment) and concurrent identical lookups share one PathInfoService call. A
 failing store is never cached: the next lookup asks again.
+
+A program started from one store path soon opens files of the paths it refers to (its
+libraries, its interpreter), each a root lookup that waits for the store. So when the kernel
+first looks a store path up, the path infos of its references are fetched in the background
+(a few at a time, a bounded number queued) into the same cache; a lookup that arrives while
+one is on its way waits for it instead of asking again. A reference that is itself looked up
+later has its own references fetched then, so the prefetch stays one step ahead of what is
+used rather than fetching whole closures nobody opens. Prefetch failures are not errors:
+the lookup that needs the path asks again.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import trio
 from cachetools import LRUCache, TTLCache
 
 from tvixfs.castore.errors import ValidationError
@@ -29,6 +39,11 @@ log = logging.getLogger(__name__)
 POSITIVE_ENTRIES = 65536
 NEGATIVE_ENTRIES = 65536
 NEGATIVE_TTL = 1.0
+# Path info fetches for references: at most this many at once, this many queued or running.
+PREFETCH_CONCURRENCY = 4
+PREFETCH_QUEUE = 256
+# Fetched paths whose references are not fetched yet (they wait for a lookup of their own).
+UNEXPANDED_ENTRIES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,31 +75,46 @@ def root_from_pathinfo(info: pathinfo_pb2.PathInfo) -> StorePathRoot:
     )
 
 
+def _reference_names(info: pathinfo_pb2.PathInfo) -> tuple[bytes, ...]:
+    """The basenames of the paths ``info`` refers to (validated), if the store named them."""
+    if not info.HasField("narinfo"):
+        return ()
+    return tuple(name.encode("ascii") for name in info.narinfo.reference_names)
+
+
 class Roots:
     def __init__(
         self,
         bridge: Bridge,
         pathinfos: PathInfoService,
         negative_ttl: float = NEGATIVE_TTL,
+        prefetch: trio.Nursery | None = None,
     ) -> None:
+        """``prefetch``: where reference prefetches run; None turns prefetching off."""
         self._bridge = bridge
         self._pathinfos = pathinfos
         self._positive: LRUCache[bytes, StorePathRoot] = LRUCache(POSITIVE_ENTRIES)
         self._negative: TTLCache[bytes, bool] = TTLCache(NEGATIVE_ENTRIES, negative_ttl)
         self._inflight: InFlight[bytes, StorePathRoot | None] = InFlight()
+        self._prefetch = prefetch
+        self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_CONCURRENCY)
+        self._prefetches = 0
+        self._unexpanded: LRUCache[bytes, tuple[bytes, ...]] = LRUCache(UNEXPANDED_ENTRIES)
 
     async def lookup(self, name: bytes) -> StorePathRoot | None:
         """The store path named ``name``, or None if it is not a store path or not in the store."""
         found = self._positive.get(name)
+        if found is None:
+            if name in self._negative:
+                return None
+            try:
+                store_path = StorePath.from_basename(name)
+            except ValidationError:
+                return None
+            found = await self._inflight.run(name, lambda: self._fetch(name, store_path))
         if found is not None:
-            return found
-        if name in self._negative:
-            return None
-        try:
-            store_path = StorePath.from_basename(name)
-        except ValidationError:
-            return None
-        return await self._inflight.run(name, lambda: self._fetch(name, store_path))
+            self._prefetch_references(name)
+        return found
 
     async def _fetch(self, name: bytes, store_path: StorePath) -> StorePathRoot | None:
         info = await self._bridge.call(self._pathinfos.get, store_path.digest)
@@ -98,7 +128,36 @@ class Roots:
             self._negative[name] = True
         else:
             self._positive[name] = root
+            if self._prefetch is not None and info is not None:
+                self._unexpanded[name] = _reference_names(info)
         return root
+
+    def _prefetch_references(self, name: bytes) -> None:
+        """Start fetching what ``name`` refers to, once per path (never waits)."""
+        references = self._unexpanded.pop(name, None)
+        if references is None or self._prefetch is None:
+            return
+        for reference in references:
+            if reference in self._positive or reference in self._negative or reference in self._inflight:
+                continue
+            if self._prefetches >= PREFETCH_QUEUE:
+                log.debug("prefetch queue full: not prefetching the rest of %r's references", name)
+                return
+            self._prefetches += 1
+            self._prefetch.start_soon(self._prefetch_one, reference)
+
+    async def _prefetch_one(self, name: bytes) -> None:
+        try:
+            async with self._prefetch_limiter:
+                # A lookup may have fetched it while this waited for its turn.
+                if name in self._positive or name in self._negative:
+                    return
+                store_path = StorePath.from_basename(name)
+                await self._inflight.run(name, lambda: self._fetch(name, store_path))
+        except Exception as e:  # an exception here would end the mount's background nursery
+            log.debug("prefetching %r: %s: %s", name, type(e).__name__, e)
+        finally:
+            self._prefetches -= 1
 
     async def list(self) -> list[StorePathRoot]:
         """Every store path, sorted by name (one snapshot, for one listing of the root)."""
