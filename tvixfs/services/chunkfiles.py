@@ -1,20 +1,34 @@
 """Chunk bytes of the embedded store: one file per chunk, named by its BLAKE3 digest (hex).
 
-Files reach their final name only after an fsync, by a rename within their own directory, so
-a file under a digest's name is complete; what a killed writer leaves is a temporary file
-(``TEMP_MARK`` in its name). Every read checks the bytes against the name.
+Files reach their final name by a rename within their own directory, so a killed writer
+leaves a temporary file (``TEMP_MARK`` in its name), never a partial file under a digest's
+name. They are not fsynced one by one: ``sync`` makes everything written so far durable at
+once, and the store commits nothing that refers to a chunk before that (localdb.py). Every
+read checks the bytes against the name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
 import os
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from tvixfs.castore.digest import b3digest
 from tvixfs.services.errors import CorruptDataError
 
 TEMP_MARK = ".tmp-"
+# linux/fs.h: the inode flags ioctls (an int despite the "long" in their definition).
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
 
 
 class ChunkFiles:
@@ -22,6 +36,7 @@ class ChunkFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root_name = os.fspath(root)  # writes build paths as str: pathlib costs ~20 us a chunk
 
     def layout(self) -> list[Path]:
         """The 256 fan-out directories, by the first byte of the digest."""
@@ -30,6 +45,7 @@ class ChunkFiles:
     def create_layout(self) -> None:
         """Made once, with the store, so that writers never race on mkdir."""
         self.root.mkdir(exist_ok=True)
+        _spread_subdirectories(self.root)
         for directory in self.layout():
             directory.mkdir(exist_ok=True)
         fsync_dir(self.root)
@@ -45,38 +61,128 @@ class ChunkFiles:
         except FileNotFoundError:
             return None
 
-    def write(self, digest: bytes, data: memoryview) -> Path | None:
-        """Store a chunk unless its file exists; returns the directory to fsync, if written.
+    def write(self, digest: bytes, data: memoryview) -> None:
+        """Store a chunk under its digest's name; durable only after the next ``sync``.
 
-        An existing file is trusted to be complete, because files only ever reach their final
-        name after an fsync; a damaged one is found by fsck (and by every read).
+        An existing file is compared with ``data`` rather than trusted: after an OS crash a
+        file that was renamed but never synced may come back empty or partly written, and
+        committing a blob that relies on it would lose data. A mismatch is replaced, which
+        also heals a damaged file. A match needs no write, and the caller's next ``sync``
+        covers it even if another process wrote it and has not synced yet.
         """
-        final = self.path(digest)
-        if final.exists():
-            return None
-        temp = final.with_name(f"{final.name}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        name = digest.hex()
+        final = f"{self._root_name}/{name[:2]}/{name}"
+        if _holds(final, data):
+            return
+        temp = f"{final}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             view = data
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temp, final)
-        return final.parent
+
+    def sync(self) -> None:
+        """Make every chunk file written so far durable, names included: one barrier for all.
+
+        ``syncfs`` of the store's file system costs about what one fsync does, where an fsync
+        per chunk file and per directory cost ~0.6 ms per small file. It also covers files
+        written by other processes, so a chunk found already present is covered too.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
 
     def read(self, digest: bytes, expected_size: int | None = None) -> bytes:
         """The verified bytes of one chunk; CorruptDataError if missing or damaged."""
         path = self.path(digest)
         try:
-            with open(path, "rb") as f:
-                data = f.read() if expected_size is None else f.read(expected_size + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CorruptDataError(f"chunk {digest.hex()} is missing from {self.root}") from None
+        try:
+            # One byte more than expected, so that a longer file shows as damaged.
+            data = _read_up_to(fd, (os.fstat(fd).st_size if expected_size is None else expected_size) + 1)
+        finally:
+            os.close(fd)
         if (expected_size is not None and len(data) != expected_size) or b3digest(data) != digest:
             raise CorruptDataError(f"chunk file {path} does not match its digest")
         return data
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes, fewer only at the end of the file; plain ``os.read`` calls, as a
+    buffered file object costs more than the read itself for a chunk in the page cache."""
+    data = os.read(fd, limit)
+    if not data or len(data) == limit:
+        return data
+    parts = [data]
+    received = len(data)
+    while received < limit and (more := os.read(fd, limit - received)):
+        parts.append(more)
+        received += len(more)
+    return b"".join(parts)
+
+
+def _spread_subdirectories(path: Path) -> None:
+    """Ask ext2/3/4 to place the subdirectories of ``path`` in different block groups.
+
+    The "top of directory hierarchy" flag (``chattr +T``) makes the fan-out directories, and
+    so the chunk files inside them, spread over the disk as top-level directories are, rather
+    than all packed next to their parent. Where that parent's area holds many just-deleted
+    inodes (ext4 without a journal skips those for 30 s, scanning past each one on every
+    create), creating chunk files there cost ~0.3 ms each here; spread, ~0.05 ms. Other file
+    systems refuse the flag: it is only a hint, so any error is ignored.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            flags = bytearray(4)
+            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags)
+            value = int.from_bytes(flags, sys.byteorder) | _FS_TOPDIR_FL
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, value.to_bytes(4, sys.byteorder))
+        finally:
+            os.close(fd)
+
+
+def _holds(path: str, data: memoryview) -> bool:
+    """Whether the file at ``path`` exists with exactly ``data`` as its content."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        # bytes == bytes is a memcmp; bytes == memoryview compares byte by byte, ~6x slower.
+        return os.fstat(fd).st_size == len(data) and os.read(fd, len(data) + 1) == bytes(data)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs`` (the os module has none), or None where libc lacks it."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except AttributeError:
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return cast("Callable[[int], int]", syncfs)
+
+
+def _syncfs(fd: int) -> None:
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        os.sync()
+    elif syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+        os.sync()
 
 
 def fsync_dir(path: Path) -> None:

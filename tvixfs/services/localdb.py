@@ -2,13 +2,37 @@
 
 Thread safety: connections come from a small pool (one per concurrent caller, never shared
 while in use); writers are serialized in process by a lock and across processes by SQLite's
-``BEGIN IMMEDIATE`` with a busy timeout. SQLite runs with ``synchronous=NORMAL``: a power loss
-may forget the last commits, never reorder them before the chunk files they name (those are
-fsynced before the commit).
+``BEGIN IMMEDIATE`` with a busy timeout.
+
+Durability by group commit. A blob put writes its chunk files (not synced) and records the
+blob's row as *pending*, in this process's memory: this backend's stat and read see it at
+once, other processes once it is committed; if the process dies first, it is lost as if the
+put had never returned. Every write transaction starts by making the pending blobs durable: one barrier
+(``ChunkFiles.sync``: syncfs of the store's file system) and then their rows, inserted in the
+same transaction as what the caller writes. So whatever a commit refers to was put before it
+and is on disk before the commit is, whether the commit is a path info, a directory or just
+blob rows (a flusher thread commits those once enough is pending or ``FLUSH_AFTER`` seconds
+after a put, and ``close`` commits the rest). One barrier per commit instead of two fsyncs
+per chunk file made importing many small files ~4x faster. Why it holds across crashes:
+
+- kill -9: pending rows vanish with the process; the chunk files they would have named stay as
+  unreferenced files (fsck counts them, ``--repair`` removes them). Committed rows were only
+  committed after the barrier.
+- OS crash or power loss: chunk files written since the last barrier may come back empty or
+  damaged, but no committed row names them: the barrier precedes the commit, and SQLite
+  (``synchronous=NORMAL``, WAL) may lose the last commits but never applies them out of order.
+  A later put of the same chunk compares the file's bytes before relying on it
+  (``ChunkFiles.write``), so a damaged leftover is rewritten, not trusted.
+- Another process may have written a chunk this one finds present but not yet synced it: the
+  barrier is file-system wide, so it covers that file too.
+
+A path info is refused unless its whole tree is present (local.py), so a visible path info
+implies complete, durable content.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import struct
@@ -23,6 +47,8 @@ from tvixfs.services.base import ChunkMeta
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, StoreError, StoreUnavailableError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 STORE_KIND = "tvixfs-local-store"
 DB_NAME = "db.sqlite"
@@ -35,6 +61,14 @@ BUSY_TIMEOUT_MS = 30_000
 # so that steady concurrent reads never reconnect.
 _IDLE_CONNECTIONS = 32
 _CHUNK_ENTRY = struct.Struct(">32sQ")
+# When the flusher thread commits pending blobs without waiting for a commit: FLUSH_AFTER
+# seconds after a put, which bounds what a daemon's acknowledged puts can lose to a kill and
+# lets the disk write while an import goes on (the barrier at its end then has little left:
+# ~0.01-0.07 s after 280 MiB here), or sooner once this much is pending (16 MiB and 64 MiB
+# thresholds only added barriers, ~0.1 s of CPU, and no speed).
+FLUSH_BLOBS = 20_000
+FLUSH_BYTES = 256 << 20
+FLUSH_AFTER = 1.0
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -74,6 +108,13 @@ class LocalBackend:
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        # Blob rows put but not yet committed: digest -> (size, packed chunk list).
+        self._pending: dict[bytes, tuple[int, bytes]] = {}
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._flush_wanted = threading.Condition(self._pending_lock)
+        self._flusher: threading.Thread | None = None
+        self._stopping = False
         if not (path / DB_NAME).exists():
             if not create:
                 raise NotAStoreError(f"{path}: no tvixfs store here (no {DB_NAME})")
@@ -160,17 +201,84 @@ class LocalBackend:
             if not keep:
                 conn.close()
 
+    def add_blob(self, digest: bytes, size: int, packed_chunks: bytes) -> None:
+        """Record a put blob whose chunk files are written; committed by the next transaction."""
+        with self._pending_lock:
+            if self._closed or self._stopping:
+                raise StoreUnavailableError(f"local store {self.path} is closed")
+            if digest in self._pending:
+                return
+            self._pending[digest] = (size, packed_chunks)
+            self._pending_bytes += size
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="tvixfs-flush", daemon=True)
+                self._flusher.start()
+            if len(self._pending) == 1 or self._flush_due():
+                self._flush_wanted.notify()
+
+    def pending_chunks(self, digest: bytes) -> bytes | None:
+        """The packed chunk list of a blob put through this backend and not yet committed."""
+        with self._pending_lock:
+            found = self._pending.get(digest)
+        return None if found is None else found[1]
+
+    def _flush_due(self) -> bool:
+        return len(self._pending) >= FLUSH_BLOBS or self._pending_bytes >= FLUSH_BYTES
+
+    def _flush_loop(self) -> None:
+        """Commit pending blobs in the background: when enough is pending, or after FLUSH_AFTER.
+
+        Puts never wait for the barrier; a commit that comes while this one runs waits for it
+        and then commits only what was put since.
+        """
+        while True:
+            with self._pending_lock:
+                self._flush_wanted.wait_for(lambda: self._stopping or bool(self._pending))
+                self._flush_wanted.wait_for(lambda: self._stopping or self._flush_due(), FLUSH_AFTER)
+                if self._stopping:
+                    return
+                if not self._pending:  # a commit in the meantime took them
+                    continue
+            try:
+                with self.transaction():
+                    pass
+            except StoreError as e:  # the next commit retries, and reports it to its caller
+                log.warning("cannot commit the blobs put to %s yet: %s", self.path, e)
+                with self._pending_lock:
+                    self._flush_wanted.wait_for(lambda: self._stopping, FLUSH_AFTER)
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it is committed, or none of it."""
-        with self._write_lock, self.connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        """One write transaction, all of it committed or none; it commits pending blobs first.
+
+        The barrier comes before ``BEGIN IMMEDIATE``, so other processes' writers are not held
+        up while the disk catches up.
+        """
+        with self._write_lock:
+            with self._pending_lock:
+                pending = list(self._pending.items())
+            if pending:
+                try:
+                    self.chunks.sync()
+                except OSError as e:
+                    raise StoreUnavailableError(f"cannot make chunk files in {self.path} durable: {e}") from e
+            with self.connection() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if pending:  # not before the schema exists: the first transaction makes it
+                        conn.executemany(
+                            "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
+                            [(digest, size, packed) for digest, (size, packed) in pending],
+                        )
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            with self._pending_lock:
+                for digest, _ in pending:
+                    if (committed := self._pending.pop(digest, None)) is not None:
+                        self._pending_bytes -= committed[0]
 
     def fetch_one(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         with self.connection() as conn:
@@ -178,8 +286,24 @@ class LocalBackend:
             return row
 
     def close(self) -> None:
-        with self._pool_lock:
-            self._closed = True
-            idle, self._idle = list(self._idle), deque()
-        for conn in idle:
-            conn.close()
+        """Commits what is pending; the first call does it, later calls do nothing."""
+        with self._pending_lock:
+            self._stopping = True
+            self._flush_wanted.notify_all()
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.join()
+        try:
+            with self._pending_lock:
+                pending = bool(self._pending) and not self._closed
+            if pending:  # a reader (a mount) closes without taking the write lock
+                with self.transaction():
+                    pass
+        finally:
+            with self._pending_lock, self._pool_lock:
+                self._closed = True
+                self._pending.clear()
+                self._pending_bytes = 0
+                idle, self._idle = list(self._idle), deque()
+            for conn in idle:
+                conn.close()
