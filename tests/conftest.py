@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+pytest_plugins = ["loghygiene"]  # unexpected ERROR records or daemon tracebacks fail a test
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loghygiene import check_daemon_stderr
+
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
@@ -107,6 +109,7 @@ def running_daemon(
         yield daemon
     finally:
         _kill(daemon)
+    check_daemon_stderr(daemon.stderr(), "tvixfs daemon")
 
 
 def _kill(daemon: Daemon) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from grpcserver import Daemon
+from loghygiene import check_daemon_stderr
 
 from tvixfs.fs.preflight import mount_points
 from tvixfs.store.storepath import StorePath
@@ -62,11 +63,12 @@ def spawn_mount(
     name: str = "mnt",
     env: Mapping[str, str] | None = None,
 ) -> tuple[Daemon, Path]:
-    """Start ``tvixfs mount`` on a new directory under ``tmp`` (short: it holds a socket);
+    """Start ``tvixfs mount`` on the directory ``tmp/name`` (short: it holds a socket);
     ``env`` adds to the environment."""
     mountpoint = tmp / name
-    mountpoint.mkdir()
+    mountpoint.mkdir(exist_ok=True)  # a mount point may be mounted again, after its last mount
     notify_path = tmp / f"{name}.notify"
+    notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     stderr_path = tmp / f"{name}.stderr"
@@ -94,13 +96,15 @@ def teardown(mount: Mount) -> None:
 @contextmanager
 def mounted(*spawn_args: Any, **spawn_kwargs: Any) -> Iterator[Mount]:
     """A mount (``spawn_mount``'s arguments) that has sent READY=1; else raises, leaving
-    nothing mounted. Torn down on exit."""
+    nothing mounted. Torn down on exit; a traceback in its stderr then fails the test
+    (tests/loghygiene.py)."""
     mount = Mount(*spawn_mount(*spawn_args, **spawn_kwargs))
     try:
         mount.process.wait_message("READY=1", READY_TIMEOUT)
         yield mount
     finally:
         teardown(mount)
+    check_daemon_stderr(mount.stderr(), "tvixfs mount")
 
 
 def import_tree(store_dir: Path, path: Path, name: str) -> str:

@@ -304,6 +304,7 @@ class BrokenBlobs(MemoryBlobService):
         raise ZeroDivisionError("a bug in the backend")
 
 
+@pytest.mark.expect_errors  # the server logs the bug, with its traceback
 def test_backend_bug_is_internal_without_traceback(caplog: pytest.LogCaptureFixture) -> None:
     memory = open_memory_store()
     broken = Store(BrokenBlobs(), memory.directories, memory.pathinfos)

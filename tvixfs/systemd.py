@@ -17,6 +17,11 @@ class Notifier:
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # Never wait for the manager: when nobody reads the notify socket, its queue (10
+            # datagrams by default) fills up and a blocking send would freeze the daemon, the
+            # mount's event loop included. A message that does not fit is dropped instead.
+            self._notifier.socket.setblocking(False)
 
     def _send(self, message: str) -> None:
         if self._notifier is not None:
