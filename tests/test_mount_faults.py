@@ -210,13 +210,6 @@ def test_a_fault_costs_one_error_and_heals(rig: Rig, name: str) -> None:
     _healed(rig, case, basename)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: every store call of a mount shares one CapacityLimiter of 16 threads "
-    "(tvixfs/fs/ops.py builds one Bridge for roots, directories and blobs): 16 reads hung on the "
-    "blob service take every slot, and lookups of other store paths wait for the bridge's deadline "
-    "(60 s) although the PathInfo and Directory services answer",
-)
 def test_hung_blob_reads_do_not_starve_lookups(short_tmp: Path) -> None:
     readers = 20  # more reads than the bridge has threads; each holds one while it hangs
     trees = [unique_tree(short_tmp / f"t{i}", 300 + i, large=1) for i in range(readers + 1)]

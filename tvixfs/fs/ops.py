@@ -121,12 +121,15 @@ class TvixOperations(pyfuse3.Operations):
     ) -> None:
         """``invalidate(parent, name)`` asks the kernel to drop an entry, without waiting."""
         super().__init__()
-        bridge = Bridge(options.threads)
         self._options = options
         prefetch = background if options.prefetch_references else None
-        self._roots = Roots(bridge, store.pathinfos, options.negative_ttl, prefetch)
-        self._directories = Directories(bridge, store.directories, options.directory_cache_entries)
-        self._reader = BlobReader(bridge, store.blobs, background, options.cache_bytes)
+        # One bridge (so one thread limit) per service: reads hung on a broken blob service
+        # must not take the threads that lookups of other store paths need.
+        self._roots = Roots(Bridge(options.threads), store.pathinfos, options.negative_ttl, prefetch)
+        self._directories = Directories(
+            Bridge(options.threads), store.directories, options.directory_cache_entries
+        )
+        self._reader = BlobReader(Bridge(options.threads), store.blobs, background, options.cache_bytes)
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
