@@ -89,7 +89,7 @@ class Bridge:
         with trio.move_on_after(self.deadline):
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
         name = getattr(fn, "__qualname__", repr(fn))
-        raise StoreUnavailableError(f"{name} did not answer within {self.deadline:g} s")
+        raise StoreUnavailableError(f"the store did not answer within {self.deadline:g} s ({name})")
 
     @asynccontextmanager
     async def stream(self, source: Callable[[], Iterable[T]]) -> AsyncIterator[Stream[T]]:
@@ -99,13 +99,20 @@ class Bridge:
         before it. Leaving the body early stops the thread at its next item.
         """
         send, receive = trio.open_memory_channel[T | _Failed | _End](STREAM_BUFFER)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_pump, source, send)
-            try:
-                with receive:
-                    yield Stream(receive, self.deadline)
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_pump, source, send)
+                try:
+                    with receive:
+                        yield Stream(receive, self.deadline)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The pump never raises, so the group holds what the body raised: hand that on
+            # as it is (a caller logging "ExceptionGroup" would hide what went wrong).
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def _run_pump(
         self, source: Callable[[], Iterable[T]], send: trio.MemorySendChannel[T | _Failed | _End]
