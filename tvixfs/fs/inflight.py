@@ -7,7 +7,7 @@ would otherwise become its own round trip to the store.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 import trio
@@ -57,3 +57,55 @@ class InFlight(Generic[K, V]):
         finally:
             del self._pending[key]
             pending.done.set()
+
+    def claim(self, key: K) -> bool:
+        """Take on fetching ``key`` unless someone already is; True if the caller now must.
+
+        A claim ends with ``resolve`` or ``abandon``; until then every ``run`` for the key
+        waits for it.
+        """
+        if key in self._pending:
+            return False
+        self._pending[key] = _Pending()
+        return True
+
+    def resolve(self, key: K, outcome: V | Exception) -> None:
+        """End a claim: its waiters get the value, or the exception raised."""
+        pending = self._pending.pop(key)
+        if isinstance(outcome, Exception):
+            pending.error = outcome
+        else:
+            pending.result = (outcome,)
+        pending.done.set()
+
+    def abandon(self, key: K) -> None:
+        """End a claim without an outcome: one of its waiters fetches instead."""
+        self._pending.pop(key).done.set()
+
+    async def run_many(
+        self, keys: Sequence[K], fetch: Callable[[list[K]], Awaitable[list[V | Exception]]]
+    ) -> dict[K, V | Exception]:
+        """Fetch, in one ``fetch`` call, those of ``keys`` that nobody is fetching yet.
+
+        ``fetch`` gets the claimed keys in order and returns, in the same order, each one's
+        value or the exception that failed only that key. Callers of ``run`` for a claimed
+        key meanwhile wait for this call and share its outcome for that key (or its failure
+        as a whole); keys already being fetched are left to their fetcher. Returns the
+        outcomes of the claimed keys.
+        """
+        claimed = [key for key in dict.fromkeys(keys) if self.claim(key)]
+        if not claimed:
+            return {}
+        try:
+            outcomes = await fetch(claimed)
+        except Exception as e:
+            for key in claimed:
+                self.resolve(key, e)
+            raise
+        except BaseException:
+            for key in claimed:
+                self.abandon(key)
+            raise
+        for key, outcome in zip(claimed, outcomes, strict=True):
+            self.resolve(key, outcome)
+        return dict(zip(claimed, outcomes, strict=True))

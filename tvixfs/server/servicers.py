@@ -44,29 +44,35 @@ READ_MESSAGE_SIZE = 1 << 20
 def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
     """The same bytes in messages of ``size`` (the last may be shorter).
 
-    A piece that is already between half and all of ``size`` passes uncopied; larger pieces are
-    cut through a memoryview, so a backend yielding a whole blob costs one copy per message.
+    Each byte is copied at most once, into the message it ends up in; a piece that is already
+    between half and all of ``size`` passes uncopied, and so does a last piece that is alone
+    in its message (a chunk read by its own digest: most reads of a mount).
     """
-    pending = bytearray()
+    parts: list[bytes | memoryview] = []
+    held = 0
     for piece in pieces:
-        if not pending and size // 2 <= len(piece) <= size:
+        if not piece:
+            continue
+        if not parts and size // 2 <= len(piece) <= size:
             yield piece
             continue
         view = memoryview(piece)
-        if pending:
-            fill = view[: size - len(pending)]
-            pending += fill
-            view = view[len(fill) :]
-            if len(pending) < size:
-                continue
-            yield bytes(pending)
-            pending.clear()
-        while len(view) >= size:
-            yield bytes(view[:size])
-            view = view[size:]
-        pending += view
-    if pending:
-        yield bytes(pending)
+        while held + len(view) >= size:
+            take = size - held
+            parts.append(view[:take])
+            yield _joined(parts)
+            parts, held = [], 0
+            view = view[take:]
+        if view:
+            parts.append(piece if len(view) == len(piece) else view)
+            held += len(view)
+    if parts:
+        yield _joined(parts)
+
+
+def _joined(parts: list[bytes | memoryview]) -> bytes:
+    only = parts[0]
+    return only if len(parts) == 1 and isinstance(only, bytes) else b"".join(parts)
 
 
 class BlobServicer:

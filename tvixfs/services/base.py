@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import Node
@@ -23,6 +23,17 @@ class ChunkMeta(NamedTuple):
 
 
 class BlobService(ABC):
+    # True if ``read`` of a chunk, by the digest ``stat(send_chunks=True)`` lists it under,
+    # checks what it yields: iterating to the end raises CorruptDataError unless everything
+    # yielded is exactly the bytes whose BLAKE3 digest was asked for. A consumer may then skip
+    # hashing those bytes again. False by default, so a new backend or a wrapper around a
+    # verifying one is checked until it says otherwise.
+    verifies_reads: ClassVar[bool] = False
+    # True if every ``read`` is a call to another process (a remote store), whose fixed cost
+    # far exceeds that of the bytes: a consumer reading most of a blob in order then does
+    # better with one read of the whole blob than with one read per chunk.
+    remote_reads: ClassVar[bool] = False
+
     @abstractmethod
     def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
         """None if absent; else the chunk list (empty: present, not chunked further)."""

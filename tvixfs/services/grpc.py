@@ -60,6 +60,9 @@ PUT_MESSAGE = 1 << 20
 
 
 class GrpcBlobService(BlobService):
+    verifies_reads = True  # the server is not trusted: see the module docstring
+    remote_reads = True
+
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 

@@ -1,0 +1,177 @@
+"""The file content reader on its own: batched fetches, whole-blob streams over a remote store,
+and the coalescing of concurrent fetches they rely on. Real stores, no kernel."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tvixfs.castore.nodes import FileNode
+from tvixfs.fs import reader as reader_module
+from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.inflight import InFlight
+from tvixfs.fs.reader import BlobReader
+from tvixfs.services.base import BlobService, ChunkMeta, Store
+from tvixfs.services.local import open_local_store
+
+KERNEL_READ = 128 * 1024
+SIZE = 3 * 1024 * 1024 + 17
+
+
+class Watched(BlobService):
+    """A real blob service seen through a window: counts reads, can damage a blob's bytes."""
+
+    def __init__(self, inner: BlobService) -> None:
+        self.inner = inner
+        self.reads: Counter[bytes] = Counter()
+        self.damage: dict[bytes, int] = {}  # digest -> offset of a byte flipped when read
+
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        return self.inner.stat(digest, send_chunks)
+
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        self.reads[digest] += 1
+        data = self.inner.read_all(digest)
+        at = self.damage.get(digest)
+        if at is not None:
+            data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+        return iter([data[i : i + 100_000] for i in range(0, len(data), 100_000)])
+
+    def put(self, data: Iterable[bytes]) -> bytes:
+        return self.inner.put(data)
+
+
+class RemoteLike(Watched):
+    remote_reads = True
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = open_local_store(tmp_path / "store")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+async def background() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def small_stream_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams for a 3 MiB file: after 256 KiB read in order, with at least 512 KiB left."""
+    monkeypatch.setattr(reader_module, "WHOLE_READ_AFTER", 256 * 1024)
+    monkeypatch.setattr(reader_module, "WHOLE_READ_REST", 512 * 1024)
+
+
+async def _read_in_order(reader: BlobReader, node: FileNode) -> bytes:
+    file = await reader.open(node, b"test")
+    pieces = []
+    for offset in range(0, node.size, KERNEL_READ):
+        pieces.append(await reader.read(file, offset, KERNEL_READ))
+    return b"".join(pieces)
+
+
+def _big_file(store: Store) -> tuple[FileNode, bytes, list[ChunkMeta]]:
+    data = os.urandom(SIZE)
+    digest = store.blobs.put([data])
+    chunks = store.blobs.stat(digest, send_chunks=True)
+    assert chunks is not None and len(chunks) > 4, "the file should span several chunks"
+    return FileNode(b"big", digest, SIZE), data, chunks
+
+
+@pytest.mark.usefixtures("small_stream_thresholds")
+async def test_a_long_pass_over_a_remote_store_reads_the_blob_once(
+    store: Store, background: trio.Nursery
+) -> None:
+    node, data, chunks = _big_file(store)
+    remote = RemoteLike(store.blobs)
+    reader = BlobReader(Bridge(), remote, background, readahead_bytes=256 * 1024)
+    assert await _read_in_order(reader, node) == data
+    assert remote.reads[node.digest] == 1
+    # Only the chunks of the first few reads, before the stream started, were fetched alone.
+    alone = sum(remote.reads[c.digest] for c in chunks)
+    assert alone < len(chunks) // 2, (alone, len(chunks))
+
+
+@pytest.mark.usefixtures("small_stream_thresholds")
+async def test_a_damaged_stream_never_shows_its_bytes(store: Store, background: trio.Nursery) -> None:
+    node, data, chunks = _big_file(store)
+    remote = RemoteLike(store.blobs)
+    remote.damage[node.digest] = SIZE - chunks[-1].size - 10  # in the chunk before the last
+    reader = BlobReader(Bridge(), remote, background, readahead_bytes=256 * 1024)
+    # The stream stops at the damaged chunk; that one and the rest are fetched alone, intact.
+    assert await _read_in_order(reader, node) == data
+    assert remote.reads[node.digest] == 1
+    assert remote.reads[chunks[-2].digest] == 1
+    assert remote.reads[chunks[-1].digest] == 1
+
+
+async def test_a_local_store_is_read_in_runs_each_chunk_once(store: Store, background: trio.Nursery) -> None:
+    node, data, chunks = _big_file(store)
+    watched = Watched(store.blobs)
+    reader = BlobReader(Bridge(), watched, background)
+    assert await _read_in_order(reader, node) == data
+    assert watched.reads[node.digest] == 0
+    assert all(watched.reads[c.digest] == 1 for c in chunks), watched.reads
+    assert reader.stats.chunks_fetched == len(chunks)
+
+
+async def test_claims_hand_their_outcome_to_waiters_or_let_them_fetch() -> None:
+    inflight: InFlight[str, int] = InFlight()
+    fetched: list[str] = []
+
+    async def fetch(key: str) -> int:
+        fetched.append(key)
+        return len(key)
+
+    results: dict[str, int] = {}
+
+    async def wait_for(key: str) -> None:
+        results[key] = await inflight.run(key, lambda: fetch(key))
+
+    assert inflight.claim("resolved") and inflight.claim("abandoned")
+    assert not inflight.claim("resolved")  # somebody is fetching it already
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for, "resolved")
+        nursery.start_soon(wait_for, "abandoned")
+        await trio.testing.wait_all_tasks_blocked()
+        inflight.resolve("resolved", 42)
+        inflight.abandon("abandoned")
+    assert results == {"resolved": 42, "abandoned": 9}
+    assert fetched == ["abandoned"]  # the waiter of the abandoned claim fetched it itself
+
+
+async def test_a_batch_fetch_fails_each_key_on_its_own() -> None:
+    inflight: InFlight[str, int] = InFlight()
+    broken = ValueError("broken")
+
+    async def fetch_many(keys: list[str]) -> list[int | Exception]:
+        await trio.sleep(0.01)
+        return [broken if key == "bad" else len(key) for key in keys]
+
+    async def fetch_again() -> int:
+        raise AssertionError("a key of the batch was fetched again")
+
+    outcomes: dict[str, int | Exception] = {}
+
+    async def wait_for(key: str) -> None:
+        try:
+            outcomes[key] = await inflight.run(key, fetch_again)
+        except ValueError as e:
+            outcomes[key] = e
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inflight.run_many, ["good", "bad", "good"], fetch_many)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(wait_for, "good")
+        nursery.start_soon(wait_for, "bad")
+    assert outcomes == {"good": 4, "bad": broken}
