@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from procs import TVIXFS, tmpfs
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORK = BENCH / "work"
+# Imported stores are cached here; TVIXFS_BENCH_STORES gives a run its own cache, so people
+# changing the store format's sources can benchmark side by side without rebuilding each other's.
+STORES = Path(os.environ.get("TVIXFS_BENCH_STORES") or WORK / "stores")
 # The embedded store's format follows these files: a cached store is rebuilt when they change.
 STORE_SOURCES = ("tvixfs/services/local.py", "tvixfs/services/ingest.py", "tvixfs/castore", "tvixfs/store")
 
@@ -90,16 +94,18 @@ def cached_store(kind: str, sources: dict[str, Path]) -> CachedStore:
     Built under a temporary name and renamed, like the trees; the import times are reported
     as notes (the import figure measures import speed on its own).
     """
-    path = WORK / "stores" / f"{kind}-{store_fingerprint()}"
+    path = STORES / f"{kind}-{store_fingerprint()}"
     index = path.with_suffix(".json")
     notes: list[str] = []
     if not index.exists():
         for stale in path.parent.glob(f"{kind}-*"):  # older store formats: never read again
+            if ".building" in stale.name:  # maybe another run's, still importing
+                continue
             if stale.is_dir():
                 shutil.rmtree(stale)
             else:
                 stale.unlink()
-        tmp = path.with_name(path.name + ".building")
+        tmp = path.with_name(f"{path.name}.building-{os.getpid()}")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, tree in sources.items():
@@ -111,7 +117,10 @@ def cached_store(kind: str, sources: dict[str, Path]) -> CachedStore:
             took = time.perf_counter() - start
             n = trees.count_entries(tree)
             notes.append(f"setup: imported {name} ({n} entr{'y' if n == 1 else 'ies'}) in {took:.1f} s")
-        tmp.rename(path)
+        if path.exists():  # another run finished the same store first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(path)
         index.write_text(json.dumps(paths))
     return CachedStore(path, json.loads(index.read_text()), notes)
 

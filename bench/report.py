@@ -138,7 +138,14 @@ def machine() -> dict[str, str]:
     }
 
 
-def results_markdown(figures: list[Figure], command: str, info: dict[str, str], notes: list[str]) -> str:
+def results_markdown(
+    figures: list[Figure], command: str, info: dict[str, str], notes: list[str], analysis: str = ""
+) -> str:
+    """The whole RESULTS.md; `analysis` is the hand-written profile text (bench/ANALYSIS.md).
+
+    The analysis is copied in on every run, so the table and the reasons behind each MISS are
+    read together; it is written by people from profiles, not produced by this run.
+    """
     info = {**info, "load average at end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -159,12 +166,24 @@ def results_markdown(figures: list[Figure], command: str, info: dict[str, str], 
         "",
         *(f"- {n}" for n in notes),
         "",
+        *_analysis_section(analysis),
         "## All samples",
         "",
         *(_samples_text(f) for f in figures),
         "",
     ]
     return "\n".join(parts)
+
+
+def _analysis_section(analysis: str) -> list[str]:
+    """ANALYSIS.md under a heading of its own: its title dropped, its sections one level down."""
+    lines = analysis.strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = "\n".join(lines[1:]).strip().splitlines()
+    if not lines:
+        return []
+    body = ["#" + line if line.startswith("#") else line for line in lines]
+    return ["## Where the time goes (bench/ANALYSIS.md: profiles taken by hand)", "", *body, ""]
 
 
 def command_line() -> str:

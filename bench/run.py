@@ -72,7 +72,9 @@ def main() -> int:
     print(text_table(figures))
     out = args.out or (WORK / "RESULTS-quick.md" if args.quick else BENCH / "RESULTS.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(results_markdown(figures, command_line(), info, notes))
+    analysis_file = BENCH / "ANALYSIS.md"
+    analysis = analysis_file.read_text() if analysis_file.exists() else ""
+    out.write_text(results_markdown(figures, command_line(), info, notes, analysis))
     print(f"\nwritten to {out}", file=sys.stderr)
     return 0 if all(f.verdict() != "ERROR" for f in figures) else 1
 
