@@ -4,6 +4,7 @@ what the mount answers (names, attributes, listings, bytes, xattrs, errors, forg
 from __future__ import annotations
 
 import base64
+import copy
 import errno
 import os
 import random
@@ -100,7 +101,8 @@ class Buffer:
     def add(self, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
         if len(self.entries) >= self.room:
             return False
-        self.entries.append((name, attrs, next_id))
+        # A copy, as the kernel's buffer takes one: readdir fills one object for every entry.
+        self.entries.append((name, copy.copy(attrs), next_id))
         return True
 
 
@@ -237,7 +239,7 @@ async def test_missing_names_are_cached_negative_entries(make_fs, memory_store, 
         await fs.ops.lookup((await fs.walk(base, b"empty-file")).st_ino, b"x", CTX)
 
 
-async def test_equal_content_shares_an_inode(make_fs, memory_store, tmp_path):
+async def test_equal_files_share_an_inode_equal_directories_do_not(make_fs, memory_store, tmp_path):
     tree = tmp_path / "tree"
     (tree / "a").mkdir(parents=True)
     (tree / "b").mkdir()
@@ -249,7 +251,11 @@ async def test_equal_content_shares_an_inode(make_fs, memory_store, tmp_path):
     fs = make_fs(memory_store)
     a = await fs.walk(base, b"a")
     b = await fs.walk(base, b"b")
-    assert a.st_ino == b.st_ino  # same directory digest
+    # Same digest, but the kernel allows a directory one name only: an inode per place.
+    assert a.st_ino != b.st_ino
+    assert a.st_ino == (await fs.walk(base, b"a")).st_ino
+    listed = dict(await fs.listdir((await fs.walk(base)).st_ino, 1000))
+    assert listed[b"a"].st_ino == a.st_ino and listed[b"b"].st_ino == b.st_ino
     assert (await fs.walk(base, b"a", b"same")).st_ino == (await fs.walk(base, b"b", b"same")).st_ino
     exe = await fs.walk(base, b"exe")
     assert exe.st_ino != (await fs.walk(base, b"a", b"same")).st_ino

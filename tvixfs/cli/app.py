@@ -35,9 +35,7 @@ StoreOpt = Annotated[
         show_default=False,
     ),
 ]
-BlobAddrOpt = Annotated[
-    str | None, typer.Option("--blob-service-addr", help="Override the BlobService URL.")
-]
+BlobAddrOpt = Annotated[str | None, typer.Option("--blob-service-addr", help="Override the BlobService URL.")]
 DirAddrOpt = Annotated[
     str | None,
     typer.Option("--directory-service-addr", help="Override the DirectoryService URL."),
@@ -84,4 +82,3 @@ def configure(
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-

@@ -1,9 +1,14 @@
 """The inode table: inode numbers <-> nodes, populated lazily as the kernel looks names up.
 
-Inside store paths, equal content gets one inode: directories by digest, files by digest and
-executable bit, symlinks by target (a store full of copies of the same license file costs one
-entry). Store path roots get an inode of their own, keyed by basename, because they carry
-per-path facts (the store path, its NAR hash) that equal content elsewhere does not have.
+Inside store paths, equal content gets one inode: files by digest and executable bit, symlinks
+by target (a store full of copies of the same license file costs one entry). Directories are
+the exception: each gets the inode of its place, (parent inode, name), because the kernel
+allows a directory only one name. Given one inode under two names, it moves the directory's
+entry (and everything cached below it) to whichever name was listed last, so every walk
+over both names looked them up again and forgot what was below (in a /usr/share tree with
+one directory in five a copy of another, a tenth more requests per walk). Store path roots
+get an inode of their own, keyed by basename, because they carry per-path facts (the store
+path, its NAR hash) that equal content elsewhere does not have.
 
 An inode lives exactly as long as the kernel references it: every successful lookup and every
 entry accepted by readdir (READDIRPLUS) adds one to its count, ``forget`` subtracts, and at
@@ -30,6 +35,9 @@ from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
 from tvixfs.fs.roots import StorePathRoot
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
+
+# What an index is keyed by: a digest, a symlink target, a basename, (parent inode, name).
+Key = bytes | tuple[int, bytes]
 
 # Live inodes before the oldest are handed back to the kernel; about 250 bytes each here and
 # about 1 KiB each in the kernel.
@@ -59,11 +67,11 @@ class InodeTable:
         self._by_ino: dict[int, Inode] = {}
         # One index per kind of content instead of a key tuple per inode (a digest alone
         # could name both a file and a directory with the same bytes).
-        self._roots: dict[bytes, Inode] = {}
-        self._directories: dict[bytes, Inode] = {}
-        self._files: dict[bytes, Inode] = {}
-        self._executables: dict[bytes, Inode] = {}
-        self._symlinks: dict[bytes, Inode] = {}
+        self._roots: dict[Key, Inode] = {}
+        self._directories: dict[Key, Inode] = {}  # by (parent inode, name)
+        self._files: dict[Key, Inode] = {}
+        self._executables: dict[Key, Inode] = {}
+        self._symlinks: dict[Key, Inode] = {}
         self._next = ROOT_INODE + 1
         self._evicting = 0
 
@@ -80,28 +88,37 @@ class InodeTable:
 
     def for_root(self, root: StorePathRoot) -> Inode:
         """The inode of a store path root (not yet counted as referenced)."""
-        return self._find_or_add(self._roots, root.name, root.node, root.name, root)
+        return self._find_or_add(self._roots, root.name, root.node, root.name, root, ROOT_INODE)
 
-    def for_child(self, node: Node, origin: bytes) -> Inode:
-        """The inode of an entry inside a store path (not yet counted as referenced)."""
-        index, key = self._index(node, None)
-        return self._find_or_add(index, key, node, origin, None)
+    def for_child(self, node: Node, origin: bytes, parent: int) -> Inode:
+        """The inode of entry ``node`` of directory ``parent`` inside a store path (not yet
+        counted as referenced)."""
+        index, key = self._index(node, None, parent)
+        found = index.get(key)  # readdir asks once per entry: the common case first, inline
+        return found if found is not None else self._find_or_add(index, key, node, origin, None, parent)
 
-    def _index(self, node: Node, root: StorePathRoot | None) -> tuple[dict[bytes, Inode], bytes]:
+    def _index(self, node: Node, root: StorePathRoot | None, parent: int) -> tuple[dict[Key, Inode], Key]:
         if root is not None:
             return self._roots, root.name
-        if isinstance(node, DirectoryNode):
-            return self._directories, node.digest
         if isinstance(node, FileNode):
             return (self._executables if node.executable else self._files), node.digest
+        if isinstance(node, DirectoryNode):
+            return self._directories, (parent, node.name)
         return self._symlinks, node.target
 
-    def _find_or_add(
-        self, index: dict[bytes, Inode], key: bytes, node: Node, origin: bytes, root: StorePathRoot | None
+    def _find_or_add(  # noqa: PLR0917
+        self,
+        index: dict[Key, Inode],
+        key: Key,
+        node: Node,
+        origin: bytes,
+        root: StorePathRoot | None,
+        parent: int,
     ) -> Inode:
         inode = index.get(key)
         if inode is None:
-            inode = Inode(self._next, node, origin, root)
+            # Where it was first found: for a directory, also the key to drop it by.
+            inode = Inode(self._next, node, origin, root, parent=parent, name=node.name)
             self._next += 1
             index[key] = inode
             self._by_ino[inode.ino] = inode
@@ -130,7 +147,7 @@ class InodeTable:
         """Drop ``inode`` if the kernel holds no reference to it (e.g. readdir did not take it)."""
         if inode.lookups <= 0 and self._by_ino.get(inode.ino) is inode:
             del self._by_ino[inode.ino]
-            index, key = self._index(inode.node, inode.root)
+            index, key = self._index(inode.node, inode.root, inode.parent)
             del index[key]
             if inode.evicting:
                 self._evicting -= 1

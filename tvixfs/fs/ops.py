@@ -1,7 +1,7 @@
 """The pyfuse3 request handlers: thin, they map kernel requests onto the inode table.
 
 One uncaught exception ends ``pyfuse3.main`` and leaves a dead mount, so every handler runs
-inside ``_guard``: a FUSEError passes through, anything else (a store that fails, data that
+inside ``_guarded``: a FUSEError passes through, anything else (a store that fails, data that
 does not verify, a bug) becomes EIO for that one request and one log line naming the store
 path. Every request that would write answers EROFS (the kernel already refuses most of them on
 an ``ro`` mount).
@@ -10,25 +10,33 @@ an ``ro`` mount).
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from tvixfs.fs.attrs import BLOCK_SIZE, FOREVER, mount_root_attributes, negative_entry, node_attributes
+from tvixfs.fs.attrs import (
+    BLOCK_SIZE,
+    FOREVER,
+    entry_attributes,
+    mount_root_attributes,
+    negative_entry,
+    node_attributes,
+)
 from tvixfs.fs.bridge import DEFAULT_THREADS, Bridge
 from tvixfs.fs.directories import CACHE_ENTRIES, Directories
 from tvixfs.fs.inodes import DEFAULT_MAX_INODES, ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
-from tvixfs.fs.roots import NEGATIVE_TTL, Roots
+from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
 from tvixfs.fs.xattrs import xattrs_of
 from tvixfs.services.base import Store
 
@@ -38,6 +46,52 @@ ReaddirReply = Callable[[pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, i
 InvalidateEntry = Callable[[int, bytes], None]
 NAME_MAX = 255
 INVALIDATE_GRACE = 1.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Handler = Callable[Concatenate["TvixOperations", P], Coroutine[Any, Any, R]]
+
+
+def _guarded(request: str, origin: Callable[..., bytes | None]) -> Callable[[Handler[P, R]], Handler[P, R]]:
+    """Turn what a handler raises, other than FUSEError, into EIO and one log line.
+
+    ``origin(ops, *args)`` names the store path the request was about; it runs only on a
+    failure, so a request that succeeds pays for one try block and nothing else (a walk
+    sends tens of thousands of requests).
+    """
+
+    def decorate(handler: Handler[P, R]) -> Handler[P, R]:
+        @functools.wraps(handler)
+        async def guarded(ops: TvixOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await handler(ops, *args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as e:
+                raise ops._failed(request, origin(ops, *args), e) from None
+
+        return guarded
+
+    return decorate
+
+
+def _of_inode(ops: TvixOperations, ino: int, *_: object) -> bytes | None:
+    inode = ops._inodes.get(ino)
+    return inode.origin if inode is not None else None
+
+
+def _of_lookup(ops: TvixOperations, parent: int, name: bytes, *_: object) -> bytes | None:
+    return name if parent == ROOT_INODE else _of_inode(ops, parent)
+
+
+def _of_directory(ops: TvixOperations, fh: int, *_: object) -> bytes | None:
+    handle = ops._dir_handles.get(fh)
+    return handle.origin if handle is not None else None
+
+
+def _of_file(ops: TvixOperations, fh: int, *_: object) -> bytes | None:
+    file = ops._files.get(fh)
+    return file.origin if file is not None else None
 
 
 class EntryInvalidator:
@@ -91,21 +145,23 @@ class FsOptions:
     prefetch_references: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _DirHandle:
-    """One open directory: a snapshot, so that readdir cookies (index + 1) stay valid."""
+    """One open directory: its entries as opendir found them, so that readdir cookies
+    (index + 1) stay valid. Not frozen: a frozen dataclass is slower to make, and a walk
+    opens every directory."""
 
     ino: int
     origin: bytes
-    count: int
-    # The inode and name of the entry at an index; None: listing refused (the mount root
-    # without --list-root).
-    entry_at: Callable[[int], tuple[Inode, bytes]] | None
+    entries: Sequence[Node]
+    # The mount root's listing (--list-root): the store path of each entry.
+    roots: Sequence[StorePathRoot] | None = None
+    refused: bool = False  # the mount root without --list-root
 
 
 class TvixOperations(pyfuse3.Operations):
-    # A directory inode stands for every directory with its digest, so ".." has no single
-    # answer: do not offer the kernel NFS export (the only user of "." and ".." lookups).
+    # ".." lookups are not answered (a directory's parent may have been forgotten already):
+    # do not offer the kernel NFS export (the only user of "." and ".." lookups).
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
@@ -155,27 +211,13 @@ class TvixOperations(pyfuse3.Operations):
 
     # -- error handling -------------------------------------------------------------------
 
-    @contextmanager
-    def _guard(self, request: str, origin: Callable[[], bytes | None]) -> Iterator[None]:
-        try:
-            yield
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as e:
-            self.failures += 1
-            where = origin()
-            place = f"store path {os.fsdecode(where)}" if where else "the mount root"
-            # One line per failure; the traceback only at debug level.
-            log.error("%s in %s: %s: %s", request, place, type(e).__name__, e)  # noqa: TRY400
-            log.debug("%s failed", request, exc_info=True)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    def _origin_of(self, ino: int) -> Callable[[], bytes | None]:
-        def origin() -> bytes | None:
-            inode = self._inodes.get(ino)
-            return inode.origin if inode is not None else None
-
-        return origin
+    def _failed(self, request: str, where: bytes | None, e: Exception) -> pyfuse3.FUSEError:
+        self.failures += 1
+        place = f"store path {os.fsdecode(where)}" if where else "the mount root"
+        # One line per failure; the traceback only at debug level.
+        log.error("%s in %s: %s: %s", request, place, type(e).__name__, e)
+        log.debug("%s failed", request, exc_info=e)
+        return pyfuse3.FUSEError(errno.EIO)
 
     def _inode(self, ino: int) -> Inode:
         inode = self._inodes.get(ino)
@@ -183,13 +225,15 @@ class TvixOperations(pyfuse3.Operations):
             raise LookupError(f"the kernel asked for inode {ino}, which the daemon does not know")
         return inode
 
-    def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def _attributes(
+        self, inode: Inode, into: pyfuse3.EntryAttributes | None = None
+    ) -> pyfuse3.EntryAttributes:
         node = inode.node
         subdirectories = None
         if isinstance(node, DirectoryNode):
             listing = self._directories.peek(node.digest)
             subdirectories = listing.subdirectories if listing is not None else None
-        return node_attributes(inode.ino, node, subdirectories)
+        return node_attributes(inode.ino, node, subdirectories, into)
 
     def _entry(self, inode: Inode, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         attrs = self._attributes(inode)
@@ -215,25 +259,24 @@ class TvixOperations(pyfuse3.Operations):
 
     # -- names and attributes -------------------------------------------------------------
 
+    @_guarded("lookup", _of_lookup)
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        in_root = parent_inode == ROOT_INODE
-        with self._guard("lookup", (lambda: name) if in_root else self._origin_of(parent_inode)):
-            if in_root:
-                root = await self._roots.lookup(name)
-                if root is None:
-                    return negative_entry(self._options.negative_ttl)
-                return self._entry(self._inodes.for_root(root), ROOT_INODE, root.name)
-            parent = self._inode(parent_inode)
-            if not isinstance(parent.node, DirectoryNode):
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            listing = await self._directories.get(parent.node)
-            child = listing.find(name)
-            if child is None:
-                return negative_entry(FOREVER)
-            # The parent's own number and the listing's name: objects the table shares.
-            return self._entry(self._inodes.for_child(child, parent.origin), parent.ino, child.name)
+        if parent_inode == ROOT_INODE:
+            root = await self._roots.lookup(name)
+            if root is None:
+                return negative_entry(self._options.negative_ttl)
+            return self._entry(self._inodes.for_root(root), ROOT_INODE, root.name)
+        parent = self._inode(parent_inode)
+        if not isinstance(parent.node, DirectoryNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        listing = await self._directories.get(parent.node)
+        child = listing.find(name)
+        if child is None:
+            return negative_entry(FOREVER)
+        # The parent's own number and the listing's name: objects the table shares.
+        return self._entry(self._inodes.for_child(child, parent.origin, parent.ino), parent.ino, child.name)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # pyfuse3 does not let forget report errors; a bug here must not end the main loop.
@@ -243,26 +286,26 @@ class TvixOperations(pyfuse3.Operations):
         except Exception:
             log.exception("forget failed")
 
+    @_guarded("getattr", _of_inode)
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        with self._guard("getattr", self._origin_of(inode)):
-            if inode == ROOT_INODE:
-                return mount_root_attributes(ROOT_INODE, FOREVER)
-            return self._attributes(self._inode(inode))
+        if inode == ROOT_INODE:
+            return mount_root_attributes(ROOT_INODE, FOREVER)
+        return self._attributes(self._inode(inode))
 
+    @_guarded("readlink", _of_inode)
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        with self._guard("readlink", self._origin_of(inode)):
-            node = self._inode(inode).node if inode != ROOT_INODE else None
-            if not isinstance(node, SymlinkNode):
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            return node.target
+        node = self._inode(inode).node if inode != ROOT_INODE else None
+        if not isinstance(node, SymlinkNode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
 
+    @_guarded("access", _of_inode)
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # Only called without default_permissions: answer as the modes above would.
-        with self._guard("access", self._origin_of(inode)):
-            if mode & os.W_OK:
-                return False
-            node = self._inode(inode).node if inode != ROOT_INODE else None
-            return not (mode & os.X_OK and isinstance(node, FileNode) and not node.executable)
+        if mode & os.W_OK:
+            return False
+        node = self._inode(inode).node if inode != ROOT_INODE else None
+        return not (mode & os.X_OK and isinstance(node, FileNode) and not node.executable)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
@@ -273,104 +316,106 @@ class TvixOperations(pyfuse3.Operations):
 
     # -- directories ----------------------------------------------------------------------
 
+    @_guarded("opendir", _of_inode)
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        with self._guard("opendir", self._origin_of(inode)):
-            if inode == ROOT_INODE:
-                handle = await self._open_root()
-            else:
-                directory = self._inode(inode)
-                if not isinstance(directory.node, DirectoryNode):
-                    raise pyfuse3.FUSEError(errno.ENOTDIR)
-                listing = await self._directories.get(directory.node)
-                handle = self._children_handle(directory, listing.entries)
-            fh = next(self._handles)
-            self._dir_handles[fh] = handle
-            return fh
+        if inode == ROOT_INODE:
+            handle = await self._open_root()
+        else:
+            directory = self._inode(inode)
+            if not isinstance(directory.node, DirectoryNode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            listing = await self._directories.get(directory.node)
+            handle = _DirHandle(inode, directory.origin, listing.entries)
+        fh = next(self._handles)
+        self._dir_handles[fh] = handle
+        return fh
 
     async def _open_root(self) -> _DirHandle:
         if not self._options.list_root:
-            return _DirHandle(ROOT_INODE, b"", 0, None)
+            return _DirHandle(ROOT_INODE, b"", (), refused=True)
         roots = await self._roots.list()
+        return _DirHandle(ROOT_INODE, b"", [root.node for root in roots], roots)
 
-        def entry_at(index: int) -> tuple[Inode, bytes]:
-            return self._inodes.for_root(roots[index]), roots[index].name
-
-        return _DirHandle(ROOT_INODE, b"", len(roots), entry_at)
-
-    def _children_handle(self, directory: Inode, children: Sequence[Node]) -> _DirHandle:
-        origin = directory.origin
-
-        def entry_at(index: int) -> tuple[Inode, bytes]:
-            return self._inodes.for_child(children[index], origin), children[index].name
-
-        return _DirHandle(directory.ino, origin, len(children), entry_at)
-
+    @_guarded("readdir", _of_directory)
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Reply entries from cookie ``start_id`` until the kernel's buffer is full.
 
         READDIRPLUS: each accepted entry is a lookup (its count goes up); the entry the kernel
         refused is not counted and is asked for again, by its cookie, in the next readdir.
+        A walk sends one readdir per few entries, so the loop keeps to the minimum per entry:
+        one attributes object for the whole reply, methods looked up once.
         """
         handle = self._dir_handles.get(fh)
-        with self._guard("readdir", lambda: handle.origin if handle else None):
-            if handle is None:
-                raise LookupError(f"unknown directory handle {fh}")
-            if handle.entry_at is None:
-                raise pyfuse3.FUSEError(errno.EPERM)  # listing the root needs --list-root
-            try:
-                for index in range(start_id, handle.count):
-                    inode, name = handle.entry_at(index)
-                    if not self._readdir_reply(token, name, self._attributes(inode), index + 1):
-                        self._inodes.discard_unused(inode)
-                        return
-                    self._inodes.remember(inode, handle.ino, name)
-            finally:
-                self._trim_inodes()
+        if handle is None:
+            raise LookupError(f"unknown directory handle {fh}")
+        if handle.refused:
+            raise pyfuse3.FUSEError(errno.EPERM)  # listing the root needs --list-root
+        inodes = self._inodes
+        reply = self._readdir_reply
+        attributes = self._attributes
+        remember = inodes.remember
+        ino = handle.ino
+        origin = handle.origin
+        roots = handle.roots
+        entries = handle.entries
+        scratch = entry_attributes()
+        try:
+            for index in range(start_id, len(entries)):
+                node = entries[index]
+                inode = (
+                    inodes.for_child(node, origin, ino) if roots is None else inodes.for_root(roots[index])
+                )
+                if not reply(token, node.name, attributes(inode, scratch), index + 1):
+                    inodes.discard_unused(inode)
+                    return
+                remember(inode, ino, node.name)
+        finally:
+            self._trim_inodes()
 
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
 
     # -- files ----------------------------------------------------------------------------
 
+    @_guarded("open", _of_inode)
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        with self._guard("open", self._origin_of(inode)):
-            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-                raise pyfuse3.FUSEError(errno.EROFS)
-            entry = self._inode(inode)
-            if not isinstance(entry.node, FileNode):
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            file = await self._reader.open(entry.node, entry.origin)
-            fh = next(self._handles)
-            self._files[fh] = file
-            # keep_cache: a store path never changes, so the page cache stays valid across opens.
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        entry = self._inode(inode)
+        if not isinstance(entry.node, FileNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        file = await self._reader.open(entry.node, entry.origin)
+        fh = next(self._handles)
+        self._files[fh] = file
+        # keep_cache: a store path never changes, so the page cache stays valid across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
+    @_guarded("read", _of_file)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         file = self._files.get(fh)
-        with self._guard("read", lambda: file.origin if file else None):
-            if file is None:
-                raise LookupError(f"unknown file handle {fh}")
-            return await self._reader.read(file, off, size)
+        if file is None:
+            raise LookupError(f"unknown file handle {fh}")
+        return await self._reader.read(file, off, size)
 
     async def release(self, fh: int) -> None:
         self._files.pop(fh, None)
 
     # -- extended attributes --------------------------------------------------------------
 
+    @_guarded("getxattr", _of_inode)
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        with self._guard("getxattr", self._origin_of(inode)):
-            if not self._options.show_xattr:
-                raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
-            found = None if inode == ROOT_INODE else xattrs_of(self._inode(inode)).get(name)
-            if found is None:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            return found
+        if not self._options.show_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
+        found = None if inode == ROOT_INODE else xattrs_of(self._inode(inode)).get(name)
+        if found is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return found
 
+    @_guarded("listxattr", _of_inode)
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        with self._guard("listxattr", self._origin_of(inode)):
-            if not self._options.show_xattr:
-                raise pyfuse3.FUSEError(errno.ENOSYS)
-            return [] if inode == ROOT_INODE else list(xattrs_of(self._inode(inode)))
+        if not self._options.show_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return [] if inode == ROOT_INODE else list(xattrs_of(self._inode(inode)))
 
     # -- everything that writes -----------------------------------------------------------
 

@@ -50,17 +50,13 @@ def check_pathinfo(
     except ValidationError as e:
         raise InvalidArgumentError(f"invalid PathInfo: {e}") from None
     if isinstance(node, DirectoryNode) and directories.get(node.digest) is None:
-        raise FailedPreconditionError(
-            f"{store_path}: root directory {node.digest.hex()} is not in the store"
-        )
+        raise FailedPreconditionError(f"{store_path}: root directory {node.digest.hex()} is not in the store")
     if isinstance(node, FileNode) and blobs.stat(node.digest) is None:
         raise FailedPreconditionError(f"{store_path}: root blob {node.digest.hex()} is not in the store")
     return store_path
 
 
-def calculate_nar(
-    node: Node, blobs: BlobService, directories: DirectoryService
-) -> tuple[int, bytes]:
+def calculate_nar(node: Node, blobs: BlobService, directories: DirectoryService) -> tuple[int, bytes]:
     """(size, sha256) of the NAR of ``node``, rendered from the store."""
 
     def get_directory(digest: bytes) -> Directory:

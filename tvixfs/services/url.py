@@ -81,13 +81,10 @@ def open_store(
     """One store from ``--store`` plus per-service overrides; each distinct URL opened once."""
     base = store or default_store_url()
     urls = [
-        StoreURL.parse(u or base)
-        for u in (blob_service_addr, directory_service_addr, path_info_service_addr)
+        StoreURL.parse(u or base) for u in (blob_service_addr, directory_service_addr, path_info_service_addr)
     ]
     opened: dict[StoreURL, Store] = {}
     for url in urls:
         if url not in opened:
             opened[url] = open_url(url)
-    return Store(
-        opened[urls[0]].blobs, opened[urls[1]].directories, opened[urls[2]].pathinfos
-    )
+    return Store(opened[urls[0]].blobs, opened[urls[1]].directories, opened[urls[2]].pathinfos)

@@ -30,14 +30,10 @@ def validate_pathinfo(info: pathinfo_pb2.PathInfo) -> tuple[StorePath, Node]:
 
 def _validate_narinfo(narinfo: pathinfo_pb2.NARInfo, references: list[bytes]) -> None:
     if len(narinfo.nar_sha256) != SHA256_SIZE:
-        raise ValidationError(
-            f"nar_sha256: expected {SHA256_SIZE} bytes, got {len(narinfo.nar_sha256)}"
-        )
+        raise ValidationError(f"nar_sha256: expected {SHA256_SIZE} bytes, got {len(narinfo.nar_sha256)}")
     names = list(narinfo.reference_names)
     if len(names) != len(references):
-        raise ValidationError(
-            f"{len(references)} references but {len(names)} reference_names"
-        )
+        raise ValidationError(f"{len(references)} references but {len(names)} reference_names")
     for i, (name, ref) in enumerate(zip(names, references, strict=True)):
         try:
             path = StorePath.from_basename(name)
