@@ -157,10 +157,10 @@ def test_chunked_blob_of_a_local_store(short_tmp: Path) -> None:
 )
 def test_rechunk_keeps_bytes_and_bounds_messages(sizes: list[int], size: int) -> None:
     pieces = [os.urandom(n) for n in sizes]
-    out = list(rechunk(pieces, size))
+    out = [b"".join(parts) for parts in rechunk(pieces, size)]
     assert b"".join(out) == b"".join(pieces)
-    assert all(size // 2 <= len(m) <= size for m in out[:-1])
-    assert all(out)
+    assert all(len(m) == size for m in out[:-1])
+    assert all(0 < len(m) <= size for m in out)
 
 
 # --- directories -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from tvixfs.allocator import tune_malloc
 from tvixfs.cli.app import (
     BlobAddrOpt,
     DirAddrOpt,
@@ -50,6 +51,7 @@ def daemon(
 
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
+    tune_malloc()
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
     try:
         run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)

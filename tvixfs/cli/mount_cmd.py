@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import (
     BlobAddrOpt,
@@ -94,6 +95,7 @@ def mount(
     Runs in the foreground; a systemd Type=notify service (READY=1 once the mount answers).
     SIGINT/SIGTERM or an external umount end it with exit status 0.
     """
+    tune_malloc()
     try:
         cache_bytes = parse_size(cache_size)
     except ValueError as e:

@@ -8,7 +8,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import IO, Annotated, Any
 
 import typer
@@ -32,7 +32,7 @@ from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
 from tvixfs.services.ingest import ingest_nar, ingest_path
 from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
-from tvixfs.store.nar import file_contents, write_nar
+from tvixfs.store.nar import ReadBlob, blobs_read_ahead, file_contents, write_nar
 from tvixfs.store.nixtext import format_ca, format_hash, format_signature
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
@@ -188,7 +188,14 @@ def export_nar(
         directories: dict[bytes, Directory] = {}
         if isinstance(node, DirectoryNode):  # one request for the whole tree, not one per directory
             directories = {d.digest(): d for d in opened.directories.get_recursive(node.digest)}
-        _write_stdout(write_nar(node, directories.__getitem__, opened.blobs.read))
+        # Over a remote store, a round trip per file would dominate a tree of small files.
+        reads: AbstractContextManager[ReadBlob] = (
+            blobs_read_ahead(node, directories.__getitem__, opened.blobs.read)
+            if opened.blobs.remote_reads
+            else nullcontext(opened.blobs.read)
+        )
+        with reads as read_blob:
+            _write_stdout(write_nar(node, directories.__getitem__, read_blob))
 
 
 def _write_stdout(pieces: Iterable[bytes]) -> None:

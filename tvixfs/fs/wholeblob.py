@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -66,17 +67,35 @@ def _cut(pieces: Iterable[bytes], sizes: Sequence[int], what: str) -> Iterator[b
         raise CorruptDataError(f"{what}: shorter or longer than its chunk list")
 
 
-def _checked_batches(
-    blobs: BlobService, digest: bytes, chunks: Sequence[ChunkMeta], batch_bytes: int
-) -> Iterator[list[bytes]]:
-    """Runs in the pump thread: the blob cut into its chunks, each checked against its digest,
-    in batches of about ``batch_bytes`` (one hop to the event loop per batch, not per chunk)."""
+@runtime_checkable
+class ReadsChunks(Protocol):
+    """A store that cuts a blob at a given chunk list and checks each chunk itself (the gRPC
+    client: its ``read`` of a whole blob would ask for the chunk list again and hash the bytes
+    twice more)."""
+
+    def read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]: ...
+
+
+def _checked_chunks(blobs: BlobService, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
+    """The blob cut into its chunks, each checked against its digest before it is yielded."""
+    if isinstance(blobs, ReadsChunks):
+        yield from blobs.read_chunks(digest, chunks)
+        return
     what = f"blob {digest.hex()}"
-    batch: list[bytes] = []
-    held = 0
     for chunk, data in zip(chunks, _cut(blobs.read(digest), [c.size for c in chunks], what), strict=True):
         if b3digest(data) != chunk.digest:
             raise CorruptDataError(f"{what}: chunk {chunk.digest.hex()} does not match its digest")
+        yield data
+
+
+def _checked_batches(
+    blobs: BlobService, digest: bytes, chunks: Sequence[ChunkMeta], batch_bytes: int
+) -> Iterator[list[bytes]]:
+    """Runs in the pump thread: the checked chunks in batches of about ``batch_bytes`` (one
+    hop to the event loop per batch, not per chunk)."""
+    batch: list[bytes] = []
+    held = 0
+    for data in _checked_chunks(blobs, digest, chunks):
         batch.append(data)
         held += len(data)
         if held >= batch_bytes:

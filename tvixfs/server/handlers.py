@@ -72,7 +72,7 @@ def _decoding(method: Method, handler: Handler) -> Handler:
 
 
 def _method_handler(method: Method, behaviour: GrpcHandler) -> grpc.RpcMethodHandler[Any, Any]:
-    serialize = method.response.SerializeToString
+    serialize = method.encode_response or method.response.SerializeToString
     if method.client_streaming:
         return grpc.stream_unary_rpc_method_handler(behaviour, response_serializer=serialize)
     if method.server_streaming:

@@ -41,38 +41,27 @@ Handlers = dict[Method, Callable[[Any], Any]]
 READ_MESSAGE_SIZE = 1 << 20
 
 
-def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """The same bytes in messages of ``size`` (the last may be shorter).
+def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[list[memoryview]]:
+    """The same bytes grouped into messages of ``size`` (the last may be shorter).
 
-    Each byte is copied at most once, into the message it ends up in; a piece that is already
-    between half and all of ``size`` passes uncopied, and so does a last piece that is alone
-    in its message (a chunk read by its own digest: most reads of a mount).
+    Each message is the list of views of the pieces it is made of: nothing is copied here,
+    the encoder (``encode_blob_chunk``) copies each byte once, into the message sent.
     """
-    parts: list[bytes | memoryview] = []
+    parts: list[memoryview] = []
     held = 0
     for piece in pieces:
-        if not piece:
-            continue
-        if not parts and size // 2 <= len(piece) <= size:
-            yield piece
-            continue
         view = memoryview(piece)
         while held + len(view) >= size:
             take = size - held
             parts.append(view[:take])
-            yield _joined(parts)
+            yield parts
             parts, held = [], 0
             view = view[take:]
         if view:
-            parts.append(piece if len(view) == len(piece) else view)
+            parts.append(view)
             held += len(view)
     if parts:
-        yield _joined(parts)
-
-
-def _joined(parts: list[bytes | memoryview]) -> bytes:
-    only = parts[0]
-    return only if len(parts) == 1 and isinstance(only, bytes) else b"".join(parts)
+        yield parts
 
 
 class BlobServicer:
@@ -95,10 +84,10 @@ class BlobServicer:
             ]
         )
 
-    def read(self, request: rpc_blobstore_pb2.ReadBlobRequest) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
+    def read(self, request: rpc_blobstore_pb2.ReadBlobRequest) -> Iterator[list[memoryview]]:
+        """The blob's bytes; each message is the pieces of its ``data`` (see BLOB_READ)."""
         digest = check_digest(request.digest, "blob digest")
-        for data in rechunk(self._blobs.read(digest), self._message_size):
-            yield rpc_blobstore_pb2.BlobChunk(data=data)
+        return rechunk(self._blobs.read(digest), self._message_size)
 
     def put(self, requests: Iterator[rpc_blobstore_pb2.BlobChunk]) -> rpc_blobstore_pb2.PutBlobResponse:
         return rpc_blobstore_pb2.PutBlobResponse(digest=self._blobs.put(m.data for m in requests))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
@@ -98,18 +98,46 @@ class GrpcBlobService(BlobService):
         if rest is not None:
             chunks = self.stat(digest, send_chunks=True)
             if chunks and (len(chunks) > 1 or chunks[0].digest != digest):
-                yield from self._read_chunked(digest, chunks, chain(parts, _data(receive(rest, what))))
+                yield from self._read_chunked(digest, chunks, chain(parts, receive(rest, what)))
                 return
-            parts.extend(_data(receive(rest, what)))
-        hasher = new_hasher()
-        for part in parts:
-            hasher.update(part)
-        if hasher.digest() != digest:
+            parts.extend(receive(rest, what))
+        data = b"".join(parts)  # the messages' data are views: one copy, into one piece
+        if b3digest(data) != digest:
             raise CorruptDataError(f"{what}: the server sent bytes with another BLAKE3 digest")
-        yield from parts
+        yield data
+
+    def read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
+        """The blob in one Read stream, cut into ``chunks``, each checked against its digest
+        before it is yielded.
+
+        For a caller that holds the blob's chunk list already (a mount's chunk map): no Stat
+        first, and each byte is hashed once. The whole blob is not hashed as ``read`` does:
+        that check could only fail after the last chunk, when the caller has used them all,
+        so such a caller relies on its chunk list (reader.py says why that is the known limit).
+        """
+        check_digest(digest)
+        return self._read_chunks(digest, chunks)
+
+    def _read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
+        what = f"read blob {digest.hex()}"
+        request = rpc_blobstore_pb2.ReadBlobRequest(digest=digest)
+        first, call = self._conn.call(
+            BLOB_READ,
+            lambda f: first_message(f(request, timeout=self._conn.config.stream_timeout)),
+            what,
+        )
+        yield from self._checked(digest, chunks, chain([] if first is None else [first], receive(call, what)))
+
+    def _checked(
+        self, digest: bytes, chunks: Sequence[ChunkMeta], received: Iterable[bytes | memoryview]
+    ) -> Iterator[bytes]:
+        """``received`` cut into ``chunks``, each checked against its digest before it is yielded."""
+        pieces = _split(received, [c.size for c in chunks], f"read blob {digest.hex()}")
+        for meta, data in zip(chunks, pieces, strict=True):
+            yield self._checked_chunk(digest, meta, data)
 
     def _read_chunked(
-        self, digest: bytes, chunks: list[ChunkMeta], received: Iterable[bytes]
+        self, digest: bytes, chunks: list[ChunkMeta], received: Iterable[bytes | memoryview]
     ) -> Iterator[bytes]:
         """Stream a big blob, each chunk verified against the chunk list before it is yielded.
 
@@ -119,8 +147,8 @@ class GrpcBlobService(BlobService):
         hasher = new_hasher()
         done = 0
         try:
-            for data in _split(received, [c.size for c in chunks], f"read blob {digest.hex()}"):
-                yield self._checked_chunk(digest, chunks[done], data)
+            for data in self._checked(digest, chunks, received):
+                yield data
                 hasher.update(data)
                 done += 1
         except StoreUnavailableError as e:
@@ -137,7 +165,7 @@ class GrpcBlobService(BlobService):
         request = rpc_blobstore_pb2.ReadBlobRequest(digest=meta.digest)
         data: bytes = self._conn.call(
             BLOB_READ,
-            lambda f: b"".join(m.data for m in f(request, timeout=self._conn.config.timeout)),
+            lambda f: b"".join(f(request, timeout=self._conn.config.timeout)),
             f"read chunk {meta.digest.hex()} of blob {blob.hex()}",
         )
         return self._checked_chunk(blob, meta, data)
@@ -202,50 +230,42 @@ class GrpcBlobService(BlobService):
         self._conn.close()
 
 
-def _data(messages: Iterable[rpc_blobstore_pb2.BlobChunk]) -> Iterator[bytes]:
-    for message in messages:
-        yield message.data
-
-
-def _split(received: Iterable[bytes], sizes: list[int], what: str) -> Iterator[bytes]:
+def _split(received: Iterable[bytes | memoryview], sizes: list[int], what: str) -> Iterator[bytes]:
     """Regroup a byte stream into pieces of ``sizes``; CorruptDataError if the lengths differ.
 
-    Messages are collected in a list and joined once a whole piece is there, so the cost stays
-    linear whatever the message size the server chose.
+    Each piece is joined once from views of the messages it spans: one copy per byte, whatever
+    message size the server chose.
     """
+    differs = f"{what}: the server sent a blob whose length differs from its chunk list"
     wanted = iter(sizes)
     size = next(wanted, None)
-    parts: list[bytes] = []
+    parts: list[memoryview] = []
     held = 0
     for data in received:
-        parts.append(data)
-        held += len(data)
-        if size is None or held < size:
-            if size is None and held:
-                break
-            continue
-        buffer = parts[0] if len(parts) == 1 else b"".join(parts)
-        start = 0
-        while size is not None and held - start >= size:
-            yield buffer if start == 0 and size == held else buffer[start : start + size]
-            start += size
+        view = memoryview(data)
+        while size is not None and held + len(view) >= size:
+            take = size - held
+            parts.append(view[:take])
+            yield b"".join(parts)
+            parts, held = [], 0
+            view = view[take:]
             size = next(wanted, None)
-        rest = buffer[start:]
-        parts = [rest] if rest else []
-        held = len(rest)
-        if size is None and held:
-            break
-    if size is not None or held:
-        raise CorruptDataError(f"{what}: the server sent a blob whose length differs from its chunk list")
+        if view:
+            if size is None:
+                raise CorruptDataError(differs)
+            parts.append(view)
+            held += len(view)
+    if size is not None:
+        raise CorruptDataError(differs)
 
 
-def _receive_up_to(call: Any, limit: int) -> tuple[list[bytes], Any]:
+def _receive_up_to(call: Any, limit: int) -> tuple[list[bytes | memoryview], Any]:
     """Receive a Read stream; stop after ``limit`` bytes and hand back the unread rest."""
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     size = 0
-    for message in call:
-        parts.append(message.data)
-        size += len(message.data)
+    for data in call:
+        parts.append(data)
+        size += len(data)
         if size > limit:
             return parts, call
     return parts, None

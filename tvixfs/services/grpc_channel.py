@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import grpc.experimental
 from google.protobuf.message import Message
 
 from tvixfs.protos import rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
@@ -53,6 +54,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # restarted daemon is found again by the retries of the first call after it is back.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # Server streams are received by the thread that iterates them, not handed over message
+    # by message from grpc's channel spin thread.
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
 ]
 
 # The cheapest call of each service that changes nothing: it decides which names the server
@@ -130,7 +134,7 @@ class Connection:
             found = make(
                 method.path(prefix),
                 request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
+                response_deserializer=method.decode_response or method.response.FromString,
             )
             with self._lock:
                 self._callables[key] = found
