@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fastcdc.fastcdc_cy import fastcdc_cy
 from nixchroot import (
     Closure,
     make_closure,
@@ -19,12 +20,14 @@ from nixchroot import (
     nix_path_info,
 )
 
+from tvixfs.castore.chunking import MAX_CHUNK, MIN_CHUNK, chunk_stream
+from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, node_from_proto
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import CorruptDataError
-from tvixfs.services.ingest import IngestError, ingest_nar, ingest_path
+from tvixfs.services.ingest import IngestError, _read_pieces, ingest_nar, ingest_path
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import open_memory_store
 from tvixfs.services.nixsource import NixError, NixSource, import_from_nix, parse_nix_path
@@ -97,6 +100,36 @@ def test_ingest_real_tree(real_tree: Path, tmp_path: Path, backend: str) -> None
     regular = [f for f in files if not f.is_symlink()]
     assert len(regular) > 1000
     assert seen[-1] == (len(regular), sum(f.stat().st_size for f in regular))
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, MIN_CHUNK - 1, MIN_CHUNK, MIN_CHUNK + 1, 3 * MIN_CHUNK, 6 * MAX_CHUNK + 12345]
+)
+def test_chunk_cuts_are_fastcdcs_however_the_input_is_split(size: int) -> None:
+    """The store format: chunks are FastCDC's cuts of the whole blob (64K/256K/1M), whatever
+    pieces the bytes arrive in and whichever shortcut chunk_stream takes."""
+    data = os.urandom(size)
+    expected = [(c.offset, c.length) for c in fastcdc_cy(data, MIN_CHUNK, 256 * 1024, MAX_CHUNK)]
+    for piece in (max(size, 1), 1000, MAX_CHUNK):
+        pieces = [data[i : i + piece] for i in range(0, size, piece)]
+        chunks = [bytes(c) for c in chunk_stream(pieces)]
+        offsets = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+        assert list(zip(offsets, map(len, chunks), strict=True)) == (expected or [(0, 0)])
+        assert b3digest(b"".join(chunks)) == b3digest(data)
+
+
+@pytest.mark.parametrize("actual", [0, 99, 100, 101, 5000])
+def test_read_pieces_sees_a_file_that_changed_size(tmp_path: Path, actual: int) -> None:
+    """The walk saw 100 bytes; a file now longer or shorter is refused, never cut or padded."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * actual)
+    for piece in (1 << 20, 7):
+        pieces = _read_pieces(os.fsencode(path), 100, piece)
+        if actual == 100:
+            assert b"".join(pieces) == b"x" * 100
+        else:
+            with pytest.raises(IngestError, match="changed while being imported"):
+                b"".join(pieces)
 
 
 def test_unsupported_file_type_stores_no_path(sample_tree: Path) -> None:

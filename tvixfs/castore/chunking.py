@@ -45,6 +45,13 @@ def _cuts(data: bytes) -> Iterator[tuple[int, int]]:
         yield chunk.offset, chunk.length
 
 
+def _joined(pending: bytes, gathered: list[bytes]) -> bytes:
+    """One bytes object; a lone piece (a whole small file) is used as it is, not copied."""
+    if not pending and len(gathered) == 1:
+        return gathered[0]
+    return b"".join([pending, *gathered])
+
+
 def chunk_stream(pieces: Iterable[bytes]) -> Iterator[memoryview]:
     """Cut the concatenation of ``pieces`` into content-defined chunks, streaming.
 
@@ -63,7 +70,7 @@ def chunk_stream(pieces: Iterable[bytes]) -> Iterator[memoryview]:
         size += len(piece)
         if size < _BATCH:
             continue
-        data = b"".join([pending, *gathered])
+        data = _joined(pending, gathered)
         gathered.clear()
         view = memoryview(data)
         end = 0
@@ -78,10 +85,11 @@ def chunk_stream(pieces: Iterable[bytes]) -> Iterator[memoryview]:
                 break
         pending = data[end:]
         size = len(pending)
-    data = b"".join([pending, *gathered])
+    data = _joined(pending, gathered)
     view = memoryview(data)
+    if len(data) <= MIN_CHUNK:  # one chunk (most files), or none yet: the cutter needs no call
+        if data or not produced:
+            yield view
+        return
     for offset, length in _cuts(data):
         yield view[offset : offset + length]
-        produced = True
-    if not produced:
-        yield memoryview(b"")
