@@ -14,10 +14,12 @@ import trio.testing
 
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs import reader as reader_module
+from tvixfs.fs import sequential
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.reader import BlobReader
 from tvixfs.services.base import BlobService, ChunkMeta, Store
+from tvixfs.services.errors import CorruptDataError
 from tvixfs.services.local import open_local_store
 
 KERNEL_READ = 128 * 1024
@@ -175,3 +177,75 @@ async def test_a_batch_fetch_fails_each_key_on_its_own() -> None:
         nursery.start_soon(wait_for, "good")
         nursery.start_soon(wait_for, "bad")
     assert outcomes == {"good": 4, "bad": broken}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes in blocks of 512 KiB, so that a 3 MiB file spans several, with chunks across
+    their boundaries."""
+    monkeypatch.setattr(sequential, "BLOCK", 512 * 1024)
+    monkeypatch.setattr(reader_module, "PASS_MIN", 1024 * 1024)
+
+
+def _passing_reader(blobs: BlobService, background: trio.Nursery) -> BlobReader:
+    """A reader that reads the 3 MiB file in passes."""
+    return BlobReader(Bridge(), blobs, background, readahead_bytes=1024 * 1024)
+
+
+@pytest.mark.usefixtures("small_blocks")
+async def test_a_pass_over_a_local_store_reads_blocks_not_chunks(
+    store: Store, background: trio.Nursery
+) -> None:
+    node, data, chunks = _big_file(store)
+    watched = Watched(store.blobs)
+    reader = _passing_reader(watched, background)
+    file = await reader.open(node, b"test")
+    # The kernel's readahead arrives out of order: still one pass, each chunk read once by
+    # every block it overlaps.
+    offsets = list(range(0, SIZE, KERNEL_READ))
+    for i in range(0, len(offsets) - 1, 4):
+        offsets[i], offsets[i + 1] = offsets[i + 1], offsets[i]
+    pieces = {offset: bytes(await reader.read(file, offset, KERNEL_READ)) for offset in offsets}
+    assert b"".join(pieces[o] for o in sorted(pieces)) == data
+    assert reader.stats.chunks_fetched == 0  # nothing went through the chunk cache
+    start = 0
+    for chunk in chunks:
+        blocks = (start + chunk.size - 1) // sequential.BLOCK - start // sequential.BLOCK + 1
+        assert watched.reads[chunk.digest] == blocks, (start, chunk.size)
+        start += chunk.size
+
+
+@pytest.mark.usefixtures("small_blocks")
+async def test_a_damaged_chunk_file_fails_only_the_reads_that_need_it(
+    store: Store, tmp_path: Path, background: trio.Nursery
+) -> None:
+    node, data, chunks = _big_file(store)
+    damaged = chunks[len(chunks) // 2]
+    path = tmp_path / "store" / "chunks" / damaged.digest.hex()[:2] / damaged.digest.hex()
+    original = path.read_bytes()
+    path.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    start = sum(c.size for c in chunks[: len(chunks) // 2])
+    reader = _passing_reader(store.blobs, background)
+    file = await reader.open(node, b"test")
+    for offset in range(0, SIZE, KERNEL_READ):
+        if offset < start + damaged.size and start < offset + KERNEL_READ:
+            with pytest.raises(CorruptDataError):
+                await reader.read(file, offset, KERNEL_READ)
+        else:
+            got = await reader.read(file, offset, KERNEL_READ)
+            assert bytes(got) == data[offset : offset + KERNEL_READ], offset
+    path.write_bytes(original)  # healed: the next pass asks the store again
+    assert await _read_in_order(reader, node) == data
+
+
+def test_read_into_takes_only_a_chunk_of_exactly_its_size(store: Store, tmp_path: Path) -> None:
+    _, data, chunks = _big_file(store)
+    chunk = chunks[0]
+    path = tmp_path / "store" / "chunks" / chunk.digest.hex()[:2] / chunk.digest.hex()
+    buffer = bytearray(chunk.size)
+    store.blobs.read_into(chunk.digest, [memoryview(buffer)[:10], memoryview(buffer)[10:]])
+    assert bytes(buffer) == data[: chunk.size]
+    for wrong in (data[: chunk.size] + b"x", data[: chunk.size - 1]):
+        path.write_bytes(wrong)
+        with pytest.raises(CorruptDataError):
+            store.blobs.read_into(chunk.digest, [memoryview(bytearray(chunk.size))])

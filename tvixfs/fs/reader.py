@@ -14,7 +14,9 @@ that does not chunk) is still fetched once per open, not once per kernel read.
 Sequential access keeps ``READAHEAD_BYTES`` ahead of the reader fetched, in runs of
 consecutive chunks (one worker thread call per ``RUN_BYTES``, not per chunk); over a remote
 store a long pass from the start switches to one read of the whole blob (wholeblob.py). The
-chunks such a pass has read past leave the cache at once (``_release_behind``).
+chunks such a pass has read past leave the cache at once (``_release_behind``). A sequential
+pass over a file of ``PASS_MIN`` or more of a local store bypasses the chunks and the cache:
+it is read in aligned blocks that answer the kernel's reads uncopied (sequential.py).
 
 Known limit: the chunk list itself is not verified. Its sizes must add up to the file size and
 every chunk must match its own digest, but a store that lists genuine chunks in the wrong order
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 from cachetools import LRUCache
@@ -37,6 +41,7 @@ from tvixfs.castore.digest import DIGEST_SIZE, EMPTY_DIGEST, new_hasher
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
+from tvixfs.fs.sequential import SequentialPass
 from tvixfs.fs.wholeblob import WholeBlobStream
 from tvixfs.services.base import BlobService, ChunkMeta
 from tvixfs.services.errors import CorruptDataError, NotFoundError
@@ -64,6 +69,13 @@ STREAM_ABOVE = 16 << 20
 # (A program that only peeks at the start of a big file never gets that far.)
 WHOLE_READ_AFTER = 8 << 20
 WHOLE_READ_REST = 16 << 20
+# Sequential passes over files of a local store of PASS_MIN or more: at most MAX_PASSES at
+# once (each holds up to ~40 MiB of blocks, sequential.py); beyond that, and for smaller
+# files, whose chunks other files and handles may share, reads go chunk by chunk through the
+# cache. A pass unused for PASS_IDLE seconds gives its place to a new one.
+PASS_MIN = 16 << 20
+MAX_PASSES = 4
+PASS_IDLE = 5.0
 # Files up to this size are read as one blob without asking for their chunk list: one round
 # trip per small file instead of two (the embedded store cuts chunks of 64 KiB to 1 MiB).
 WHOLE_BLOB_MAX = 1 << 20
@@ -110,6 +122,7 @@ class OpenFile:
         "pinned",
         "released",
         "scheduled",
+        "sequential_pass",
         "whole_read",
         "whole_read_started",
     )
@@ -125,6 +138,7 @@ class OpenFile:
         self.whole_read: WholeBlobStream | None = None
         self.whole_read_started = False  # at most one whole-blob read per handle
         self.pinned: tuple[int, bytes] | None = None
+        self.sequential_pass: SequentialPass | None = None
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
@@ -207,6 +221,7 @@ class BlobReader:
         self._chunks_inflight: InFlight[bytes, bytes] = InFlight()
         self._maps_inflight: InFlight[bytes, ChunkMap] = InFlight()
         self._whole_reads: set[bytes] = set()  # blobs a whole-blob stream is reading
+        self._passes: weakref.WeakSet[SequentialPass] = weakref.WeakSet()  # of open handles
         self.stats = ReaderStats()
 
     @property
@@ -237,13 +252,58 @@ class BlobReader:
         return chunk_map
 
     async def read(self, file: OpenFile, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` of the file (fewer at its end)."""
+        """Bytes ``[offset, offset + size)`` of the file (fewer at its end).
+
+        Often a memoryview rather than ``bytes`` (typed as bytes for pyfuse3's signature; it
+        replies from any contiguous buffer), so that the bytes are not copied once more.
+        """
         chunk_map = file.chunk_map
         end = min(offset + size, chunk_map.size)
         if offset >= end:
             return b""
-        indices = chunk_map.covering(offset, end)
         sequential = abs(offset - file.last_end) <= SEQUENTIAL_SLACK
+        passing = file.sequential_pass
+        if passing is not None and not passing.holds(offset):
+            passing = file.sequential_pass = None
+        if passing is None and sequential and self._may_pass(chunk_map):
+            passing = file.sequential_pass = SequentialPass(
+                self._bridge,
+                self._blobs,
+                chunk_map,
+                check=self._must_check(chunk_map),
+                background=self._background,
+                window=self._readahead,
+                offset=offset,
+            )
+            self._passes.add(passing)
+        if passing is not None:
+            file.last_end = end
+            data = await passing.read(offset, end)
+            if data is not None:
+                return cast("bytes", data)
+            sequential = False  # a block failed: fetch its chunks alone, no readahead
+        return cast("bytes", await self._read_chunks(file, offset, end, sequential))
+
+    def _may_pass(self, chunk_map: ChunkMap) -> bool:
+        """Whether a sequential pass over this file reads it in blocks (sequential.py): a file
+        of PASS_MIN or more of a local store (over a remote one a whole-blob stream does it,
+        wholeblob.py), if fewer than MAX_PASSES are open or one has been idle for PASS_IDLE."""
+        if self._blobs.remote_reads or len(chunk_map.chunks) < 2 or chunk_map.size < PASS_MIN:
+            return False
+        if len(self._passes) < MAX_PASSES:
+            return True
+        idlest = min(self._passes, key=lambda p: p.last_used)
+        if trio.current_time() - idlest.last_used < PASS_IDLE:
+            return False
+        idlest.close()
+        self._passes.discard(idlest)
+        return True
+
+    async def _read_chunks(
+        self, file: OpenFile, offset: int, end: int, sequential: bool
+    ) -> bytes | memoryview:
+        chunk_map = file.chunk_map
+        indices = chunk_map.covering(offset, end)
         releasing = self._releasing(chunk_map)
         file.last_end = end
         if sequential:
@@ -274,7 +334,7 @@ class BlobReader:
                 # A late read (the kernel's are concurrent) behind chunks already released:
                 # what it fetched again must not stay either.
                 self._cache.pop(chunk_map.chunks[index].digest, None)
-        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _read_ahead(self, file: OpenFile, first: int, end: int) -> None:
         """Keep the chunks up to ``readahead`` bytes past ``end`` fetched or being fetched.

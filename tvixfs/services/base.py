@@ -8,13 +8,14 @@ FUSE daemon reaches them through its trio bridge. Data is validated model object
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import Node
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.errors import CorruptDataError
 
 
 class ChunkMeta(NamedTuple):
@@ -56,6 +57,27 @@ class BlobService(ABC):
 
     def read_all(self, digest: bytes) -> bytes:
         return b"".join(self.read(digest))
+
+    def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` in order with the bytes of ``read(digest)``, checked as ``read`` checks.
+
+        CorruptDataError if the blob is shorter or longer than the views together. A store
+        that can read into memory directly overrides this, saving a copy of every byte.
+        """
+        index, at = 0, 0  # the view being filled, and how much of it is
+        for piece in self.read(digest):
+            source = memoryview(piece)
+            while source:
+                if index == len(views):
+                    raise CorruptDataError(f"blob {digest.hex()}: longer than expected")
+                target = views[index]
+                n = min(len(source), len(target) - at)
+                target[at : at + n] = source[:n]
+                source, at = source[n:], at + n
+                if at == len(target):
+                    index, at = index + 1, 0
+        if sum(len(v) for v in views[index:]) > at:
+            raise CorruptDataError(f"blob {digest.hex()}: shorter than expected")
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release connections or files."""

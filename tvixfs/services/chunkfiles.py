@@ -17,11 +17,11 @@ import functools
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
-from tvixfs.castore.digest import b3digest
+from tvixfs.castore.digest import b3digest, new_hasher
 from tvixfs.services.errors import CorruptDataError
 
 TEMP_MARK = ".tmp-"
@@ -112,6 +112,52 @@ class ChunkFiles:
         if (expected_size is not None and len(data) != expected_size) or b3digest(data) != digest:
             raise CorruptDataError(f"chunk file {path} does not match its digest")
         return data
+
+    def read_into(self, digest: bytes, views: Sequence[memoryview]) -> bool:
+        """Fill ``views`` with the chunk's bytes and verify them there; False if no such file.
+
+        Straight into the caller's memory (one ``readv``, no bytes object in between), for
+        readers that assemble several chunks into one buffer. CorruptDataError unless the
+        file holds exactly as many bytes as the views together, with this digest.
+        """
+        name = digest.hex()
+        try:
+            fd = os.open(f"{self._root_name}/{name[:2]}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        size = sum(len(v) for v in views)
+        try:
+            # One byte more than expected, so that a longer file shows as damaged.
+            filled = _readv_full(fd, [*views, memoryview(bytearray(1))], size)
+        finally:
+            os.close(fd)
+        hasher = new_hasher()
+        for view in views:
+            hasher.update(view)
+        if filled != size or hasher.digest() != digest:
+            raise CorruptDataError(f"chunk file {self.path(digest)} does not match its digest")
+        return True
+
+
+def _readv_full(fd: int, views: Sequence[memoryview], expected: int) -> int:
+    """Bytes read into ``views`` in order, until they are full or the file ends.
+
+    A read that stops exactly at ``expected`` bytes is taken as the end of the file, as a
+    read of a regular file returns less than asked only there: one system call per chunk,
+    not two. (Where a file system returned less for another reason, a longer file would go
+    unnoticed, but its first ``expected`` bytes are still checked against the digest.)
+    """
+    total = 0
+    pending = [v for v in views if v]
+    while pending and (n := os.readv(fd, pending)):
+        total += n
+        if total == expected:
+            break
+        while pending and n >= len(pending[0]):
+            n -= len(pending.pop(0))
+        if n:
+            pending[0] = pending[0][n:]
+    return total
 
 
 def _read_up_to(fd: int, limit: int) -> bytes:

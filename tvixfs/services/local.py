@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tvixfs.castore.chunking import chunk_stream
@@ -97,6 +97,11 @@ class LocalBlobService(BlobService):
         if chunks is None:
             raise NotFoundError(f"blob {digest.hex()} not found")
         return (self._chunks.read(c.digest, c.size) for c in chunks)
+
+    def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
+        check_digest(digest)
+        if not self._chunks.read_into(digest, views):  # not one chunk: a blob of several, or none
+            super().read_into(digest, views)
 
     def put(self, data: Iterable[bytes]) -> bytes:
         """Chunk, hash and write; the blob's row is committed by the backend's next commit.
