@@ -321,8 +321,10 @@ What bounds the time of an operation against a store that says nothing:
   deadline (`tvixfs/fs/bridge.py` `DEFAULT_DEADLINE`, 60 s, for a whole chunk of up to 16 MiB,
   or per message of a stream), since the gRPC stream deadline `TVIXFS_GRPC_STREAM_TIMEOUT`
   defaults to 600 s; an abandoned call keeps its worker thread until the gRPC deadline;
-- a failed `read` is asked for twice by the kernel (readahead, then the page read itself), so
-  a `cat` of a file whose store hangs waits two deadlines;
+- a failed `read` is asked for twice by the kernel (readahead, then the page read itself);
+  the reader remembers for 1 s a chunk the store did not answer for
+  (`tvixfs/fs/reader.py` `UNAVAILABLE_MEMORY`), so the second ask fails at once and a `cat`
+  of a file whose store hangs waits one deadline;
 - a listener that accepts and never speaks (blackhole): gRPC's connect timeout (20 s) or the
   call's deadline, whichever is shorter;
 - a read spanning several chunks fetches them in one worker call, one after the other, so a

@@ -26,6 +26,8 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, mounted
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree
 
+from tvixfs.fs.reader import UNAVAILABLE_MEMORY
+
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="real mounts need /dev/fuse and root"
 )
@@ -169,11 +171,14 @@ def _rest_of_mount(rig: Rig, name: str) -> None:
 
 
 def _healed(rig: Rig, case: Case, basename: str) -> None:
-    """The same operation succeeds on the same mount, once a negative entry has expired."""
+    """The same operation succeeds on the same mount, once a negative entry has expired (and
+    a chunk the store hung on is no longer remembered as unavailable)."""
     deadline = time.monotonic() + HUNG
+    remembered = time.monotonic() + UNAVAILABLE_MEMORY + 1
     while (
-        error := _errno_of(lambda: rig.run(case.op, basename))
-    ) == errno.ENOENT and time.monotonic() < deadline:
+        (error := _errno_of(lambda: rig.run(case.op, basename))) == errno.ENOENT
+        or (error == errno.EIO and time.monotonic() < remembered)
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert error is None, os.strerror(error)
 

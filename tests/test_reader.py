@@ -4,6 +4,7 @@ and the coalescing of concurrent fetches they rely on. Real stores, no kernel.""
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.reader import BlobReader
 from tvixfs.services.base import BlobService, ChunkMeta, Store
-from tvixfs.services.errors import CorruptDataError
+from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
 from tvixfs.services.local import open_local_store
 
 KERNEL_READ = 128 * 1024
@@ -249,3 +250,41 @@ def test_read_into_takes_only_a_chunk_of_exactly_its_size(store: Store, tmp_path
         path.write_bytes(wrong)
         with pytest.raises(CorruptDataError):
             store.blobs.read_into(chunk.digest, [memoryview(bytearray(chunk.size))])
+
+
+class Hanging(Watched):
+    """A store whose reads hang until released (then fail): a store that stopped answering."""
+
+    def __init__(self, inner: BlobService) -> None:
+        super().__init__(inner)
+        self.released = threading.Event()
+
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        self.reads[digest] += 1
+        self.released.wait(60)
+        raise StoreUnavailableError("released at the end of the test")
+
+
+async def test_a_chunk_the_store_did_not_answer_for_fails_at_once_for_a_moment(
+    store: Store, background: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader_module, "UNAVAILABLE_MEMORY", 0.5)
+    data = os.urandom(100_000)
+    node = FileNode(b"small", store.blobs.put([data]), len(data))
+    hanging = Hanging(store.blobs)
+    reader = BlobReader(Bridge(deadline=0.3), hanging, background)
+    try:
+        file = await reader.open(node, b"test")
+        for _ in range(2):  # the kernel's readahead read, then its retry of the same page
+            start = trio.current_time()
+            with pytest.raises(StoreUnavailableError):
+                await reader.read(file, 0, KERNEL_READ)
+            took = trio.current_time() - start
+        assert hanging.reads[node.digest] == 1, "the retry must not wait for the store again"
+        assert took < 0.2
+        await trio.sleep(0.5)
+        with pytest.raises(StoreUnavailableError):  # later, the store is asked again
+            await reader.read(file, 0, KERNEL_READ)
+        assert hanging.reads[node.digest] == 2
+    finally:
+        hanging.released.set()

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import trio
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from tvixfs.castore.digest import DIGEST_SIZE, EMPTY_DIGEST, new_hasher
 from tvixfs.castore.nodes import FileNode
@@ -44,7 +44,7 @@ from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.sequential import SequentialPass
 from tvixfs.fs.wholeblob import WholeBlobStream
 from tvixfs.services.base import BlobService, ChunkMeta
-from tvixfs.services.errors import CorruptDataError, NotFoundError
+from tvixfs.services.errors import CorruptDataError, NotFoundError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ PASS_IDLE = 5.0
 # Files up to this size are read as one blob without asking for their chunk list: one round
 # trip per small file instead of two (the embedded store cuts chunks of 64 KiB to 1 MiB).
 WHOLE_BLOB_MAX = 1 << 20
+# A chunk whose fetch just found the store hung or unreachable fails again at once for this
+# long instead of asking the store again: the kernel retries a failed readahead read straight
+# away (for the page its reader waits on), which cost a `cat` of such a file two deadlines.
+UNAVAILABLE_MEMORY = 1.0
+UNAVAILABLE_CHUNKS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +224,9 @@ class BlobReader:
         self._cache: LRUCache[bytes, bytes] = LRUCache(cache_bytes, getsizeof=len)
         self._maps: LRUCache[bytes, ChunkMap] = LRUCache(CHUNK_MAP_CHUNKS, getsizeof=_chunk_map_size)
         self._chunks_inflight: InFlight[bytes, bytes] = InFlight()
+        self._unavailable: TTLCache[bytes, StoreUnavailableError] = TTLCache(
+            UNAVAILABLE_CHUNKS, UNAVAILABLE_MEMORY
+        )
         self._maps_inflight: InFlight[bytes, ChunkMap] = InFlight()
         self._whole_reads: set[bytes] = set()  # blobs a whole-blob stream is reading
         self._passes: weakref.WeakSet[SequentialPass] = weakref.WeakSet()  # of open handles
@@ -473,14 +481,19 @@ class BlobReader:
 
     async def _fetch_run(self, chunks: list[ChunkMeta], check: bool) -> dict[bytes, bytes | Exception]:
         """Fetch those of ``chunks`` that are neither cached nor being fetched, in one call."""
-        wanted = {c.digest: c for c in chunks if c.size <= STREAM_ABOVE and c.digest not in self._cache}
+        wanted = {
+            c.digest: c
+            for c in chunks
+            if c.size <= STREAM_ABOVE and c.digest not in self._cache and c.digest not in self._unavailable
+        }
 
         async def fetch(digests: list[bytes]) -> list[bytes | Exception]:
             run = [wanted[d] for d in digests]
             try:
                 outcomes = await self._bridge.call(_read_run, self._blobs, run, check)
-            except Exception:
-                self.stats.fetch_failures += len(run)
+            except Exception as e:
+                for chunk in run:
+                    self._fetched(chunk, e)
                 raise
             for chunk, outcome in zip(run, outcomes, strict=True):
                 self._fetched(chunk, outcome)
@@ -496,6 +509,8 @@ class BlobReader:
     async def _fetch(self, chunk: ChunkMeta, check: bool) -> bytes:
         if chunk.digest in self._cache:  # fetched while this task waited to start
             return self._cache[chunk.digest]
+        if (unavailable := self._unavailable.get(chunk.digest)) is not None:
+            raise unavailable
         try:
             if chunk.size <= STREAM_ABOVE:
                 data = await self._bridge.call(_read_verified, self._blobs, chunk, check)
@@ -510,6 +525,8 @@ class BlobReader:
     def _fetched(self, chunk: ChunkMeta, outcome: bytes | Exception) -> None:
         if isinstance(outcome, Exception):
             self.stats.fetch_failures += 1
+            if isinstance(outcome, StoreUnavailableError):
+                self._unavailable[chunk.digest] = outcome
             return
         self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(outcome)
