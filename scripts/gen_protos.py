@@ -34,7 +34,9 @@ def generate(out: Path) -> None:
         raw = Path(raw_dir)
         subprocess.run(
             [
-                sys.executable, "-m", "grpc_tools.protoc",
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
                 f"-I{PROTO_ROOT}",
                 f"--python_out={raw}",
                 f"--grpc_python_out={raw}",

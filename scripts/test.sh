@@ -9,6 +9,7 @@ echo "== generated protos are fresh"
 python scripts/gen_protos.py --check
 echo "== ruff"
 ruff check tvixfs tests bench scripts
+ruff format --check tvixfs tests bench scripts
 echo "== mypy --strict"
 mypy
 echo "== pytest"
