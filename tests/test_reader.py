@@ -269,6 +269,7 @@ async def test_a_chunk_the_store_did_not_answer_for_fails_at_once_for_a_moment(
     store: Store, background: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(reader_module, "UNAVAILABLE_MEMORY", 0.5)
+    monkeypatch.setattr(reader_module, "UNAVAILABLE_SLOW", 0.2)
     data = os.urandom(100_000)
     node = FileNode(b"small", store.blobs.put([data]), len(data))
     hanging = Hanging(store.blobs)
@@ -286,5 +287,11 @@ async def test_a_chunk_the_store_did_not_answer_for_fails_at_once_for_a_moment(
         with pytest.raises(StoreUnavailableError):  # later, the store is asked again
             await reader.read(file, 0, KERNEL_READ)
         assert hanging.reads[node.digest] == 2
+        await trio.sleep(0.5)
+        hanging.released.set()  # now failing at once: such failures are not remembered
+        for reads in (3, 4):
+            with pytest.raises(StoreUnavailableError):
+                await reader.read(file, 0, KERNEL_READ)
+            assert hanging.reads[node.digest] == reads
     finally:
         hanging.released.set()

@@ -79,9 +79,11 @@ PASS_IDLE = 5.0
 # Files up to this size are read as one blob without asking for their chunk list: one round
 # trip per small file instead of two (the embedded store cuts chunks of 64 KiB to 1 MiB).
 WHOLE_BLOB_MAX = 1 << 20
-# A chunk whose fetch just found the store hung or unreachable fails again at once for this
-# long instead of asking the store again: the kernel retries a failed readahead read straight
-# away (for the page its reader waits on), which cost a `cat` of such a file two deadlines.
+# A chunk whose fetch waited UNAVAILABLE_SLOW or longer and then found the store hung or
+# unreachable fails again at once for UNAVAILABLE_MEMORY instead of asking the store again:
+# the kernel retries a failed readahead read straight away (for the page its reader waits on),
+# which cost a `cat` of such a file two deadlines. A failure that came fast is not remembered.
+UNAVAILABLE_SLOW = 1.0
 UNAVAILABLE_MEMORY = 1.0
 UNAVAILABLE_CHUNKS = 4096
 
@@ -489,14 +491,15 @@ class BlobReader:
 
         async def fetch(digests: list[bytes]) -> list[bytes | Exception]:
             run = [wanted[d] for d in digests]
+            started = trio.current_time()
             try:
                 outcomes = await self._bridge.call(_read_run, self._blobs, run, check)
             except Exception as e:
                 for chunk in run:
-                    self._fetched(chunk, e)
+                    self._fetched(chunk, e, started)
                 raise
             for chunk, outcome in zip(run, outcomes, strict=True):
-                self._fetched(chunk, outcome)
+                self._fetched(chunk, outcome, started)
             return outcomes
 
         return await self._chunks_inflight.run_many(list(wanted), fetch)
@@ -511,21 +514,28 @@ class BlobReader:
             return self._cache[chunk.digest]
         if (unavailable := self._unavailable.get(chunk.digest)) is not None:
             raise unavailable
+        started = trio.current_time()
         try:
             if chunk.size <= STREAM_ABOVE:
                 data = await self._bridge.call(_read_verified, self._blobs, chunk, check)
             else:
                 data = await self._stream_verified(chunk, check)
         except Exception as e:
-            self._fetched(chunk, e)
+            self._fetched(chunk, e, started)
             raise
         self._fetched(chunk, data)
         return data
 
-    def _fetched(self, chunk: ChunkMeta, outcome: bytes | Exception) -> None:
+    def _fetched(self, chunk: ChunkMeta, outcome: bytes | Exception, started: float | None = None) -> None:
+        """Account for (and cache) a fetch's outcome; ``started``: when this fetch began, if it
+        was one of ours rather than a whole-blob stream's."""
         if isinstance(outcome, Exception):
             self.stats.fetch_failures += 1
-            if isinstance(outcome, StoreUnavailableError):
+            if (
+                isinstance(outcome, StoreUnavailableError)
+                and started is not None
+                and trio.current_time() - started >= UNAVAILABLE_SLOW
+            ):
                 self._unavailable[chunk.digest] = outcome
             return
         self.stats.chunks_fetched += 1
