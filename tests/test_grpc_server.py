@@ -12,7 +12,9 @@ import os
 import socket
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -35,7 +37,7 @@ from tvixfs.protos import (
 )
 from tvixfs.server.listen import ListenError, parse_listen, warn_if_exposed
 from tvixfs.server.serve import RunningServer, start_server
-from tvixfs.server.servicers import READ_MESSAGE_SIZE, rechunk
+from tvixfs.server.servicers import READ_MESSAGE_SIZE, read_ahead, rechunk
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.grpc import ClientConfig, open_grpc_store
 from tvixfs.services.ingest import ingest_path
@@ -119,6 +121,8 @@ def test_blob_errors(stubs: Stubs) -> None:
 
 
 def test_chunked_blob_of_a_local_store(short_tmp: Path) -> None:
+    """Read by chunk digest and by blob digest (its chunks read ahead); a damaged chunk file is
+    DATA_LOSS, whichever way it is read."""
     local = open_local_store(short_tmp / "store")
     running = start_server(local, [f"unix:{short_tmp / 's.sock'}"], threads=8)
     try:
@@ -130,16 +134,54 @@ def test_chunked_blob_of_a_local_store(short_tmp: Path) -> None:
                 rpc_blobstore_pb2.StatBlobRequest(digest=digest, send_chunks=True)
             ).chunks
             assert len(chunks) > 1
-            joined = b""
+            hasher = hashlib.sha256()
             for chunk in chunks:
                 read = rpc_blobstore_pb2.ReadBlobRequest(digest=chunk.digest)
                 part = b"".join(m.data for m in stubs.blobs.Read(read))
                 assert (b3digest(part), len(part)) == (chunk.digest, chunk.size)
-                joined += part
-            assert joined == data
+                hasher.update(part)
+            assert hasher.digest() == hashlib.sha256(data).digest()
+            whole = [m.data for m in stubs.blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=digest))]
+            assert hashlib.sha256(b"".join(whole)).digest() == hashlib.sha256(data).digest()
+            assert all(len(m) == READ_MESSAGE_SIZE for m in whole[:-1])
+
+            damaged = chunks[len(chunks) // 2].digest
+            path = short_tmp / "store" / "chunks" / damaged.hex()[:2] / damaged.hex()
+            content = bytearray(path.read_bytes())
+            content[0] ^= 1
+            path.write_bytes(content)
+            for target in (digest, damaged):
+                expect(Code.DATA_LOSS, stubs.blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=target)))
     finally:
         running.stop(None)
         local.close()
+
+
+def test_read_ahead_keeps_order_and_cancels_what_an_early_end_leaves() -> None:
+    blobs = MemoryBlobService()
+    pieces = [os.urandom(n) for n in (5, 1, 7, 3, 4)]
+    chunks = [ChunkMeta(blobs.put([p]), len(p)) for p in pieces]
+    started: list[bytes] = []
+    second_started, go_on = threading.Event(), threading.Event()
+
+    class Recording(MemoryBlobService):
+        def read(self, digest: bytes) -> Iterator[bytes]:
+            started.append(digest)
+            if len(started) == 2:
+                second_started.set()
+                go_on.wait(10)
+            return blobs.read(digest)
+
+    with ThreadPoolExecutor(1) as executor:
+        for ahead, batch in ((6, 1), (10, 6), (1, 1 << 20)):
+            assert list(read_ahead(blobs, chunks, executor, ahead, batch)) == pieces
+        # One chunk per batch, every batch queued at once.
+        stream = read_ahead(Recording(), chunks, executor, 1 << 20, 1)
+        assert next(stream) == pieces[0]
+        assert second_started.wait(10)
+        stream.close()
+        go_on.set()
+    assert started == [chunks[0].digest, chunks[1].digest], "the reads not started were cancelled"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ the client asks for differs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
@@ -30,10 +31,14 @@ def add_store_services(
     store: Store,
     read_message_size: int = READ_MESSAGE_SIZE,
     prefixes: Sequence[str] = PREFIXES,
+    read_ahead: Executor | None = None,
 ) -> list[str]:
-    """Add the three services of ``store`` under ``prefixes``; returns the service names served."""
+    """Add the three services of ``store`` under ``prefixes``; returns the service names served.
+
+    ``read_ahead`` runs the chunk reads of Read streams ahead of them (servicers.read_ahead).
+    """
     handlers: Handlers = {
-        **BlobServicer(store.blobs, read_message_size).handlers(),
+        **BlobServicer(store.blobs, read_message_size, read_ahead).handlers(),
         **DirectoryServicer(store.directories).handlers(),
         **PathInfoServicer(store.pathinfos).handlers(),
     }

@@ -19,7 +19,7 @@ from grpc_health.v1 import health
 from tvixfs.server.handlers import add_store_services
 from tvixfs.server.listen import bind, parse_listen
 from tvixfs.server.reflection import add_health, add_reflection
-from tvixfs.server.servicers import READ_MESSAGE_SIZE
+from tvixfs.server.servicers import READ_AHEAD_THREADS, READ_MESSAGE_SIZE
 from tvixfs.services.base import Store
 from tvixfs.services.grpc_channel import MAX_MESSAGE
 from tvixfs.services.grpc_methods import PREFIXES
@@ -49,11 +49,14 @@ class RunningServer:
     server: grpc.Server
     addresses: list[str]  # as bound: a TCP port 0 replaced by the port chosen
     health: health.HealthServicer
+    read_ahead: ThreadPoolExecutor
 
     def stop(self, grace: float | None) -> None:
         """Refuse new calls, let calls in flight finish for up to ``grace`` seconds."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        # Calls are over; a read still running ends on its own (a chunk, shortly).
+        self.read_ahead.shutdown(wait=False, cancel_futures=True)
 
 
 def start_server(
@@ -69,16 +72,18 @@ def start_server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tvixfs-grpc"),
         options=SERVER_OPTIONS,
     )
-    names = add_store_services(server, store, read_message_size, prefixes)
+    read_ahead = ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS, thread_name_prefix="tvixfs-read-ahead")
+    names = add_store_services(server, store, read_message_size, prefixes, read_ahead)
     servicer = add_health(server, names)
     add_reflection(server, names)
     try:
         bound = [bind(server, address) for address in addresses]
     except BaseException:
         server.stop(None)
+        read_ahead.shutdown()
         raise
     server.start()
-    return RunningServer(server, bound, servicer)
+    return RunningServer(server, bound, servicer, read_ahead)
 
 
 def run_daemon(

@@ -7,7 +7,9 @@ what a client sends happens here or in the backend, before anything is stored.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from tvixfs.castore.digest import check_digest
@@ -15,8 +17,8 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
-from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
-from tvixfs.services.errors import InvalidArgumentError, NotFoundError
+from tvixfs.services.base import BlobService, ChunkMeta, DirectoryService, PathInfoService
+from tvixfs.services.errors import CorruptDataError, InvalidArgumentError, NotFoundError
 from tvixfs.services.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
@@ -39,6 +41,17 @@ Handlers = dict[Method, Callable[[Any], Any]]
 # 2 MiB 620-1220, 3 MiB 250-630. 1 MiB is as fast as any and a quarter of the 4 MiB a default
 # gRPC client accepts.
 READ_MESSAGE_SIZE = 1 << 20
+
+# How a Read stream of a blob of many chunks reads them: by threads shared by all streams, in
+# batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. A mount
+# reading a 256 MiB blob (858 chunk files) cold over loopback, 6-7 interleaved reps: store on
+# disk, chunk after chunk 1.11-1.39 s, read ahead 0.88-0.99 s, the same daemon CPU; a store in
+# memory (tmpfs) gains nothing, and costs the daemon 0.41 -> 0.46 s of CPU (0.51 s with a hand-over
+# between threads per chunk). One thread gains nothing: the disk needs several reads in flight
+# (cat of the chunk files, cold: 0.47 s one at a time, 0.22 s four at a time).
+READ_AHEAD = 8 << 20
+READ_AHEAD_BATCH = 2 << 20
+READ_AHEAD_THREADS = 4
 
 
 def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[list[memoryview]]:
@@ -64,10 +77,68 @@ def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[list[memoryview]]:
         yield parts
 
 
+def read_ahead(
+    blobs: BlobService, chunks: list[ChunkMeta], executor: Executor, ahead: int, batch: int
+) -> Iterator[bytes]:
+    """The chunks' bytes in order, read by ``executor`` in batches of about ``batch`` bytes, up
+    to ``ahead`` bytes before they are due.
+
+    Each chunk is read by its own digest, so the store checks it as it checks any read.
+    """
+
+    def fetch(metas: list[ChunkMeta]) -> list[bytes]:
+        out = []
+        for meta in metas:
+            data = b"".join(blobs.read(meta.digest))
+            if len(data) != meta.size:
+                raise CorruptDataError(
+                    f"chunk {meta.digest.hex()}: {len(data)} bytes, its blob lists {meta.size}"
+                )
+            out.append(data)
+        return out
+
+    pending: deque[tuple[Future[list[bytes]], int]] = deque()
+    held = 0
+    try:
+        for metas in _batches(chunks, batch):
+            size = sum(meta.size for meta in metas)
+            pending.append((executor.submit(fetch, metas), size))
+            held += size
+            while held >= ahead:
+                future, size = pending.popleft()
+                held -= size
+                yield from future.result()
+        while pending:
+            yield from pending.popleft()[0].result()
+    finally:
+        for future, _ in pending:  # the stream ended early: reads not started are not needed
+            future.cancel()
+
+
+def _batches(chunks: list[ChunkMeta], size: int) -> Iterator[list[ChunkMeta]]:
+    """Consecutive chunks in groups of at least ``size`` bytes (the last may be smaller)."""
+    batch: list[ChunkMeta] = []
+    held = 0
+    for meta in chunks:
+        batch.append(meta)
+        held += meta.size
+        if held >= size:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
 class BlobServicer:
-    def __init__(self, blobs: BlobService, message_size: int = READ_MESSAGE_SIZE) -> None:
+    def __init__(
+        self, blobs: BlobService, message_size: int = READ_MESSAGE_SIZE, read_ahead: Executor | None = None
+    ) -> None:
         self._blobs = blobs
         self._message_size = message_size
+        # Only a store that checks every chunk it reads, and reads it in this process: over a
+        # remote store one stream of the whole blob is far cheaper than a call per chunk.
+        local = blobs.verifies_reads and not blobs.remote_reads
+        self._read_ahead = read_ahead if local else None
 
     def handlers(self) -> Handlers:
         return {BLOB_STAT: self.stat, BLOB_READ: self.read, BLOB_PUT: self.put}
@@ -87,7 +158,19 @@ class BlobServicer:
     def read(self, request: rpc_blobstore_pb2.ReadBlobRequest) -> Iterator[list[memoryview]]:
         """The blob's bytes; each message is the pieces of its ``data`` (see BLOB_READ)."""
         digest = check_digest(request.digest, "blob digest")
-        return rechunk(self._blobs.read(digest), self._message_size)
+        return rechunk(self._pieces(digest), self._message_size)
+
+    def _pieces(self, digest: bytes) -> Iterator[bytes]:
+        """The blob from its store; its chunks read ahead where the store lets us.
+
+        A stream from the store reads one chunk after the other: cold, every one is a wait
+        for the disk, while several reads in flight keep it busy.
+        """
+        if self._read_ahead is not None:
+            chunks = self._blobs.stat(digest, send_chunks=True)
+            if chunks is not None and len(chunks) > 1:  # else one chunk, or not a blob (a chunk's digest)
+                return read_ahead(self._blobs, chunks, self._read_ahead, READ_AHEAD, READ_AHEAD_BATCH)
+        return self._blobs.read(digest)
 
     def put(self, requests: Iterator[rpc_blobstore_pb2.BlobChunk]) -> rpc_blobstore_pb2.PutBlobResponse:
         return rpc_blobstore_pb2.PutBlobResponse(digest=self._blobs.put(m.data for m in requests))
