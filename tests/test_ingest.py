@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,8 +29,17 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, node_from_proto
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
+from tvixfs.services.chunkworkers import ChunkWorkers, WorkerError, Written
 from tvixfs.services.errors import CorruptDataError
-from tvixfs.services.ingest import IngestError, _read_pieces, ingest_nar, ingest_path
+from tvixfs.services.fsck import fsck_local_store
+from tvixfs.services.ingest import (
+    PARALLEL_FILES,
+    WHOLE_FILE_MAX,
+    IngestError,
+    _read_pieces,
+    ingest_nar,
+    ingest_path,
+)
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import open_memory_store
 from tvixfs.services.nixsource import NixError, NixSource, import_from_nix, parse_nix_path
@@ -145,6 +157,57 @@ def test_invalid_name_rejected_before_any_work(sample_tree: Path) -> None:
     with pytest.raises(ValueError, match="characters outside"):
         ingest_path(store, sample_tree, "has space")
     assert list(store.pathinfos.list()) == []
+
+
+def test_import_into_a_local_store_by_chunk_workers(sample_tree: Path, tmp_path: Path) -> None:
+    """Enough files to start a chunk writer process, files of every size class (empty, small,
+    several chunks, above WHOLE_FILE_MAX): the result is Nix's, every blob is committed with
+    its chunk files, and no process is left."""
+    big = sample_tree / "share" / "big"
+    big.mkdir()
+    for i in range(PARALLEL_FILES + 50):
+        (big / f"f{i:03d}").write_bytes(os.urandom(i * 97))
+    (big / "over-whole-max").write_bytes(os.urandom(WHOLE_FILE_MAX + 3 * MAX_CHUNK + 5))
+    (big / "several-chunks").write_bytes(os.urandom(3 * MAX_CHUNK))
+    store_dir = tmp_path / "tvixfs"
+    store = open_local_store(store_dir)
+    try:
+        info = ingest_path(store, sample_tree, "sample")
+        assert multiprocessing.active_children() == []
+        assert_same_as_nix(store, info, tmp_path / "nix", sample_tree)
+    finally:
+        store.close()
+    lines: list[str] = []
+    result = fsck_local_store(store_dir, lines.append, check_contents=True)
+    assert (result.problems, result.orphan_chunks, result.temp_files, lines) == (0, 0, 0, [])
+
+
+def _write_elsewhere(path: bytes, size: int) -> Written:
+    if path.endswith(b"fails"):
+        raise OSError(errno.EIO, "Input/output error", os.fsdecode(path))
+    return b3digest(path), size, b""
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("ok", "changed while being imported"), ("fails", "cannot import /x/fails: Input/output error")],
+)
+def test_chunk_workers_refuse_what_does_not_match(name: str, error: str) -> None:
+    """A worker that read other bytes than the importer (the file changed in between) or could
+    not read the file fails the import; the workers are stopped either way."""
+    recorded: list[bytes] = []
+    workers = ChunkWorkers(1, _write_elsewhere, lambda digest, size, packed: recorded.append(digest))
+    try:
+        for i in range(3):
+            workers.submit(f"/x/{i}".encode(), 5, b3digest(f"/x/{i}".encode()))
+        workers.drain()
+        workers.submit(f"/x/{name}".encode(), 5, b3digest(b"what the importer read"))
+        with pytest.raises(WorkerError, match=re.escape(error)):
+            workers.drain()
+    finally:
+        workers.close()
+    assert recorded == [b3digest(f"/x/{i}".encode()) for i in range(3)]
+    assert multiprocessing.active_children() == []
 
 
 # --- NAR streams -----------------------------------------------------------------------------

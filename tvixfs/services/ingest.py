@@ -17,18 +17,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
-from tvixfs.castore.digest import b3digest
+from tvixfs.castore.digest import b3digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import FileNode, Node, SymlinkNode, node_to_proto, rename
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import BlobService, Store
+from tvixfs.services.chunkworkers import ChunkWorkers, WorkerError
 from tvixfs.services.errors import CorruptDataError, StoreError
+from tvixfs.services.local import LocalBlobService, write_blob
 from tvixfs.store import nar
 from tvixfs.store.nixtext import format_hash
 from tvixfs.store.storepath import StorePath, check_name, source_store_path
 
-# Files up to this size are read whole and put by a worker thread, ahead of the NAR hash;
-# larger ones are streamed through the importing thread in READ_PIECE pieces.
+# Files up to this size are read whole: put by a worker thread ahead of the NAR hash (remote
+# stores), or by the importing thread when the chunk workers are busy; larger ones are
+# streamed in READ_PIECE pieces.
 WHOLE_FILE_MAX = 4 << 20
 READ_PIECE = 1 << 20
 # How far the workers may run ahead of the NAR hash: bounds memory and open work.
@@ -36,6 +39,13 @@ AHEAD_BYTES = 64 << 20
 AHEAD_ENTRIES = 2048
 # Puts to a remote store mostly wait for the network: more workers than cores pay.
 WORKERS = 8
+# Processes that write chunk files for an import into an embedded store (chunkworkers.py),
+# started once an import has this many files or bytes: forking one costs ~10 ms. One, as
+# the importing process takes files itself whenever it is ahead: with two, the three
+# processes only shared the 2 cores here, for more CPU and no less time.
+CHUNK_WORKERS = 1
+PARALLEL_FILES = 64
+PARALLEL_BYTES = 16 << 20
 
 Progress = Callable[[int, int], None]
 """Called after each file with (files imported, bytes imported) so far."""
@@ -197,9 +207,8 @@ def ingest_path(
 ) -> pathinfo_pb2.PathInfo:
     """Import a file, directory or symlink as ``nix-store --add`` would; returns its PathInfo.
 
-    Each file is read once: workers read small files and put their blobs ahead of the
-    importing thread, which feeds the same bytes, in NAR order, to the NAR sha256 (the store
-    path depends on it). Large files stream through the importing thread in pieces.
+    The importing thread feeds every file's bytes, in NAR order, to the NAR sha256 (the store
+    path depends on it); how blobs are put depends on the store (``_import_tree``).
     """
     check_name(name)
     hasher = _NarHasher()
@@ -225,16 +234,20 @@ def _import_tree(
 ) -> Node:
     """Put every blob of the tree, build its directories in ``tree``; returns the root node.
 
-    Only a remote store (``remote_reads``: its calls go to another process) gets worker
-    threads, as its puts wait for the network. A put into an embedded store is CPU work, most
-    of it holding the GIL, and workers only turned it into contention: the GIL changed hands
-    on every syscall, and an import of a Python install (8 300 entries) took 1.8-2.2 s of
-    CPU with 8 or 2 workers against 1.1-1.3 s inline, and no less time.
+    A remote store (``remote_reads``: its calls go to another process) gets worker threads,
+    as its puts wait for the network. A put into an embedded store is CPU work, most of it
+    holding the GIL: threads only turned it into contention (the GIL changed hands on every
+    syscall: an import of a Python install, 8 300 entries, took 1.8-2.2 s of CPU with 8 or 2
+    threads against 1.1-1.3 s inline, and no less time). Its chunk files are written by
+    worker processes instead (chunkworkers.py), once the tree proves big enough to pay for
+    starting one; until then, and into other stores, files are put inline.
     """
     files = imported = 0
     pool = (
         ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest") if store.blobs.remote_reads else None
     )
+    local = store.blobs if isinstance(store.blobs, LocalBlobService) else None
+    workers: ChunkWorkers | None = None
     try:
         for event, loaded in _ahead(_walk(path), pool, store.blobs):
             node: Node | None = None
@@ -250,15 +263,13 @@ def _import_tree(
                 hasher.write(nar.symlink(event.target))
                 node = SymlinkNode(event.name, event.target)
             else:
-                hasher.write(nar.file_open(event.size, event.executable))
-                if loaded is not None:
-                    digest, data = loaded.result()
-                    hasher.write(data)
-                else:
-                    pieces = _read_pieces(event.path, event.size, READ_PIECE)
-                    digest = store.blobs.put(_hashed(pieces, hasher))
-                hasher.write(nar.file_close(event.size))
-                node = FileNode(event.name, digest, event.size, event.executable)
+                if (
+                    local is not None
+                    and workers is None
+                    and (files >= PARALLEL_FILES or imported + event.size >= PARALLEL_BYTES)
+                ):
+                    workers = _chunk_workers(local)
+                node = _import_file(event, loaded, workers, store.blobs, hasher)
                 files += 1
                 imported += event.size
                 if progress is not None:
@@ -266,13 +277,67 @@ def _import_tree(
             if node is None:
                 continue
             if not tree.depth:
+                if workers is not None:
+                    workers.drain()
                 return node
             hasher.write(nar.ENTRY_CLOSE)
             tree.add(node)
+    except WorkerError as e:
+        raise IngestError(str(e)) from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if workers is not None:
+            workers.close()
     raise AssertionError("a walk always ends with its root")
+
+
+def _import_file(
+    file: _File, loaded: _Loaded | None, workers: ChunkWorkers | None, blobs: BlobService, hasher: _NarHasher
+) -> FileNode:
+    """The file's NAR bytes into ``hasher``; its blob put by whichever way the import uses."""
+    hasher.write(nar.file_open(file.size, file.executable))
+    if loaded is not None:
+        digest, data = loaded.result()
+        hasher.write(data)
+    elif workers is None:
+        digest = blobs.put(_hashed(_read_pieces(file.path, file.size, READ_PIECE), hasher))
+    elif file.size > WHOLE_FILE_MAX:
+        digest = _digest(_hashed(_read_pieces(file.path, file.size, READ_PIECE), hasher))
+        workers.submit(file.path, file.size, digest)
+    else:
+        pieces = list(_hashed(_read_pieces(file.path, file.size, READ_PIECE), hasher))
+        if workers.ready():
+            digest = _digest(pieces)
+            workers.submit(file.path, file.size, digest)
+        else:  # rather than wait for the workers, write it here: both cores stay busy
+            digest = blobs.put(pieces)
+    hasher.write(nar.file_close(file.size))
+    return FileNode(file.name, digest, file.size, file.executable)
+
+
+def _chunk_workers(blobs: LocalBlobService) -> ChunkWorkers:
+    files = blobs.chunk_files
+    return ChunkWorkers(
+        CHUNK_WORKERS,
+        lambda path, size: write_blob(files, _read_pieces(path, size, READ_PIECE)),
+        blobs.add_written,
+    )
+
+
+def _digest(pieces: Iterable[bytes]) -> bytes:
+    """The BLAKE3 digest of the pieces together: the digest of the blob they make."""
+    rest = iter(pieces)
+    first = next(rest, b"")
+    second = next(rest, None)
+    if second is None:
+        return b3digest(first)
+    hasher = new_hasher()
+    hasher.update(first)
+    hasher.update(second)
+    for piece in rest:
+        hasher.update(piece)
+    return hasher.digest()
 
 
 def _hashed(pieces: Iterable[bytes], hasher: _NarHasher) -> Iterator[bytes]:
@@ -334,15 +399,21 @@ def ingest_nar(
     """Import the NAR read from ``stream`` as ``store_path``; returns its PathInfo.
 
     ``narinfo`` carries what the source knows (signatures, deriver, ca); a nar_size or
-    nar_sha256 set in it is an expectation: on a mismatch nothing is committed.
+    nar_sha256 set in it is an expectation: on a mismatch nothing is committed. Worker
+    threads put blobs only into a remote store, as in ``_import_tree``: for the NAR of a
+    Python install (8 300 entries) into an embedded store they cost 2.2 s of CPU against
+    1.7 s inline, and 2.1 s against 1.8 s of time.
     """
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
-    try:
-        puts = _BackgroundPuts(store.blobs, pool)
-        contents = nar.read_nar(stream, store_path.basename.encode(), puts.put)
-        puts.wait()
-    finally:
-        pool.shutdown(cancel_futures=True)
+    if store.blobs.remote_reads:
+        pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
+        try:
+            puts = _BackgroundPuts(store.blobs, pool)
+            contents = nar.read_nar(stream, store_path.basename.encode(), puts.put)
+            puts.wait()
+        finally:
+            pool.shutdown(cancel_futures=True)
+    else:
+        contents = nar.read_nar(stream, store_path.basename.encode(), store.blobs.put)
     info = pathinfo_pb2.NARInfo()
     if narinfo is not None:
         info.CopyFrom(narinfo)
