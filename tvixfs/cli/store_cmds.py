@@ -33,7 +33,7 @@ from tvixfs.services.errors import NotFoundError
 from tvixfs.services.ingest import ingest_nar, ingest_path
 from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.store.nar import ReadBlob, blobs_read_ahead, file_contents, write_nar
-from tvixfs.store.nixtext import format_ca, format_hash, format_signature
+from tvixfs.store.nixtext import format_ca, format_signature, format_sri
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
 
@@ -230,7 +230,7 @@ def _info_json(info: pathinfo_pb2.PathInfo) -> dict[str, Any]:
     narinfo = info.narinfo
     out: dict[str, Any] = {
         "path": _store_path(info),
-        "narHash": format_hash(narinfo.nar_sha256),
+        "narHash": format_sri(narinfo.nar_sha256),
         "narSize": narinfo.nar_size,
         "references": sorted(f"{STORE_DIR}/{name}" for name in narinfo.reference_names),
     }

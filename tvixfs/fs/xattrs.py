@@ -11,20 +11,15 @@
 
 from __future__ import annotations
 
-import base64
-
 from tvixfs.castore.digest import format_digest
 from tvixfs.castore.nodes import DirectoryNode, FileNode
 from tvixfs.fs.inodes import Inode
+from tvixfs.store.nixtext import format_sri
 
 BLOB_DIGEST = b"user.tvix.castore.blob.digest"
 DIRECTORY_DIGEST = b"user.tvix.castore.directory.digest"
 STORE_PATH = b"user.tvixfs.store_path"
 NAR_HASH = b"user.tvixfs.nar_hash"
-
-
-def sri_sha256(digest: bytes) -> str:
-    return "sha256-" + base64.b64encode(digest).decode()
 
 
 def xattrs_of(inode: Inode) -> dict[bytes, bytes]:
@@ -37,5 +32,5 @@ def xattrs_of(inode: Inode) -> dict[bytes, bytes]:
     if inode.root is not None:
         found[STORE_PATH] = inode.root.store_path.absolute.encode()
         if inode.root.nar_sha256 is not None:
-            found[NAR_HASH] = sri_sha256(inode.root.nar_sha256).encode()
+            found[NAR_HASH] = format_sri(inode.root.nar_sha256).encode()
     return found

@@ -66,6 +66,11 @@ def format_hash(digest: bytes, algo: str = "sha256") -> str:
     return f"{algo}:{nixbase32.encode(digest)}"
 
 
+def format_sri(digest: bytes, algo: str = "sha256") -> str:
+    """``<algo>-<base64>``: the form ``nix path-info --json`` prints (Nix 2.4 and later)."""
+    return f"{algo}-{base64.b64encode(digest).decode()}"
+
+
 def parse_ca(text: str) -> pathinfo_pb2.NARInfo.CA:
     """A Nix content address (``fixed:r:sha256:…``, ``fixed:sha1:…``, ``text:sha256:…``)."""
     method, _, rest = text.rpartition(":")
