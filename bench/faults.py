@@ -40,6 +40,8 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore  # noqa: E402
 from mounting import TVIXFS, Mount, mounted  # noqa: E402
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree  # noqa: E402
 
+from tvixfs.fs.reader import UNAVAILABLE_MEMORY  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "FAULTS.md"
 # A hung operation that has not ended after this long is reported as hanging.
 HANG_LIMIT = 300.0
@@ -229,17 +231,20 @@ class Bench:
 
     def recovery(self, case: Case, basename: str, source: Path) -> str:
         start = time.monotonic()
-        absent = False
+        state = ""  # how it failed before it recovered, if it did not at once
         while True:
             result, seconds = outcome(lambda: run_op(case.op, self.path(basename), source))
             waited = time.monotonic() - start
             if result == "ok":
                 took = f" ({seconds:.1f}s)" if seconds >= 0.5 else ""
-                return f"yes, after {waited:.1f}s absent" if absent else f"yes{took}"
-            if result != "ENOENT" or waited > VISIBLE_WITHIN:
+                return f"yes, after {waited:.1f}s {state}" if state else f"yes{took}"
+            if result == "ENOENT" and waited <= VISIBLE_WITHIN:
+                state = "absent"  # a negative entry of the store path, until it expires
+            elif result == "EIO" and waited <= UNAVAILABLE_MEMORY + 1:
+                state = "failing"  # a chunk the store hung on fails at once for a moment
+            else:
                 return f"NO: {result}"
-            absent = True
-            time.sleep(0.1)  # a negative entry of the store path, until it expires
+            time.sleep(0.1)
 
 
 def run_all(cases: list[Case], timeout: str, work: Path) -> list[Row]:
@@ -312,7 +317,8 @@ answering meanwhile, clears the fault and repeats the operation on the same moun
   lookup and listing of a store path nobody had touched (needs the store).
 - *recovered after clear*: the same operation once the store is honest again, same mount;
   its time if it took 0.5 s or more (reconnecting after `refuse` takes up to ~1.5 s), or
-  "after N s absent": how long the store path stayed absent (its negative entry expiring).
+  "after N s absent": how long the store path stayed absent (its negative entry expiring), or
+  "after N s failing": how long a chunk the store had hung on kept failing (reader.py).
 
 What bounds the time of an operation against a store that says nothing:
 - a unary call (PathInfo Get for a lookup, blob Stat): the gRPC client's deadline,
