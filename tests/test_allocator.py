@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from grpcserver import running_daemon
+
+from tvixfs.allocator import glibc_version
 
 # Run in a fresh interpreter: where an 8 MiB buffer lands, on the heap or in a mapping of its
 # own. glibc's default threshold (128 KiB, sliding up only after the first such buffer is
@@ -28,14 +29,7 @@ for line in open("/proc/self/maps"):
 """
 
 
-def _is_glibc() -> bool:
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION") is not None
-    except (ValueError, OSError):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _is_glibc(), reason="mallopt is glibc's")
+pytestmark = pytest.mark.skipif(glibc_version() is None, reason="mallopt is glibc's")
 
 
 def _where(mode: str) -> str:

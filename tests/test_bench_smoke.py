@@ -5,17 +5,16 @@ Only whether it runs is checked here; speed lives in bench/RESULTS.md, never in 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from mounting import needs_fuse
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the harness mounts and drops caches: root only")
+@needs_fuse  # the harness mounts, and drops caches: root only
 def test_self_check_imports_mounts_and_reads() -> None:
     proc = subprocess.run(
         [sys.executable, str(RUN), "--self-check"], capture_output=True, text=True, timeout=120, check=False

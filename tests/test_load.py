@@ -28,11 +28,9 @@ from pathlib import Path
 
 import pytest
 from faultstore import RemoteFaults, spawn_faultstore
-from mounting import TVIXFS, Mount, mounted
+from mounting import TVIXFS, Mount, mounted, needs_fuse
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="real mounts need /dev/fuse and root"
-)
+pytestmark = needs_fuse
 
 READERS = 64
 FILES = 2400

@@ -26,7 +26,7 @@ import pytest
 from conftest import make_sample_tree
 from faultstore import Fault, RemoteFaults, spawn_faultstore
 from grpcserver import running_daemon
-from mounting import TVIXFS, Mount, import_tree, mounted, spawn_mount, teardown
+from mounting import TVIXFS, Mount, import_tree, mounted, needs_fuse, spawn_mount, teardown
 
 from tvixfs.fs.reader import UNAVAILABLE_MEMORY
 from tvixfs.fs.roots import NEGATIVE_TTL
@@ -38,9 +38,7 @@ BACKENDS = ["local", "grpc+http", "grpc+unix"]
 # Real trees with thousands of entries: every kind of file Debian ships, symlinks included.
 SYSTEM_TREES = {"python-lib": Path("/usr/lib/python3.11"), "doc": Path("/usr/share/doc")}
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="real mounts need /dev/fuse and root"
-)
+pytestmark = needs_fuse
 
 
 @dataclass

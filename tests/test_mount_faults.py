@@ -23,14 +23,12 @@ from pathlib import Path
 
 import pytest
 from faultstore import Fault, RemoteFaults, spawn_faultstore
-from mounting import TVIXFS, Mount, mounted
+from mounting import TVIXFS, Mount, mounted, needs_fuse
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree
 
 from tvixfs.fs.reader import UNAVAILABLE_MEMORY
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="real mounts need /dev/fuse and root"
-)
+pytestmark = needs_fuse
 
 # The gRPC deadlines of the mounts under test (the defaults, 30 s and 600 s, are in FAULTS.md).
 DEADLINE = 5

@@ -22,12 +22,10 @@ from pathlib import Path
 import pytest
 from faultstore import Fault, RemoteFaults, spawn_faultstore
 from grpcserver import start_daemon
-from mounting import TVIXFS, import_tree, mounted
+from mounting import TVIXFS, import_tree, mounted, needs_fuse
 from uniquetrees import CHUNK, dump_nar, unique_tree
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="real mounts need /dev/fuse and root"
-)
+pytestmark = needs_fuse
 
 # A caller still waiting after this is hung: a hang detector, not a speed requirement.
 HUNG = 30.0

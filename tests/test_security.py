@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pytest
 from grpcserver import Daemon, running_daemon
-from mounting import TVIXFS, import_tree, mounted
+from mounting import TVIXFS, import_tree, mounted, needs_fuse
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse, root and other users"
-)
+pytestmark = needs_fuse
 
 # Run a command as another, unprivileged user with no supplementary groups.
 AS_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--"]

@@ -41,7 +41,8 @@ SETTINGS = {
 }
 
 
-def _glibc_version() -> str | None:
+def glibc_version() -> str | None:
+    """glibc's name and version (``glibc 2.36``), or None under another C library."""
     try:
         return os.confstr("CS_GNU_LIBC_VERSION")
     except (ValueError, OSError):
@@ -50,7 +51,7 @@ def _glibc_version() -> str | None:
 
 def tune_malloc() -> bool:
     """Apply ``SETTINGS`` on glibc; True if all took effect. Call it before starting threads."""
-    version = _glibc_version()
+    version = glibc_version()
     if version is None:
         log.debug("not glibc: malloc left as it is")
         return False
