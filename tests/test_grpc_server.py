@@ -43,6 +43,7 @@ from tvixfs.services.grpc import ClientConfig, open_grpc_store
 from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import MemoryBlobService, open_memory_store
+from tvixfs.store.nar import nar_hash
 from tvixfs.store.storepath import StorePath
 
 pytestmark = pytest.mark.timeout(120)
@@ -270,16 +271,18 @@ def test_undecodable_request_is_invalid_argument(stubs: Stubs) -> None:
 # --- path infos --------------------------------------------------------------------------------
 
 
-def make_info(path: StorePath, node: FileNode) -> pathinfo_pb2.PathInfo:
+def make_info(path: StorePath, node: FileNode, content: bytes = b"") -> pathinfo_pb2.PathInfo:
+    """A PathInfo with the true NAR facts of a file holding ``content``."""
+    size, sha256 = nar_hash(node, {}.__getitem__, lambda _: iter([content]))
     named = node_to_proto(FileNode(path.basename.encode(), node.digest, node.size))
-    narinfo = pathinfo_pb2.NARInfo(nar_size=1, nar_sha256=bytes(32))
+    narinfo = pathinfo_pb2.NARInfo(nar_size=size, nar_sha256=sha256)
     return pathinfo_pb2.PathInfo(node=named, narinfo=narinfo)
 
 
 def test_pathinfo_put_get_list(stubs: Stubs, memory: Store) -> None:
     digest = memory.blobs.put([b"hi"])
     path = StorePath(hashlib.sha1(b"p").digest(), "hello-1.0")
-    info = make_info(path, FileNode(b"x", digest, 2))
+    info = make_info(path, FileNode(b"x", digest, 2), b"hi")
     assert stubs.infos.Put(info) == info
     assert stubs.infos.Get(rpc_pathinfo_pb2.GetPathInfoRequest(by_output_hash=path.digest)) == info
     assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == [info]
@@ -292,13 +295,22 @@ def test_pathinfo_put_get_list(stubs: Stubs, memory: Store) -> None:
 
 def test_pathinfo_put_is_validated(stubs: Stubs) -> None:
     path = StorePath(hashlib.sha1(b"q").digest(), "q")
-    missing = make_info(path, FileNode(b"x", b3digest(b"never put"), 9))
+    missing = make_info(path, FileNode(b"x", b3digest(b"never put"), 9), b"never put")
     expect(Code.FAILED_PRECONDITION, lambda: stubs.infos.Put(missing))
     bad_name = pathinfo_pb2.PathInfo()
     bad_name.CopyFrom(missing)
     bad_name.node.file.name = b"not-a-store-path"
     expect(Code.INVALID_ARGUMENT, lambda: stubs.infos.Put(bad_name))
     expect(Code.INVALID_ARGUMENT, lambda: stubs.infos.Put(pathinfo_pb2.PathInfo()))
+    assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == []
+
+
+def test_pathinfo_put_with_false_nar_facts_is_refused(stubs: Stubs, memory: Store) -> None:
+    """A client's narHash is a claim the daemon checks against the content, as nix-daemon does."""
+    digest = memory.blobs.put([b"hi"])
+    path = StorePath(hashlib.sha1(b"liar").digest(), "liar")
+    info = make_info(path, FileNode(b"x", digest, 2), b"ho")
+    expect(Code.INVALID_ARGUMENT, lambda: stubs.infos.Put(info))
     assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == []
 
 

@@ -18,7 +18,12 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.services.base import BlobService, ChunkMeta, DirectoryService, PathInfoService
-from tvixfs.services.errors import CorruptDataError, InvalidArgumentError, NotFoundError
+from tvixfs.services.errors import (
+    CorruptDataError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from tvixfs.services.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
@@ -32,6 +37,7 @@ from tvixfs.services.grpc_methods import (
     Method,
 )
 from tvixfs.store import nixbase32
+from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE
 
 Handlers = dict[Method, Callable[[Any], Any]]
@@ -215,7 +221,7 @@ class PathInfoServicer:
     def handlers(self) -> Handlers:
         return {
             PATHINFO_GET: self.get,
-            PATHINFO_PUT: self._pathinfos.put,
+            PATHINFO_PUT: self.put,
             PATHINFO_LIST: self.list,
             PATHINFO_CALCULATE_NAR: self.calculate_nar,
         }
@@ -230,6 +236,31 @@ class PathInfoServicer:
         if info is None:
             raise NotFoundError(f"no path info for {nixbase32.encode(output_hash)}")
         return info
+
+    def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
+        """A client's NAR facts are claims: the NAR of the stored content must have them.
+
+        Nix's daemon hashes every NAR it is given for the same reason. It costs one rendering
+        of the path, from the store the client has just filled.
+        """
+        try:
+            _, node = validate_pathinfo(info)
+        except ValidationError as e:
+            raise InvalidArgumentError(f"invalid PathInfo: {e}") from None
+        if info.HasField("narinfo"):
+            try:
+                size, sha256 = self._pathinfos.calculate_nar(node)
+            except NotFoundError as e:
+                raise FailedPreconditionError(
+                    f"{node.name.decode(errors='replace')}: its content is not in the store: {e}"
+                ) from None
+            if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):
+                name = node.name.decode(errors="replace")
+                raise InvalidArgumentError(
+                    f"{name}: the NAR of its content has {size} bytes and sha256 {sha256.hex()}, "
+                    "not what its narinfo says; not stored"
+                )
+        return self._pathinfos.put(info)
 
     def list(self, request: rpc_pathinfo_pb2.ListPathInfoRequest) -> Iterator[pathinfo_pb2.PathInfo]:
         return self._pathinfos.list()

@@ -9,7 +9,12 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import BlobService, DirectoryService
-from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tvixfs.services.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PathExistsError,
+)
 from tvixfs.store.nar import nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
@@ -54,6 +59,44 @@ def check_pathinfo(
     if isinstance(node, FileNode) and blobs.stat(node.digest) is None:
         raise FailedPreconditionError(f"{store_path}: root blob {node.digest.hex()} is not in the store")
     return store_path
+
+
+def settle_put(
+    store_path: StorePath, existing: pathinfo_pb2.PathInfo | None, new: pathinfo_pb2.PathInfo
+) -> pathinfo_pb2.PathInfo | None:
+    """What a put of ``new`` stores when ``existing`` is there: None when nothing changes.
+
+    A store path is immutable, as in Nix: a second put of the same content is a no-op, except
+    that signatures it brings are added (as ``nix store sign`` adds them to a valid path); a put
+    of other content under the same path is refused. Content is the root node, the references
+    and the NAR facts; the deriver is provenance, kept from the first put that had one.
+    """
+    if existing is None:
+        return new
+    if _content(existing) != _content(new):
+        raise PathExistsError(
+            f"{store_path} is already in the store with other content; a store path is never replaced"
+        )
+    known = {(s.name, s.data) for s in existing.narinfo.signatures}
+    added = [s for s in new.narinfo.signatures if (s.name, s.data) not in known]
+    deriver = not existing.narinfo.HasField("deriver") and new.narinfo.HasField("deriver")
+    if not added and not deriver:
+        return None
+    merged = pathinfo_pb2.PathInfo()
+    merged.CopyFrom(existing)
+    merged.narinfo.signatures.extend(added)
+    if deriver:
+        merged.narinfo.deriver.CopyFrom(new.narinfo.deriver)
+    return merged
+
+
+def _content(info: pathinfo_pb2.PathInfo) -> bytes:
+    """The parts of a PathInfo that say what the path is, in a comparable form."""
+    bare = pathinfo_pb2.PathInfo()
+    bare.CopyFrom(info)
+    del bare.narinfo.signatures[:]
+    bare.narinfo.ClearField("deriver")
+    return bare.SerializeToString(deterministic=True)
 
 
 def calculate_nar(node: Node, blobs: BlobService, directories: DirectoryService) -> tuple[int, bytes]:

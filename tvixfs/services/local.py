@@ -37,7 +37,7 @@ from tvixfs.services.base import (
     PathInfoService,
     Store,
 )
-from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo
+from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo, settle_put
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
 from tvixfs.services.localdb import LocalBackend, pack_chunks, unpack_chunks
@@ -216,12 +216,18 @@ class LocalPathInfoService(PathInfoService):
         store_path = check_pathinfo(info, self._blobs, self._directories)
         _, node = validate_pathinfo(info)
         self._check_complete(node, store_path.basename)
-        with self._backend.transaction() as conn:
+        with self._backend.transaction() as conn:  # BEGIN IMMEDIATE: no other writer in between
+            row = conn.execute("SELECT data FROM pathinfos WHERE hash = ?", (store_path.digest,)).fetchone()
+            existing = None if row is None else _parse_pathinfo(bytes(row[0]))
+            stored = settle_put(store_path, existing, info)
+            if stored is None:
+                assert existing is not None
+                return existing
             conn.execute(
                 "INSERT OR REPLACE INTO pathinfos VALUES (?, ?)",
-                (store_path.digest, info.SerializeToString(deterministic=True)),
+                (store_path.digest, stored.SerializeToString(deterministic=True)),
             )
-        return info
+        return stored
 
     def _check_complete(self, node: Node, name: str) -> None:
         """Refuse a path info whose tree is not wholly present: a crash must never leave one."""
