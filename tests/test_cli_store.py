@@ -127,6 +127,9 @@ def test_import_nar_round_trip(cli: CLI, sample_tree: Path, tvixfs_cmd: list[str
     target = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-imported"
     refs = [path, "/nix/store/11bgd045z0d4icpbc2yyz4gx48ak44la-dep"]
     args = ["--reference", refs[1], "--reference", refs[0]]
+    assert "is not in the store" in other.fails("import-nar", nar, "--path", target, *args), "Nix: refs valid"
+    assert other.ok("import", sample_tree).decode().strip() == path
+    other.ok("import-nar", nar, "--path", refs[1])
     assert other.ok("import-nar", nar, "--path", target, *args) == (target + "\n").encode()
     (info,) = other.info(target)
     assert info["references"] == sorted(refs)
@@ -168,8 +171,10 @@ def test_import_nix_recursive_keeps_metadata(cli: CLI, closure: Closure) -> None
 
 
 def test_import_nix_single_path(cli: CLI, closure: Closure) -> None:
-    assert cli.ok("import-nix", "--nix-store", closure.uri, closure.built).decode() == closure.built + "\n"
-    assert cli.ok("ls").decode() == closure.built + "\n"
+    assert "is not in the store" in cli.fails("import-nix", "--nix-store", closure.uri, closure.built)
+    assert cli.ok("ls") == b"", "Nix accepts a path only with its references"
+    assert cli.ok("import-nix", "--nix-store", closure.uri, closure.source).decode() == closure.source + "\n"
+    assert cli.ok("ls").decode() == closure.source + "\n"
     missing = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-missing"
     assert "is not valid" in cli.fails("import-nix", "--nix-store", closure.uri, missing)
 

@@ -69,7 +69,8 @@ def settle_put(
     A store path is immutable, as in Nix: a second put of the same content is a no-op, except
     that signatures it brings are added (as ``nix store sign`` adds them to a valid path); a put
     of other content under the same path is refused. Content is the root node, the references
-    and the NAR facts; the deriver is provenance, kept from the first put that had one.
+    and the NAR facts; deriver and content address are provenance, kept from the first put
+    that had them.
     """
     if existing is None:
         return new
@@ -79,24 +80,32 @@ def settle_put(
         )
     known = {(s.name, s.data) for s in existing.narinfo.signatures}
     added = [s for s in new.narinfo.signatures if (s.name, s.data) not in known]
-    deriver = not existing.narinfo.HasField("deriver") and new.narinfo.HasField("deriver")
-    if not added and not deriver:
+    provenance = [
+        field
+        for field in ("deriver", "ca")
+        if not existing.narinfo.HasField(field) and new.narinfo.HasField(field)
+    ]
+    if not added and not provenance:
         return None
     merged = pathinfo_pb2.PathInfo()
     merged.CopyFrom(existing)
     merged.narinfo.signatures.extend(added)
-    if deriver:
-        merged.narinfo.deriver.CopyFrom(new.narinfo.deriver)
+    for field in provenance:
+        getattr(merged.narinfo, field).CopyFrom(getattr(new.narinfo, field))
     return merged
 
 
-def _content(info: pathinfo_pb2.PathInfo) -> bytes:
-    """The parts of a PathInfo that say what the path is, in a comparable form."""
-    bare = pathinfo_pb2.PathInfo()
-    bare.CopyFrom(info)
-    del bare.narinfo.signatures[:]
-    bare.narinfo.ClearField("deriver")
-    return bare.SerializeToString(deterministic=True)
+def _content(info: pathinfo_pb2.PathInfo) -> tuple[bytes, list[bytes], int, bytes]:
+    """What a path is: its tree and its references, and the NAR facts that follow from them.
+
+    Signatures, deriver and content address say where it came from and may be added later.
+    """
+    return (
+        info.node.SerializeToString(deterministic=True),
+        sorted(info.references),
+        info.narinfo.nar_size,
+        info.narinfo.nar_sha256,
+    )
 
 
 def calculate_nar(node: Node, blobs: BlobService, directories: DirectoryService) -> tuple[int, bytes]:
