@@ -7,9 +7,8 @@ what a client sends happens here or in the backend, before anything is stored.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 from tvixfs.castore.digest import check_digest
@@ -17,8 +16,8 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
-from tvixfs.services.base import BlobService, ChunkMeta, DirectoryService, PathInfoService
-from tvixfs.services.errors import CorruptDataError, InvalidArgumentError, NotFoundError
+from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
+from tvixfs.services.errors import InvalidArgumentError, NotFoundError
 from tvixfs.services.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
@@ -31,6 +30,8 @@ from tvixfs.services.grpc_methods import (
     PATHINFO_PUT,
     Method,
 )
+from tvixfs.services.readahead import chunks_read_ahead
+from tvixfs.services.regroup import in_messages
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import HASH_SIZE
 
@@ -54,81 +55,6 @@ READ_AHEAD_BATCH = 2 << 20
 READ_AHEAD_THREADS = 4
 
 
-def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[list[memoryview]]:
-    """The same bytes grouped into messages of ``size`` (the last may be shorter).
-
-    Each message is the list of views of the pieces it is made of: nothing is copied here,
-    the encoder (``encode_blob_chunk``) copies each byte once, into the message sent.
-    """
-    parts: list[memoryview] = []
-    held = 0
-    for piece in pieces:
-        view = memoryview(piece)
-        while held + len(view) >= size:
-            take = size - held
-            parts.append(view[:take])
-            yield parts
-            parts, held = [], 0
-            view = view[take:]
-        if view:
-            parts.append(view)
-            held += len(view)
-    if parts:
-        yield parts
-
-
-def read_ahead(
-    blobs: BlobService, chunks: list[ChunkMeta], executor: Executor, ahead: int, batch: int
-) -> Iterator[bytes]:
-    """The chunks' bytes in order, read by ``executor`` in batches of about ``batch`` bytes, up
-    to ``ahead`` bytes before they are due.
-
-    Each chunk is read by its own digest, so the store checks it as it checks any read.
-    """
-
-    def fetch(metas: list[ChunkMeta]) -> list[bytes]:
-        out = []
-        for meta in metas:
-            data = b"".join(blobs.read(meta.digest))
-            if len(data) != meta.size:
-                raise CorruptDataError(
-                    f"chunk {meta.digest.hex()}: {len(data)} bytes, its blob lists {meta.size}"
-                )
-            out.append(data)
-        return out
-
-    pending: deque[tuple[Future[list[bytes]], int]] = deque()
-    held = 0
-    try:
-        for metas in _batches(chunks, batch):
-            size = sum(meta.size for meta in metas)
-            pending.append((executor.submit(fetch, metas), size))
-            held += size
-            while held >= ahead:
-                future, size = pending.popleft()
-                held -= size
-                yield from future.result()
-        while pending:
-            yield from pending.popleft()[0].result()
-    finally:
-        for future, _ in pending:  # the stream ended early: reads not started are not needed
-            future.cancel()
-
-
-def _batches(chunks: list[ChunkMeta], size: int) -> Iterator[list[ChunkMeta]]:
-    """Consecutive chunks in groups of at least ``size`` bytes (the last may be smaller)."""
-    batch: list[ChunkMeta] = []
-    held = 0
-    for meta in chunks:
-        batch.append(meta)
-        held += meta.size
-        if held >= size:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
-
-
 class BlobServicer:
     def __init__(
         self, blobs: BlobService, message_size: int = READ_MESSAGE_SIZE, read_ahead: Executor | None = None
@@ -137,8 +63,8 @@ class BlobServicer:
         self._message_size = message_size
         # Only a store that checks every chunk it reads, and reads it in this process: over a
         # remote store one stream of the whole blob is far cheaper than a call per chunk.
-        local = blobs.verifies_reads and not blobs.remote_reads
-        self._read_ahead = read_ahead if local else None
+        can = blobs.capabilities
+        self._read_ahead = read_ahead if can.verifies_chunk_reads and not can.calls_are_remote else None
 
     def handlers(self) -> Handlers:
         return {BLOB_STAT: self.stat, BLOB_READ: self.read, BLOB_PUT: self.put}
@@ -158,7 +84,7 @@ class BlobServicer:
     def read(self, request: rpc_blobstore_pb2.ReadBlobRequest) -> Iterator[list[memoryview]]:
         """The blob's bytes; each message is the pieces of its ``data`` (see BLOB_READ)."""
         digest = check_digest(request.digest, "blob digest")
-        return rechunk(self._pieces(digest), self._message_size)
+        return in_messages(self._pieces(digest), self._message_size)
 
     def _pieces(self, digest: bytes) -> Iterator[bytes]:
         """The blob from its store; its chunks read ahead where the store lets us.
@@ -169,7 +95,7 @@ class BlobServicer:
         if self._read_ahead is not None:
             chunks = self._blobs.stat(digest, send_chunks=True)
             if chunks is not None and len(chunks) > 1:  # else one chunk, or not a blob (a chunk's digest)
-                return read_ahead(self._blobs, chunks, self._read_ahead, READ_AHEAD, READ_AHEAD_BATCH)
+                return chunks_read_ahead(self._blobs, chunks, self._read_ahead, READ_AHEAD, READ_AHEAD_BATCH)
         return self._blobs.read(digest)
 
     def put(self, requests: Iterator[rpc_blobstore_pb2.BlobChunk]) -> rpc_blobstore_pb2.PutBlobResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from tvixfs.castore.closure import ClosureError, LeavesFirst
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
@@ -24,18 +25,16 @@ def check_closure(
     stores anything, so a rejected stream leaves no trace.
     """
     batch: dict[bytes, Directory] = {}
+    order = LeavesFirst(stored)
     for directory in directories:
         try:  # nodes built in process skip the wire checks: run them, as a server would
             Directory.from_proto(directory.to_proto())
         except ValidationError as e:
             raise InvalidArgumentError(f"invalid directory: {e}") from None
-        for child in directory.directories:
-            if child.digest not in batch and not stored(child.digest):
-                raise FailedPreconditionError(
-                    f"directory {child.name!r} refers to {child.digest.hex()}, "
-                    "which was neither sent before it nor stored"
-                )
-        batch[directory.digest()] = directory
+        try:
+            batch[order.admit(directory)] = directory
+        except ClosureError as e:
+            raise FailedPreconditionError(str(e)) from None
     if not batch:
         raise InvalidArgumentError("no directories sent")
     return batch

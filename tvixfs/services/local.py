@@ -31,9 +31,11 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import (
+    BlobCapabilities,
     BlobService,
     ChunkMeta,
     DirectoryService,
+    ForkedWriter,
     PathInfoService,
     Store,
 )
@@ -48,7 +50,7 @@ _QUERY_BATCH = 500  # digests per IN (...) query, well below SQLite's limit on p
 
 
 class LocalBlobService(BlobService):
-    verifies_reads = True  # every chunk file is hashed as it is read (chunkfiles.py)
+    capabilities = BlobCapabilities(verifies_chunk_reads=True)  # chunk files are hashed as read
 
     def __init__(self, backend: LocalBackend) -> None:
         self._backend = backend
@@ -110,10 +112,10 @@ class LocalBlobService(BlobService):
         self._backend.add_blob(digest, size, packed)
         return digest
 
-    @property
-    def chunk_files(self) -> ChunkFiles:
-        """Where ``write_blob`` run by another process (an import's workers) writes."""
-        return self._chunks
+    def forked_writer(self) -> ForkedWriter:
+        """An import's worker processes write chunk files with ``write_blob`` themselves."""
+        files = self._chunks
+        return ForkedWriter(lambda data: write_blob(files, data), self.add_written)
 
     def add_written(self, digest: bytes, size: int, packed_chunks: bytes) -> None:
         """A blob whose chunk files ``write_blob`` wrote elsewhere, as if put here.
