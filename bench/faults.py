@@ -40,7 +40,7 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore  # noqa: E402
 from mounting import TVIXFS, Mount, mounted  # noqa: E402
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree  # noqa: E402
 
-from tvixfs.fs.reader import UNAVAILABLE_MEMORY  # noqa: E402
+from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "FAULTS.md"
 # A hung operation that has not ended after this long is reported as hanging.

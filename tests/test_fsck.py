@@ -149,7 +149,7 @@ def test_damage_is_reported_and_repair_lets_reimport_complete(
     store = open_local_store(store_dir)
     try:
         large = blob_of(store_dir, info, b"large.bin")
-        assert store.blobs.read_all(large) == (sample_tree / "large.bin").read_bytes()
+        assert b"".join(store.blobs.read(large)) == (sample_tree / "large.bin").read_bytes()
     finally:
         store.close()
 

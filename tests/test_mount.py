@@ -28,7 +28,7 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore
 from grpcserver import running_daemon
 from mounting import TVIXFS, Mount, import_tree, mounted, needs_fuse, spawn_mount, teardown
 
-from tvixfs.fs.reader import UNAVAILABLE_MEMORY
+from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY
 from tvixfs.fs.roots import NEGATIVE_TTL
 from tvixfs.services.local import open_local_store
 from tvixfs.store import nixbase32

@@ -26,7 +26,7 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, mounted, needs_fuse
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree
 
-from tvixfs.fs.reader import UNAVAILABLE_MEMORY
+from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY
 
 pytestmark = needs_fuse
 

@@ -85,7 +85,7 @@ def test_parsed_tree_matches_the_files(sample_tree: Path) -> None:
     (script,) = get_directory(store)(hello.digest).entries()
     assert isinstance(script, FileNode)
     assert script.executable
-    assert store.blobs.read_all(script.digest) == (sample_tree / "bin" / "hello").read_bytes()
+    assert b"".join(store.blobs.read(script.digest)) == (sample_tree / "bin" / "hello").read_bytes()
     large = top[b"large.bin"]
     assert isinstance(large, FileNode)
     assert not large.executable

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 
 class ReadAhead(Generic[K, T]):
-    """Runs ``jobs`` (key, cost, function) on ``executor`` in order, at most ``budget`` cost
+    """Runs ``jobs`` (key, cost, function; keys not None) on ``executor`` in order, at most ``budget`` cost
     ahead of the consumer, who takes their results in the same order."""
 
     def __init__(
@@ -54,14 +54,6 @@ class ReadAhead(Generic[K, T]):
         _, cost, future = self._pending.popleft()
         self._held -= cost
         return future.result()
-
-    def results(self) -> Iterator[T]:
-        """Every result in order; what is left when the iteration stops early is cancelled."""
-        try:
-            while self.peek() is not None:
-                yield self.take()
-        finally:
-            self.cancel()
 
     def cancel(self) -> None:
         """Cancel the jobs not started; the ones running finish, unheard."""
@@ -93,11 +85,15 @@ def chunks_read_ahead(
         return out
 
     jobs = (
-        (None, sum(m.size for m in metas), lambda metas=metas: fetch(metas))
-        for metas in _batches(chunks, batch)
+        (i, sum(m.size for m in metas), lambda metas=metas: fetch(metas))
+        for i, metas in enumerate(_batches(chunks, batch))
     )
-    for results in ReadAhead(jobs, executor, ahead).results():
-        yield from results
+    reads = ReadAhead(jobs, executor, ahead)
+    try:
+        while reads.peek() is not None:
+            yield from reads.take()
+    finally:  # the stream ended early: reads not started are not needed
+        reads.cancel()
 
 
 def _batches(chunks: list[ChunkMeta], size: int) -> Iterator[list[ChunkMeta]]:
