@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_model import split_store_path
 
 from tvixfs.castore.digest import EMPTY_DIGEST, b3digest
 from tvixfs.castore.directory import Directory
@@ -32,7 +33,7 @@ from tvixfs.services.memory import MemoryBlobService, MemoryDirectoryService, Me
 from tvixfs.store import nixbase32
 from tvixfs.store.nar import nar_hash, read_nar, write_nar
 from tvixfs.store.pathinfo import validate_pathinfo
-from tvixfs.store.storepath import StorePath, split_store_path
+from tvixfs.store.storepath import StorePath
 
 pytestmark = pytest.mark.timeout(120)
 

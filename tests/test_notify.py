@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from grpcserver import Daemon
 from mounting import Mount, import_tree, teardown
-from test_units import evaluate, systemd_argv
+from test_systemd_units_and_nixos_module import evaluate, systemd_argv
 
 from tvixfs.services.url import open_store
 

@@ -29,6 +29,7 @@ from tvixfs.fs.chunkreads import RUN_BYTES, ChunkReads
 from tvixfs.fs.inflight import InFlight
 from tvixfs.services.base import BlobService, ChunkMeta
 from tvixfs.services.errors import StoreError
+from tvixfs.services.regroup import grouped_by_size
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +41,6 @@ IDLE_SECONDS = 5.0
 # file never gets that far.)
 WHOLE_READ_AFTER = 8 << 20
 WHOLE_READ_REST = 16 << 20
-
-
-def _checked_batches(
-    blobs: BlobService, digest: bytes, chunks: Sequence[ChunkMeta], batch_bytes: int
-) -> Iterator[list[bytes]]:
-    """Runs in the pump thread: the checked chunks in batches of about ``batch_bytes`` (one
-    hop to the event loop per batch, not per chunk)."""
-    batch: list[bytes] = []
-    held = 0
-    for data in blobs.read_chunks(digest, chunks):
-        batch.append(data)
-        held += len(data)
-        if held >= batch_bytes:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
 
 
 class WholeBlobStream:
@@ -106,7 +90,13 @@ class WholeBlobStream:
         self._scope.cancel()
 
     async def run(self) -> None:
-        source = lambda: _checked_batches(self._blobs, self._digest, self._chunks, self._batch_bytes)  # noqa: E731
+        def source() -> Iterator[list[bytes]]:
+            """Runs in the pump thread: the checked chunks in batches of about ``batch_bytes``
+            (one hop to the event loop per batch, not per chunk)."""
+            return grouped_by_size(
+                self._blobs.read_chunks(self._digest, self._chunks), self._batch_bytes, len
+            )
+
         with self._scope:
             try:
                 async with self._bridge.stream(source) as batches:

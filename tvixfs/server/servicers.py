@@ -1,7 +1,7 @@
 """What each RPC does, over any store's services.
 
 Handlers take the request (or request stream) and return the response (or yield the response
-stream); they raise service errors, which ``status.guard`` turns into gRPC statuses. Validation of
+stream); they raise service errors, which ``guard.guard`` turns into gRPC statuses. Validation of
 what a client sends happens here or in the backend, before anything is stored.
 """
 
@@ -37,19 +37,14 @@ from tvixfs.store.storepath import HASH_SIZE
 
 Handlers = dict[Method, Callable[[Any], Any]]
 
-# Bytes per BlobChunk sent by Read. Measured with bench/grpc_bench.py (raw stream over loopback,
-# 2 busy cores, ranges over runs): 64 KiB 260-620 MiB/s, 256 KiB 500-810, 1 MiB 650-1090,
-# 2 MiB 620-1220, 3 MiB 250-630. 1 MiB is as fast as any and a quarter of the 4 MiB a default
-# gRPC client accepts.
+# Bytes per BlobChunk sent by Read: as fast as any size measured, and a quarter of the 4 MiB a
+# default gRPC client accepts (figures: bench/ANALYSIS.md, "Figures behind constants").
 READ_MESSAGE_SIZE = 1 << 20
 
 # How a Read stream of a blob of many chunks reads them: by threads shared by all streams, in
-# batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. A mount
-# reading a 256 MiB blob (858 chunk files) cold over loopback, 6-7 interleaved reps: store on
-# disk, chunk after chunk 1.11-1.39 s, read ahead 0.88-0.99 s, the same daemon CPU; a store in
-# memory (tmpfs) gains nothing, and costs the daemon 0.41 -> 0.46 s of CPU (0.51 s with a hand-over
-# between threads per chunk). One thread gains nothing: the disk needs several reads in flight
-# (cat of the chunk files, cold: 0.47 s one at a time, 0.22 s four at a time).
+# batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. It pays
+# for a store on disk, which needs several reads in flight; one thread gains nothing
+# (figures: bench/ANALYSIS.md).
 READ_AHEAD = 8 << 20
 READ_AHEAD_BATCH = 2 << 20
 READ_AHEAD_THREADS = 4

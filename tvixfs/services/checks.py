@@ -7,11 +7,10 @@ from collections.abc import Callable, Iterable
 from tvixfs.castore.closure import ClosureError, LeavesFirst
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
-from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
+from tvixfs.castore.nodes import DirectoryNode, FileNode
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import BlobService, DirectoryService
-from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from tvixfs.store.nar import nar_hash
+from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
 
@@ -53,15 +52,3 @@ def check_pathinfo(
     if isinstance(node, FileNode) and blobs.stat(node.digest) is None:
         raise FailedPreconditionError(f"{store_path}: root blob {node.digest.hex()} is not in the store")
     return store_path
-
-
-def calculate_nar(node: Node, blobs: BlobService, directories: DirectoryService) -> tuple[int, bytes]:
-    """(size, sha256) of the NAR of ``node``, rendered from the store."""
-
-    def get_directory(digest: bytes) -> Directory:
-        found = directories.get(digest)
-        if found is None:
-            raise NotFoundError(f"directory {digest.hex()} not found")
-        return found
-
-    return nar_hash(node, get_directory, blobs.read)

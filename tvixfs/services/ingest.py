@@ -39,9 +39,8 @@ AHEAD_ENTRIES = 2048
 # Puts to a remote store mostly wait for the network: more workers than cores pay.
 WORKERS = 8
 # Processes that write chunk files for an import into an embedded store (chunkworkers.py),
-# started once an import has this many files or bytes: forking one costs ~10 ms. One, as
-# the importing process takes files itself whenever it is ahead: with two, the three
-# processes only shared the 2 cores here, for more CPU and no less time.
+# started once an import has this many files or bytes (forking one has a cost). One, as the
+# importing process takes files itself whenever it is ahead (figures: bench/ANALYSIS.md).
 CHUNK_WORKERS = 1
 PARALLEL_FILES = 64
 PARALLEL_BYTES = 16 << 20

@@ -39,10 +39,11 @@ from tvixfs.services.base import (
     PathInfoService,
     Store,
 )
-from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo
+from tvixfs.services.checks import check_closure, check_pathinfo
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
 from tvixfs.services.localdb import LocalBackend, pack_chunks, unpack_chunks
+from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 
 _LIST_PAGE = 256
@@ -253,7 +254,7 @@ class LocalPathInfoService(PathInfoService):
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         """Cached per content (not name): rendering a large tree's NAR is the slow part."""
         if isinstance(node, SymlinkNode):
-            return calculate_nar(node, self._blobs, self._directories)
+            return store_nar_hash(node, self._blobs, self._directories)
         key = nar_cache_key(node)
         row = self._backend.fetch_one("SELECT nar_size, nar_sha256 FROM nar_cache WHERE node = ?", (key,))
         present = (
@@ -263,7 +264,7 @@ class LocalPathInfoService(PathInfoService):
         )
         if row is not None and present:
             return int(row[0]), bytes(row[1])
-        size, sha256 = calculate_nar(node, self._blobs, self._directories)
+        size, sha256 = store_nar_hash(node, self._blobs, self._directories)
         with self._backend.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO nar_cache VALUES (?, ?, ?)", (key, size, sha256))
         return size, sha256

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from tvixfs.castore.nodes import Node
 from tvixfs.services.base import BlobService, ChunkMeta
 from tvixfs.services.chunkcheck import ChunkCheck
+from tvixfs.services.regroup import grouped_by_size
 from tvixfs.store.nar import GetDirectory, ReadBlob, files_in_order
 
 K = TypeVar("K")
@@ -86,7 +87,7 @@ def chunks_read_ahead(
 
     jobs = (
         (i, sum(m.size for m in metas), lambda metas=metas: fetch(metas))
-        for i, metas in enumerate(_batches(chunks, batch))
+        for i, metas in enumerate(grouped_by_size(chunks, batch, lambda m: m.size))
     )
     reads = ReadAhead(jobs, executor, ahead)
     try:
@@ -94,20 +95,6 @@ def chunks_read_ahead(
             yield from reads.take()
     finally:  # the stream ended early: reads not started are not needed
         reads.cancel()
-
-
-def _batches(chunks: list[ChunkMeta], size: int) -> Iterator[list[ChunkMeta]]:
-    """Consecutive chunks in groups of at least ``size`` bytes (the last may be smaller)."""
-    batch: list[ChunkMeta] = []
-    held = 0
-    for meta in chunks:
-        batch.append(meta)
-        held += meta.size
-        if held >= size:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
 
 
 @contextmanager

@@ -9,10 +9,13 @@ about the total, since a blob longer or shorter than its chunk list is corrupt.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
+from typing import TypeVar
 
 from tvixfs.services.errors import CorruptDataError
+
+T = TypeVar("T")
 
 
 class LengthMismatchError(CorruptDataError):
@@ -88,3 +91,18 @@ def fill(pieces: Iterable[bytes], views: Sequence[memoryview], what: str) -> Non
                 at += len(part)
     except LengthMismatchError as e:
         raise LengthMismatchError(f"{what}: {e}") from None
+
+
+def grouped_by_size(items: Iterable[T], size: int, size_of: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive items in groups of at least ``size`` bytes (the last may be smaller): one
+    hand-over per group rather than per item."""
+    batch: list[T] = []
+    held = 0
+    for item in items:
+        batch.append(item)
+        held += size_of(item)
+        if held >= size:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
