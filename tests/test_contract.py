@@ -279,6 +279,7 @@ def nix_dump_hash(path: Path) -> tuple[int, bytes]:
     return len(nar), hashlib.sha256(nar).digest()
 
 
+@pytest.mark.nix
 def test_calculate_nar_matches_nix_store_dump(store: Store, sample_tree: Path) -> None:
     info = ingest_path(store, sample_tree, "sample")
     node = node_from_proto(info.node)
@@ -288,6 +289,7 @@ def test_calculate_nar_matches_nix_store_dump(store: Store, sample_tree: Path) -
     assert (info.narinfo.nar_size, info.narinfo.nar_sha256) == expected
 
 
+@pytest.mark.nix
 def test_calculate_nar_of_a_file_and_a_symlink(store: Store, tmp_path: Path) -> None:
     script = tmp_path / "script"
     script.write_bytes(b"#!/bin/sh\nexit 0\n")

@@ -230,6 +230,7 @@ def test_one_client_many_threads(local_served: tuple[Store, Store]) -> None:
     assert read == blobs
 
 
+@pytest.mark.nix
 def test_cli_import_and_export_nar_through_a_daemon(
     tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path
 ) -> None:

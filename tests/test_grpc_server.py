@@ -304,6 +304,7 @@ def test_pathinfo_put_is_validated(stubs: Stubs) -> None:
     assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == []
 
 
+@pytest.mark.nix
 def test_calculate_nar_matches_nix(stubs: Stubs, memory: Store, sample_tree: Path) -> None:
     info = ingest_path(memory, sample_tree, "sample")
     dump = subprocess.run(["nix-store", "--dump", str(sample_tree)], check=True, capture_output=True).stdout

@@ -89,6 +89,7 @@ def assert_same_as_nix(store: Store, info: pathinfo_pb2.PathInfo, nix_root: Path
     assert render(store, info) == nix_dump(path)
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize(
     "entry", ["", "bin/hello", "share/doc/README", "link-to-readme", "empty-file", "empty-dir"]
 )
@@ -99,6 +100,7 @@ def test_ingest_path_as_nix_store_add(sample_tree: Path, tmp_path: Path, entry: 
     assert_same_as_nix(store, info, tmp_path / "nix", path)
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize("backend", ["memory", "local"])
 def test_ingest_real_tree(real_tree: Path, tmp_path: Path, backend: str) -> None:
     store = open_memory_store() if backend == "memory" else open_local_store(tmp_path / "tvixfs")
@@ -159,6 +161,7 @@ def test_invalid_name_rejected_before_any_work(sample_tree: Path) -> None:
     assert list(store.pathinfos.list()) == []
 
 
+@pytest.mark.nix
 def test_import_into_a_local_store_by_chunk_workers(sample_tree: Path, tmp_path: Path) -> None:
     """Enough files to start a chunk writer process, files of every size class (empty, small,
     several chunks, above WHOLE_FILE_MAX): the result is Nix's, every blob is committed with
@@ -219,6 +222,7 @@ REFS = [
 ]
 
 
+@pytest.mark.nix
 def test_ingest_nar_round_trip(sample_tree: Path) -> None:
     dump = nix_dump(sample_tree)
     store = open_memory_store()
@@ -238,6 +242,7 @@ def _root_digest(dump: bytes) -> bytes:
     return node.digest
 
 
+@pytest.mark.nix
 def test_malformed_nar_stores_no_path(sample_tree: Path) -> None:
     dump = nix_dump(sample_tree)
     store = open_memory_store()
@@ -247,6 +252,7 @@ def test_malformed_nar_stores_no_path(sample_tree: Path) -> None:
     assert store.directories.get(_root_digest(dump)) is None
 
 
+@pytest.mark.nix
 def test_nar_hash_mismatch_stores_no_path(sample_tree: Path) -> None:
     dump = nix_dump(sample_tree)
     store = open_memory_store()
@@ -287,6 +293,7 @@ def assert_metadata_as_nix(store: Store, closure: Closure, paths: list[str]) -> 
         assert (format_ca(narinfo.ca) if narinfo.HasField("ca") else None) == nix.get("ca"), path
 
 
+@pytest.mark.nix
 def test_import_closure_from_nix(closure: Closure) -> None:
     store = open_memory_store()
     order: list[StorePath] = []
@@ -311,6 +318,7 @@ def test_import_closure_from_nix(closure: Closure) -> None:
     assert again == []
 
 
+@pytest.mark.nix
 def test_import_from_nix_without_closure_keeps_references(closure: Closure) -> None:
     store = open_memory_store()
     import_from_nix(store, NixSource(closure.uri), [parse_nix_path(closure.built)])
@@ -318,6 +326,7 @@ def test_import_from_nix_without_closure_keeps_references(closure: Closure) -> N
     assert_metadata_as_nix(store, closure, [closure.built])
 
 
+@pytest.mark.nix
 def test_import_from_nix_refuses_content_that_fails_nars_hash(tmp_path: Path) -> None:
     """A store whose file changed behind Nix's back: the NAR no longer has Nix's narHash."""
     tree = tmp_path / "tree"
@@ -334,6 +343,7 @@ def test_import_from_nix_refuses_content_that_fails_nars_hash(tmp_path: Path) ->
     assert list(store.pathinfos.list()) == []
 
 
+@pytest.mark.nix
 def test_import_from_nix_of_an_invalid_path(closure: Closure) -> None:
     missing = parse_nix_path("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-missing")
     store = open_memory_store()
@@ -341,6 +351,7 @@ def test_import_from_nix_of_an_invalid_path(closure: Closure) -> None:
         import_from_nix(store, NixSource(closure.uri), [missing])
 
 
+@pytest.mark.nix
 def test_parse_nix_path_follows_result_links(closure: Closure, tmp_path: Path) -> None:
     (tmp_path / "result").symlink_to(closure.built)
     assert str(parse_nix_path(str(tmp_path / "result"))) == closure.built

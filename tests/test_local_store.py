@@ -447,6 +447,7 @@ def test_kill_9_mid_write_never_leaves_a_broken_store(store_dir: Path) -> None:
     assert (clean.orphan_chunks, clean.temp_files, clean.pathinfos) == (0, 0, count)
 
 
+@pytest.mark.nix
 def test_kill_9_of_tvixfs_import_then_reimport(tvixfs_cmd: list[str], tmp_path: Path) -> None:
     tree = make_sample_tree(tmp_path / "tree")
     for i in range(40):

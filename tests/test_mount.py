@@ -38,7 +38,7 @@ BACKENDS = ["local", "grpc+http", "grpc+unix"]
 # Real trees with thousands of entries: every kind of file Debian ships, symlinks included.
 SYSTEM_TREES = {"python-lib": Path("/usr/lib/python3.11"), "doc": Path("/usr/share/doc")}
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.fuse]
 
 
 @dataclass
@@ -140,6 +140,7 @@ def test_programs_run_from_the_mount(mount: Mount, corpus: Corpus) -> None:
     assert hello == b"hello from tvixfs\n"
 
 
+@pytest.mark.nix
 def test_nix_hashes_a_mounted_path_to_its_nar_hash(mount: Mount, corpus: Corpus) -> None:
     store = open_local_store(corpus.store_dir)
     try:
@@ -468,10 +469,12 @@ def _wait_until_visible(path: Path) -> None:
     raise AssertionError(f"{path} stays absent")
 
 
+@pytest.mark.nix
 def test_a_hostile_store_never_yields_wrong_bytes(short_tmp: Path, tmp_path: Path) -> None:
     _survive(HOSTILE, short_tmp, tmp_path)
 
 
+@pytest.mark.nix
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: genuine chunks listed in the wrong order pass every per-chunk check; "
@@ -481,6 +484,7 @@ def test_a_reordered_chunk_list_is_detected(short_tmp: Path, tmp_path: Path) -> 
     _survive([Fault("chunk_swap")], short_tmp, tmp_path)
 
 
+@pytest.mark.nix
 def test_sigterm_stops_a_mount_whose_store_hangs(short_tmp: Path, tmp_path: Path) -> None:
     tree = make_sample_tree(tmp_path / "tree")
     nar = tmp_path / "tree.nar"
