@@ -451,7 +451,7 @@ def _survive(faults: list[Fault], short_tmp: Path, tmp_path: Path) -> None:
             store.clear()
             _wait_until_visible(m.path(basename))
             right, failed = _walk_outcomes(tree, m.path(basename))
-            if failed:  # a chunk the store hung on fails at once for a moment (reader.py)
+            if failed:  # a chunk the store hung on fails at once for a moment (chunkcache.py)
                 time.sleep(UNAVAILABLE_MEMORY + 0.5)
                 right, failed = _walk_outcomes(tree, m.path(basename))
             assert not failed, f"{fault.kind}: still failing once the store is honest"
@@ -478,7 +478,7 @@ def test_a_hostile_store_never_yields_wrong_bytes(short_tmp: Path, tmp_path: Pat
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: genuine chunks listed in the wrong order pass every per-chunk check; "
-    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/reader.py)",
+    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/chunkmap.py)",
 )
 def test_a_reordered_chunk_list_is_detected(short_tmp: Path, tmp_path: Path) -> None:
     _survive([Fault("chunk_swap")], short_tmp, tmp_path)

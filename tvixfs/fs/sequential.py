@@ -1,6 +1,6 @@
 """A long sequential pass over a big file of a local store, read in aligned blocks.
 
-The chunk path (reader.py) fetches chunks into the cache and joins the pieces of each kernel
+The chunk path (chunkreads.py) fetches chunks into the cache and joins the pieces of each kernel
 read into one reply: for a cold 256 MiB read that join copied every byte once more on the
 event loop thread, which also replies to the kernel, and the per-chunk bookkeeping (cache,
 claims, one result per chunk) ran there too. Here a worker thread reads whole ``BLOCK``-sized,

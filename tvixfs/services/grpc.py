@@ -117,7 +117,7 @@ class GrpcBlobService(BlobService):
         For a caller that holds the blob's chunk list already (a mount's chunk map): no Stat
         first, and each byte is hashed once. The whole blob is not hashed as ``read`` does:
         that check could only fail after the last chunk, when the caller has used them all,
-        so such a caller relies on its chunk list (reader.py says why that is the known limit).
+        so such a caller relies on its chunk list (fs/chunkmap.py says why that is the known limit).
         """
         check_digest(digest)
         return self._read_chunks(digest, chunks)
