@@ -52,8 +52,12 @@ def regroup(
     if not exact:
         if parts:
             yield parts
-    elif size is not None:
-        raise LengthMismatchError("fewer bytes than expected")
+    else:
+        while size == 0:  # empty groups at the end need no bytes
+            yield []
+            size = next(wanted, None)
+        if size is not None:
+            raise LengthMismatchError("fewer bytes than expected")
 
 
 def in_messages(pieces: Iterable[bytes], size: int) -> Iterator[list[memoryview]]:
