@@ -37,12 +37,14 @@ from tvixfs.protos import (
 )
 from tvixfs.server.listen import ListenError, parse_listen, warn_if_exposed
 from tvixfs.server.serve import RunningServer, start_server
-from tvixfs.server.servicers import READ_MESSAGE_SIZE, read_ahead, rechunk
+from tvixfs.server.servicers import READ_MESSAGE_SIZE
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.grpc import ClientConfig, open_grpc_store
 from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import MemoryBlobService, open_memory_store
+from tvixfs.services.readahead import chunks_read_ahead
+from tvixfs.services.regroup import in_messages
 from tvixfs.store.nar import nar_hash
 from tvixfs.store.storepath import StorePath
 
@@ -175,9 +177,9 @@ def test_read_ahead_keeps_order_and_cancels_what_an_early_end_leaves() -> None:
 
     with ThreadPoolExecutor(1) as executor:
         for ahead, batch in ((6, 1), (10, 6), (1, 1 << 20)):
-            assert list(read_ahead(blobs, chunks, executor, ahead, batch)) == pieces
+            assert list(chunks_read_ahead(blobs, chunks, executor, ahead, batch)) == pieces
         # One chunk per batch, every batch queued at once.
-        stream = read_ahead(Recording(), chunks, executor, 1 << 20, 1)
+        stream = chunks_read_ahead(Recording(), chunks, executor, 1 << 20, 1)
         assert next(stream) == pieces[0]
         assert second_started.wait(10)
         stream.close()
@@ -198,9 +200,9 @@ def test_read_ahead_keeps_order_and_cancels_what_an_early_end_leaves() -> None:
         ([2, 2, 2], 4),
     ],
 )
-def test_rechunk_keeps_bytes_and_bounds_messages(sizes: list[int], size: int) -> None:
+def test_in_messages_keeps_bytes_and_bounds_messages(sizes: list[int], size: int) -> None:
     pieces = [os.urandom(n) for n in sizes]
-    out = [b"".join(parts) for parts in rechunk(pieces, size)]
+    out = [b"".join(parts) for parts in in_messages(pieces, size)]
     assert b"".join(out) == b"".join(pieces)
     assert all(len(m) == size for m in out[:-1])
     assert all(0 < len(m) <= size for m in out)
@@ -314,6 +316,7 @@ def test_pathinfo_put_with_false_nar_facts_is_refused(stubs: Stubs, memory: Stor
     assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == []
 
 
+@pytest.mark.nix
 def test_calculate_nar_matches_nix(stubs: Stubs, memory: Store, sample_tree: Path) -> None:
     info = ingest_path(memory, sample_tree, "sample")
     dump = subprocess.run(["nix-store", "--dump", str(sample_tree)], check=True, capture_output=True).stdout
@@ -433,7 +436,7 @@ def test_daemon_serves_tcp_and_unix_then_stops_cleanly(tvixfs_cmd: list[str], sh
         over_tcp = open_grpc_store(daemon.tcp)
         over_unix = open_grpc_store(f"unix:{sock}")
         digest = over_tcp.blobs.put([b"one store, two addresses"])
-        assert over_unix.blobs.read_all(digest) == b"one store, two addresses"
+        assert b"".join(over_unix.blobs.read(digest)) == b"one store, two addresses"
         over_tcp.close()
         over_unix.close()
         assert daemon.stop() == 0

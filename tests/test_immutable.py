@@ -18,6 +18,8 @@ from tvixfs.services.ingest import ingest_path
 from tvixfs.services.memory import open_memory_store
 from tvixfs.store.storepath import StorePath
 
+pytestmark = pytest.mark.nix
+
 
 class CLI:
     """The installed CLI against one store URL."""

@@ -33,7 +33,8 @@ from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
 from tvixfs.services.ingest import ingest_nar, ingest_path
 from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
-from tvixfs.store.nar import ReadBlob, blobs_read_ahead, file_contents, write_nar
+from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.store.nar import ReadBlob, file_contents, write_nar
 from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
@@ -192,7 +193,7 @@ def export_nar(
         # Over a remote store, a round trip per file would dominate a tree of small files.
         reads: AbstractContextManager[ReadBlob] = (
             blobs_read_ahead(node, directories.__getitem__, opened.blobs.read)
-            if opened.blobs.remote_reads
+            if opened.blobs.capabilities.calls_are_remote
             else nullcontext(opened.blobs.read)
         )
         recorded = _recorded_nar(opened, path)

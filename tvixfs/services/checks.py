@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from tvixfs.castore.closure import ClosureError, LeavesFirst
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
-from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
+from tvixfs.castore.nodes import DirectoryNode, FileNode
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import BlobService, DirectoryService
-from tvixfs.services.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    PathExistsError,
-)
-from tvixfs.store.nar import nar_hash
+from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, PathExistsError
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
 
@@ -29,18 +24,16 @@ def check_closure(
     stores anything, so a rejected stream leaves no trace.
     """
     batch: dict[bytes, Directory] = {}
+    order = LeavesFirst(stored)
     for directory in directories:
         try:  # nodes built in process skip the wire checks: run them, as a server would
             Directory.from_proto(directory.to_proto())
         except ValidationError as e:
             raise InvalidArgumentError(f"invalid directory: {e}") from None
-        for child in directory.directories:
-            if child.digest not in batch and not stored(child.digest):
-                raise FailedPreconditionError(
-                    f"directory {child.name!r} refers to {child.digest.hex()}, "
-                    "which was neither sent before it nor stored"
-                )
-        batch[directory.digest()] = directory
+        try:
+            batch[order.admit(directory)] = directory
+        except ClosureError as e:
+            raise FailedPreconditionError(str(e)) from None
     if not batch:
         raise InvalidArgumentError("no directories sent")
     return batch
@@ -106,15 +99,3 @@ def _content(info: pathinfo_pb2.PathInfo) -> tuple[bytes, list[bytes], int, byte
         info.narinfo.nar_size,
         info.narinfo.nar_sha256,
     )
-
-
-def calculate_nar(node: Node, blobs: BlobService, directories: DirectoryService) -> tuple[int, bytes]:
-    """(size, sha256) of the NAR of ``node``, rendered from the store."""
-
-    def get_directory(digest: bytes) -> Directory:
-        found = directories.get(digest)
-        if found is None:
-            raise NotFoundError(f"directory {digest.hex()} not found")
-        return found
-
-    return nar_hash(node, get_directory, blobs.read)

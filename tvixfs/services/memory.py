@@ -17,8 +17,9 @@ from tvixfs.services.base import (
     PathInfoService,
     Store,
 )
-from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo, settle_put
+from tvixfs.services.checks import check_closure, check_pathinfo, settle_put
 from tvixfs.services.errors import NotFoundError
+from tvixfs.services.narhash import store_nar_hash
 
 READ_PIECE = 1 << 20
 
@@ -109,7 +110,7 @@ class MemoryPathInfoService(PathInfoService):
         return iter(list(self._infos.values()))
 
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:
-        return calculate_nar(node, self._blobs, self._directories)
+        return store_nar_hash(node, self._blobs, self._directories)
 
 
 def open_memory_store() -> Store:
