@@ -1,0 +1,181 @@
+"""The disk cache wrapper in process, around a memory store: what is kept, for how long, how big."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_sample_tree
+
+from tvixfs.castore.digest import b3digest
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.base import Store
+from tvixfs.services.cachefsck import check_cache
+from tvixfs.services.cacheindex import CHUNK, STALE_AFTER, CacheIndex
+from tvixfs.services.diskcache import DiskCache, with_disk_cache
+from tvixfs.services.errors import StoreUnavailableError
+from tvixfs.services.ingest import ingest_path
+from tvixfs.services.memory import open_memory_store
+from tvixfs.store.storepath import StorePath
+
+
+class Switchable:
+    """Makes every call of a store's services raise StoreUnavailableError while ``down``."""
+
+    def __init__(self, store: Store) -> None:
+        self.down = False
+        self.calls = 0
+        for service in (store.blobs, store.directories, store.pathinfos):
+            for name in ("get", "get_recursive", "stat", "read", "list", "calculate_nar"):
+                if hasattr(service, name):
+                    setattr(service, name, self._guard(getattr(service, name)))
+
+    def _guard(self, method):  # type: ignore[no-untyped-def]
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.down:
+                raise StoreUnavailableError("switched off")
+            return method(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def inner() -> Iterator[Store]:
+    store = open_memory_store()
+    yield store
+    store.close()
+
+
+def _blob(store: Store, data: bytes) -> bytes:
+    return store.blobs.put([data])
+
+
+def test_negative_path_info_is_not_kept(inner: Store, tmp_path: Path) -> None:
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
+    tree = make_sample_tree(tmp_path / "t")
+    path = StorePath.from_basename(ingest_path(open_memory_store(), tree, "later").node.directory.name)
+    assert cached.pathinfos.get(path.digest) is None
+    ingest_path(inner, tree, "later")
+    info = cached.pathinfos.get(path.digest)  # appeared after a negative answer: seen at once
+    assert info is not None
+    switch = Switchable(inner)
+    switch.down = True
+    assert cached.pathinfos.get(path.digest) == info  # a positive answer is kept for good
+    cache.close()
+
+
+def test_blobs_dirs_and_infos_are_served_from_disk_after_reopening(inner: Store, tmp_path: Path) -> None:
+    tree = make_sample_tree(tmp_path / "t")
+    path = StorePath.from_basename(ingest_path(inner, tree, "sample").node.directory.name)
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
+    info = cached.pathinfos.get(path.digest)
+    assert info is not None
+    root = info.node.directory.digest
+    closure = list(cached.directories.get_recursive(root))
+    contents = {}
+    for directory in closure:
+        for file in directory.files:
+            contents[file.digest] = cached.blobs.read_all(file.digest)
+    cache.close()
+    switch = Switchable(inner)
+    switch.down = True
+    again, cache = with_disk_cache(inner, tmp_path / "c")
+    assert again.pathinfos.get(path.digest) == info
+    assert list(again.directories.get_recursive(root)) == closure
+    for digest, data in contents.items():
+        assert again.blobs.stat(digest) == []
+        assert again.blobs.read_all(digest) == data
+    assert switch.calls == 0
+    with pytest.raises(StoreUnavailableError):
+        again.pathinfos.get(b"\x03" * 20)
+    started = time.monotonic()
+    for _ in range(100):  # offline: refused at once, one probe per retry interval
+        with pytest.raises(StoreUnavailableError):
+            again.blobs.read_all(b3digest(b"never stored"))
+    assert time.monotonic() - started < 1
+    assert switch.calls == 1
+    cache.close()
+
+
+def test_eviction_cleans_to_half_and_big_objects_are_not_kept(inner: Store, tmp_path: Path) -> None:
+    cached, cache = with_disk_cache(inner, tmp_path / "c", size=1 << 20)
+    blobs = [_blob(inner, os.urandom(100_000) + bytes([i])) for i in range(30)]
+    for digest in blobs:
+        cached.blobs.read_all(digest)
+        assert cache.index.usage() <= 1 << 20
+    kept = [d for d in blobs if cache.index.lookup(CHUNK, d) is not None]
+    assert blobs[-1] in kept and blobs[0] not in kept  # least recently used went first
+    big = _blob(inner, os.urandom(600_000))
+    assert len(cached.blobs.read_all(big)) == 600_000
+    assert cache.index.lookup(CHUNK, big) is None
+    files = sum(p.stat().st_size for p in (tmp_path / "c" / "chunks").glob("*/*"))
+    assert files == sum(s for k, _, s, _, _ in cache.index.rows() if k == CHUNK)
+    cache.close()
+
+
+def test_rows_left_by_a_dead_writer_are_swept_and_accounting_is_right(inner: Store, tmp_path: Path) -> None:
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
+    digest = _blob(inner, b"x" * 5000)
+    cached.blobs.read_all(digest)
+    # A writer that died between reserving its row and writing its file, long ago.
+    assert cache.index.reserve(CHUNK, b3digest(b"lost"), 7000)
+    cache.close()
+    db = sqlite3.connect(tmp_path / "c" / "index.sqlite")
+    db.execute("UPDATE entries SET atime = atime - ? WHERE ready = 0", (2 * STALE_AFTER,))
+    db.commit()
+    db.close()
+    reopened = DiskCache(tmp_path / "c", 1 << 30)
+    assert reopened.index.usage() == 5000
+    reopened.close()
+    assert check_cache(tmp_path / "c", report=print).clean
+
+
+def test_a_missing_file_is_a_miss_and_its_row_is_dropped(inner: Store, tmp_path: Path) -> None:
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
+    digest = _blob(inner, b"y" * 3000)
+    cached.blobs.read_all(digest)
+    cache.files.path(digest).unlink()
+    assert cached.blobs.read_all(digest) == b"y" * 3000  # fetched again
+    assert cache.files.path(digest).exists()
+    assert cache.index.usage() == 3000
+    cache.close()
+
+
+def test_two_processes_worth_of_writers_keep_one_account(inner: Store, tmp_path: Path) -> None:
+    """Two caches on one directory (as two processes would have), writing at once."""
+    blobs = [_blob(inner, os.urandom(20_000) + bytes([i])) for i in range(60)]
+    first, cache_a = with_disk_cache(inner, tmp_path / "c", size=600_000)
+    second, cache_b = with_disk_cache(inner, tmp_path / "c", size=600_000)
+
+    def read(store: Store, order: list[bytes]) -> None:
+        for digest in order:
+            assert store.blobs.read_all(digest)
+
+    threads = [
+        threading.Thread(target=read, args=(first, blobs)),
+        threading.Thread(target=read, args=(second, blobs[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    cache_a.close()
+    cache_b.close()
+    index = CacheIndex(tmp_path / "c" / "index.sqlite", 600_000, lambda _: None)
+    recorded, actual = index.recount()
+    index.close()
+    assert recorded == actual <= 600_000
+    assert check_cache(tmp_path / "c", report=print).clean
+
+
+def test_pathinfo_put_passes_through(inner: Store, tmp_path: Path) -> None:
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
+    with pytest.raises(Exception, match="root node"):
+        cached.pathinfos.put(pathinfo_pb2.PathInfo())
+    cache.close()
