@@ -15,6 +15,7 @@ from tvixfs.services.base import Store
 from tvixfs.services.cachefsck import check_cache
 from tvixfs.services.diskcache import INDEX_NAME, DiskCache, with_disk_cache
 from tvixfs.services.errors import StoreUnavailableError
+from tvixfs.services.url import default_store_url
 from tvixfs.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,20 @@ DiskCacheOpt = Annotated[
     Path | None,
     typer.Option(
         "--disk-cache",
-        help="Keep what the store sends in this directory (verified, bounded, shared by several "
-        "processes) and serve from it, also while the store is unreachable.",
+        envvar="TVIXFS_DISK_CACHE",
+        help="Keep what a remote store sends in this directory (verified, bounded, shared by "
+        "several processes) and serve from it, also while the store is unreachable. Not used "
+        "for local:// and memory:// stores.",
         show_default=False,
     ),
 ]
 DiskCacheSizeOpt = Annotated[
     str,
-    typer.Option("--disk-cache-size", help="Most the disk cache may hold, e.g. 500M, 10G."),
+    typer.Option(
+        "--disk-cache-size",
+        envvar="TVIXFS_DISK_CACHE_SIZE",
+        help="Most the disk cache may hold, e.g. 500M, 10G.",
+    ),
 ]
 
 cache_app = typer.Typer(help="Inspect, check or empty a disk cache directory.", no_args_is_help=True)
@@ -39,8 +46,16 @@ app.add_typer(cache_app, name="cache")
 CacheDirArg = Annotated[Path, typer.Argument(help="The --disk-cache directory.", show_default=False)]
 
 
-def disk_cached(store: Store, directory: Path, size: int) -> tuple[Store, DiskCache]:
-    """``store`` behind the disk cache in ``directory``, or one clear error line."""
+def disk_cached(
+    store: Store, directory: Path | None, size: int, urls: tuple[str | None, ...]
+) -> tuple[Store, DiskCache | None]:
+    """``store`` behind the disk cache in ``directory`` if one is given and any of the store's
+    ``urls`` (None: the default) is remote; else as it is. Fails with one clear line."""
+    if directory is None:
+        return store, None
+    if not any((url or default_store_url()).startswith("grpc+") for url in urls):
+        log.info("not using the disk cache %s: the store is not remote", directory)
+        return store, None
     try:
         cached, cache = with_disk_cache(store, directory, size)
     except Exception as e:  # sqlite3 errors, OSError: either way the directory is unusable

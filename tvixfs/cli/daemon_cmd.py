@@ -61,8 +61,8 @@ def daemon(
     except ValueError as e:
         fail(f"--disk-cache-size: {e}")
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
-    if disk_cache is not None:
-        opened, _ = disk_cached(opened, disk_cache, disk_bytes)
+    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
         run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
     except ListenError as e:

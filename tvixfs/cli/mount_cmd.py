@@ -26,7 +26,6 @@ from tvixfs.fs.inodes import DEFAULT_MAX_INODES
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
-from tvixfs.services.diskcache import DiskCache
 from tvixfs.services.errors import StoreError
 from tvixfs.services.url import default_store_url
 
@@ -114,9 +113,8 @@ def mount(
     except MountError as e:
         fail(str(e))
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
-    cache: DiskCache | None = None
-    if disk_cache is not None:
-        opened, cache = disk_cached(opened, disk_cache, disk_bytes)
+    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
         try:
             probe_or_offline(opened, cache, probe_store)
