@@ -52,6 +52,14 @@ def inner() -> Iterator[Store]:
     store.close()
 
 
+def _usage(directory: Path) -> int:
+    index = CacheIndex(directory / "index.sqlite", 1 << 30, lambda _: None)
+    try:
+        return index.usage()
+    finally:
+        index.close()
+
+
 def _blob(store: Store, data: bytes) -> bytes:
     return store.blobs.put([data])
 
@@ -104,15 +112,19 @@ def test_blobs_dirs_and_infos_are_served_from_disk_after_reopening(inner: Store,
 
 
 def test_eviction_cleans_to_half_and_big_objects_are_not_kept(inner: Store, tmp_path: Path) -> None:
-    cached, cache = with_disk_cache(inner, tmp_path / "c", size=1 << 20)
     blobs = [_blob(inner, os.urandom(100_000) + bytes([i])) for i in range(30)]
-    for digest in blobs:
+    for digest in blobs:  # one at a time: closing waits for the background writer
+        cached, cache = with_disk_cache(inner, tmp_path / "c", size=1 << 20)
         cached.blobs.read_all(digest)
-        assert cache.index.usage() <= 1 << 20
+        cache.close()
+        assert _usage(tmp_path / "c") <= 1 << 20
+    cached, cache = with_disk_cache(inner, tmp_path / "c", size=1 << 20)
     kept = [d for d in blobs if cache.index.lookup(CHUNK, d) is not None]
     assert blobs[-1] in kept and blobs[0] not in kept  # least recently used went first
     big = _blob(inner, os.urandom(600_000))
     assert len(cached.blobs.read_all(big)) == 600_000
+    cache.close()
+    cached, cache = with_disk_cache(inner, tmp_path / "c", size=1 << 20)
     assert cache.index.lookup(CHUNK, big) is None
     files = sum(p.stat().st_size for p in (tmp_path / "c" / "chunks").glob("*/*"))
     assert files == sum(s for k, _, s, _, _ in cache.index.rows() if k == CHUNK)
@@ -124,7 +136,7 @@ def test_rows_left_by_a_dead_writer_are_swept_and_accounting_is_right(inner: Sto
     digest = _blob(inner, b"x" * 5000)
     cached.blobs.read_all(digest)
     # A writer that died between reserving its row and writing its file, long ago.
-    assert cache.index.reserve(CHUNK, b3digest(b"lost"), 7000)
+    assert cache.index.reserve_chunks([(b3digest(b"lost"), 7000)])
     cache.close()
     db = sqlite3.connect(tmp_path / "c" / "index.sqlite")
     db.execute("UPDATE entries SET atime = atime - ? WHERE ready = 0", (2 * STALE_AFTER,))
@@ -140,11 +152,13 @@ def test_a_missing_file_is_a_miss_and_its_row_is_dropped(inner: Store, tmp_path:
     cached, cache = with_disk_cache(inner, tmp_path / "c")
     digest = _blob(inner, b"y" * 3000)
     cached.blobs.read_all(digest)
+    cache.close()
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
     cache.files.path(digest).unlink()
     assert cached.blobs.read_all(digest) == b"y" * 3000  # fetched again
-    assert cache.files.path(digest).exists()
-    assert cache.index.usage() == 3000
     cache.close()
+    assert cache.files.path(digest).exists()
+    assert _usage(tmp_path / "c") == 3000
 
 
 def test_two_processes_worth_of_writers_keep_one_account(inner: Store, tmp_path: Path) -> None:

@@ -166,27 +166,55 @@ class CacheIndex:
             self._maybe_flush()
         return None if row is None else (int(row[0]), row[1])
 
-    def reserve(self, kind: str, key: bytes, size: int, data: bytes | None = None) -> bool:
-        """Insert an entry, evicting down to the low-water mark first if it would not fit.
-
-        A chunk (``data`` None) is inserted not ready: the caller writes its file, then calls
-        ``ready``. False if the entry exists already or is too large to keep.
-        """
+    def reserve(self, kind: str, key: bytes, size: int, data: bytes) -> bool:
+        """Insert a small entry (its bytes in the row); False if present or too large to keep."""
         if size > self.limit // 2:
             return False
         with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM entries WHERE kind = ? AND key = ?", (kind, key)).fetchone():
+            if self._has(kind, key):
                 return False
-            self._flush_touched()
-            used = int(self._db.execute("SELECT bytes FROM usage WHERE id = 0").fetchone()[0])
-            if used + size > self.limit:
-                self._evict_to(self.limit // 2 - size)
+            self._make_room(size)
             self._db.execute(
-                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                (kind, key, size, time.time(), int(data is not None), data),
+                "INSERT INTO entries VALUES (?, ?, ?, ?, 1, ?)", (kind, key, size, time.time(), data)
             )
             self._add_usage(size)
         return True
+
+    def reserve_chunks(self, chunks: list[tuple[bytes, int]]) -> list[bytes]:
+        """Insert rows, not ready, for the chunks not present yet, as many as fit in half the
+        limit; the digests reserved. The caller writes their files, then calls ``ready``."""
+        with self._lock, self._transaction():
+            fresh: list[tuple[bytes, int]] = []
+            total = 0
+            for key, size in chunks:
+                if total + size > self.limit // 2:
+                    continue
+                if self._db.execute(
+                    "SELECT 1 FROM entries WHERE kind = ? AND key = ?", (CHUNK, key)
+                ).fetchone():
+                    continue
+                fresh.append((key, size))
+                total += size
+            if fresh:
+                self._make_room(total)
+                now = time.time()
+                self._db.executemany(
+                    "INSERT INTO entries VALUES (?, ?, ?, ?, 0, NULL)",
+                    [(CHUNK, key, size, now) for key, size in fresh],
+                )
+                self._add_usage(total)
+        return [key for key, _ in fresh]
+
+    def _has(self, kind: str, key: bytes) -> bool:
+        query = "SELECT 1 FROM entries WHERE kind = ? AND key = ?"
+        return self._db.execute(query, (kind, key)).fetchone() is not None
+
+    def _make_room(self, size: int) -> None:
+        """Inside a transaction: if ``size`` more would pass the limit, evict down to half."""
+        self._flush_touched()
+        used = int(self._db.execute("SELECT bytes FROM usage WHERE id = 0").fetchone()[0])
+        if used + size > self.limit:
+            self._evict_to(self.limit // 2 - size)
 
     def _evict_to(self, target: int) -> None:
         """Inside a transaction: remove least recently used ready entries until usage <= target."""
@@ -208,9 +236,11 @@ class CacheIndex:
                     break
             self._delete(batch)
 
-    def ready(self, kind: str, key: bytes) -> None:
+    def ready(self, kind: str, keys: list[bytes]) -> None:
         with self._lock, self._transaction():
-            self._db.execute("UPDATE entries SET ready = 1 WHERE kind = ? AND key = ?", (kind, key))
+            self._db.executemany(
+                "UPDATE entries SET ready = 1 WHERE kind = ? AND key = ?", [(kind, key) for key in keys]
+            )
 
     def drop(self, kind: str, key: bytes) -> None:
         """Remove an entry (its file too) that turned out missing or damaged."""

@@ -44,6 +44,7 @@ from tvixfs.services.cacheindex import (
     STALE_AFTER,
     CacheIndex,
 )
+from tvixfs.services.cachewriter import BATCH_BYTES, Batch, CacheWriter
 from tvixfs.services.checks import calculate_nar
 from tvixfs.services.chunkfiles import TEMP_MARK, ChunkFiles
 from tvixfs.services.errors import CorruptDataError, NotFoundError, StoreUnavailableError
@@ -75,6 +76,8 @@ class DiskCache:
             self.files.create_layout()
         self.index = CacheIndex(directory / INDEX_NAME, size, self._remove_file)
         self.state = OnlineState()
+        # Batches well below half the size, so that one always fits after an eviction.
+        self.writer = CacheWriter(self._put_objects, batch_bytes=min(BATCH_BYTES, size // 8))
         self._closed = False
         sweep_temporary_files(self.files, STALE_AFTER)
 
@@ -90,7 +93,7 @@ class DiskCache:
         """The verified bytes of a cached blob or chunk; None if absent or damaged (dropped)."""
         found = self.index.lookup(CHUNK, digest)
         if found is None:
-            return None
+            return self.writer.get(digest)
         try:
             data = self.files.read(digest, found[0])
         except CorruptDataError as e:
@@ -101,14 +104,23 @@ class DiskCache:
         return data
 
     def put_object(self, digest: bytes, data: bytes) -> None:
-        """Keep verified bytes (the caller checked them against ``digest``)."""
-        if self.index.reserve(CHUNK, digest, len(data)):
-            try:
-                self.files.write(digest, memoryview(data))
-            except BaseException:
+        """Keep verified bytes (the caller checked them against ``digest``), in the background."""
+        self.writer.submit(digest, data)
+
+    def _put_objects(self, batch: Batch) -> None:
+        """Runs in the writer thread: rows first, then files, then the rows marked ready."""
+        sizes = {digest: len(data) for digest, data in batch}
+        reserved = set(self.index.reserve_chunks(list(sizes.items())))
+        written = []
+        try:
+            for digest, data in batch:
+                if digest in reserved:
+                    self.files.write(digest, memoryview(data))
+                    written.append(digest)
+        finally:
+            self.index.ready(CHUNK, written)
+            for digest in reserved.difference(written):
                 self.index.drop(CHUNK, digest)
-                raise
-            self.index.ready(CHUNK, digest)
 
     # -- small entries (rows) -------------------------------------------------------------
 
@@ -163,6 +175,7 @@ class DiskCache:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.writer.close()
             self.index.close()
 
 
