@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -193,3 +194,31 @@ def test_pathinfo_put_passes_through(inner: Store, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="root node"):
         cached.pathinfos.put(pathinfo_pb2.PathInfo())
     cache.close()
+
+
+def test_cache_commands_refuse_a_directory_that_is_no_cache(tmp_path: Path, tvixfs_cmd: list[str]) -> None:
+    for command, code in (("stats", 1), ("clear", 1), ("fsck", 2)):
+        done = subprocess.run(
+            [*tvixfs_cmd, "cache", command, str(tmp_path)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == code
+        assert done.stderr == f"tvixfs: error: {tmp_path} is not a tvixfs disk cache (no index.sqlite)\n"
+
+
+def test_cache_fsck_drops_a_damaged_entry_and_a_stray_file(inner: Store, tmp_path: Path) -> None:
+    cached, cache = with_disk_cache(inner, tmp_path / "c")
+    good, bad = _blob(inner, b"good" * 1000), _blob(inner, b"bad" * 1000)
+    cached.blobs.read_all(good)
+    cached.blobs.read_all(bad)
+    cache.close()
+    path = cache.files.path(bad)
+    path.write_bytes(b"BAD" + path.read_bytes()[3:])
+    stray = cache.files.path(b3digest(b"stray"))
+    stray.write_bytes(b"stray")
+    lines: list[str] = []
+    result = check_cache(tmp_path / "c", report=lines.append)
+    assert (result.dropped, result.orphans) == (1, 1)
+    assert len(lines) == 2
+    assert not path.exists() and not stray.exists()
+    assert check_cache(tmp_path / "c", report=lines.append).clean
+    assert _usage(tmp_path / "c") == 4000

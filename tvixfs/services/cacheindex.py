@@ -32,6 +32,7 @@ FLUSH_INTERVAL = 2.0
 ROW_OVERHEAD = 64
 EVICT_BATCH = 256
 BUSY_TIMEOUT_MS = 30_000
+WAL_LIMIT = 1 << 20
 
 CHUNK = "chunk"  # kinds of entries; only chunks have files
 DIRECTORY = "dir"
@@ -109,6 +110,9 @@ class CacheIndex:
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
+        # The WAL is checkpointed every ~4 MiB (1000 pages); truncated back to this afterwards,
+        # so that it stays part of the documented slack rather than its high-water mark.
+        self._db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         self._db.executescript(_SCHEMA)
         self._touched: dict[tuple[str, bytes], float] = {}
         self._last_flush = time.monotonic()
