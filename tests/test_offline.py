@@ -100,6 +100,7 @@ def test_offline_start_serves_the_cache_and_comes_back_without_remount(
         served.faults.clear()
         time.sleep(RETRY_INTERVAL + 0.5)
         _read(mount, served, NEVER_READ)  # online again, on the same mount
+        assert "STATUS=store online" in mount.process.wait_message("STATUS=store online", 10)
     log = mount.stderr()
     assert log.count("starting offline") == 1
     assert log.count("offline, serving what the disk cache holds") == 1
