@@ -16,6 +16,8 @@ from tvixfs.cli.app import (
     fail,
     open_store_or_fail,
 )
+from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached
+from tvixfs.cli.mount_cmd import parse_size
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
 
@@ -44,6 +46,8 @@ def daemon(
     grace: Annotated[
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
+    disk_cache: DiskCacheOpt = None,
+    disk_cache_size: DiskCacheSizeOpt = "10G",
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
@@ -52,7 +56,13 @@ def daemon(
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
     tune_malloc()
+    try:
+        disk_bytes = parse_size(disk_cache_size)
+    except ValueError as e:
+        fail(f"--disk-cache-size: {e}")
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
         run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
     except ListenError as e:
