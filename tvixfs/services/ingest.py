@@ -14,6 +14,7 @@ import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO
 
@@ -248,6 +249,7 @@ def _import_tree(
     )
     local = store.blobs if isinstance(store.blobs, LocalBlobService) else None
     workers: ChunkWorkers | None = None
+    held = ExitStack()  # keeps gc out while workers write chunks not recorded here yet (gcguard.py)
     try:
         for event, loaded in _ahead(_walk(path), pool, store.blobs):
             node: Node | None = None
@@ -268,6 +270,7 @@ def _import_tree(
                     and workers is None
                     and (files >= PARALLEL_FILES or imported + event.size >= PARALLEL_BYTES)
                 ):
+                    held.enter_context(local.writing())
                     workers = _chunk_workers(local)
                 node = _import_file(event, loaded, workers, store.blobs, hasher)
                 files += 1
@@ -289,6 +292,7 @@ def _import_tree(
             pool.shutdown(cancel_futures=True)
         if workers is not None:
             workers.close()
+        held.close()
     raise AssertionError("a walk always ends with its root")
 
 

@@ -19,10 +19,13 @@ block writers or each other.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from tvixfs.castore.chunking import chunk_stream
 from tvixfs.castore.digest import b3digest, check_digest, new_hasher
@@ -45,6 +48,27 @@ from tvixfs.store.pathinfo import validate_pathinfo
 
 _LIST_PAGE = 256
 _QUERY_BATCH = 500  # digests per IN (...) query, well below SQLite's limit on parameters
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _OnBackend(Protocol):
+    _backend: LocalBackend
+
+
+_S = TypeVar("_S", bound=_OnBackend)
+
+
+def _guarded(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """A write method run as one write: gc waits until what it relies on is committed (gcguard.py)."""
+
+    @functools.wraps(method)
+    def guarded(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._backend.writing():
+            return method(self, *args, **kwargs)
+
+    return guarded
 
 
 class LocalBlobService(BlobService):
@@ -104,6 +128,7 @@ class LocalBlobService(BlobService):
         if not self._chunks.read_into(digest, views):  # not one chunk: a blob of several, or none
             super().read_into(digest, views)
 
+    @_guarded
     def put(self, data: Iterable[bytes]) -> bytes:
         """Chunk, hash and write; the blob's row is committed by the backend's next commit."""
         digest, size, packed = write_blob(self._chunks, data)
@@ -114,6 +139,10 @@ class LocalBlobService(BlobService):
     def chunk_files(self) -> ChunkFiles:
         """Where ``write_blob`` run by another process (an import's workers) writes."""
         return self._chunks
+
+    def writing(self) -> AbstractContextManager[None]:
+        """Around writes by other processes (an import's workers): keeps gc out meanwhile."""
+        return self._backend.writing()
 
     def add_written(self, digest: bytes, size: int, packed_chunks: bytes) -> None:
         """A blob whose chunk files ``write_blob`` wrote elsewhere, as if put here.
@@ -149,6 +178,7 @@ class LocalDirectoryService(DirectoryService):
                 conn.execute("COMMIT")
         return iter(closure)
 
+    @_guarded
     def put_many(self, directories: Iterable[Directory]) -> bytes:
         # Checked before the write transaction: the stream may come from a slow client, and
         # stored directories are never removed (except by fsck --repair, run offline).
@@ -158,6 +188,7 @@ class LocalDirectoryService(DirectoryService):
                 "INSERT OR IGNORE INTO directories VALUES (?, ?)",
                 ((digest, d.to_bytes()) for digest, d in batch.items()),
             )
+            self._backend.pin(conn, batch)
         return next(reversed(batch))
 
     def close(self) -> None:
@@ -212,6 +243,7 @@ class LocalPathInfoService(PathInfoService):
         row = self._backend.fetch_one("SELECT data FROM pathinfos WHERE hash = ?", (output_hash,))
         return None if row is None else _parse_pathinfo(bytes(row[0]))
 
+    @_guarded
     def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
         store_path = check_pathinfo(info, self._blobs, self._directories)
         _, node = validate_pathinfo(info)
