@@ -71,10 +71,11 @@ def plan_collection(backend: LocalBackend) -> GcPlan:
         directories=[d for d in dir_rows if d not in live_dirs],
         dead_sessions=dead,
     )
-    live_chunks: set[bytes] = set()
+    # A blob of one chunk is that chunk: kept by its digest even if its row is gone (damage).
+    live_chunks = set(live_blobs)
     for digest in live_blobs:
         try:
-            live_chunks.update(c.digest for c in unpack_chunks(blob_rows[digest]))
+            live_chunks.update(c.digest for c in unpack_chunks(blob_rows.get(digest, b"")))
         except CorruptDataError:  # fsck reports it; its chunks cannot be told apart
             continue
     for path, size in _chunk_files(backend.chunks, live_chunks):
