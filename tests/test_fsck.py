@@ -195,7 +195,8 @@ def test_leftovers_are_counted_and_removed_stray_files_are_problems(
     assert repaired.returncode == 0
     assert "(removed)" in repaired.stdout
     assert not any(p.exists() for p in (stray, stray_dir, temp, chunk_path(store_dir, b3digest(orphan))))
-    assert "0 problems; 0 unreferenced chunk files, 0 temporary files;" in run_fsck(tvixfs_cmd, store_dir).stdout
+    after = run_fsck(tvixfs_cmd, store_dir).stdout
+    assert "0 problems; 0 unreferenced chunk files, 0 temporary files;" in after
 
 
 @pytest.mark.parametrize("url", ["memory://", "local:///proc/no-store-here", "bogus://x"])
