@@ -26,10 +26,14 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 LOCK_NAME = "gc.lock"
+WAITING_NAME = "gc.waiting"  # holds the waiting gc's process, so a dead one's is ignored
+# How long a writer that made way waits for gc to take the lock before it goes on.
+YIELD_WAIT = 5.0
 # How long a live session's pins count: far longer than any sequence of uploads that makes
 # one path, short enough that a daemon's abandoned uploads are freed by the next day's gc.
 PIN_LEASE = 24 * 3600.0
@@ -104,18 +108,40 @@ class WriteGuard:
     """This process's shared hold on the gc lock: taken when a write starts, dropped when idle.
 
     ``enter``/``leave`` bracket each write; the hold is dropped once no write is running and
-    ``idle()`` (nothing put but uncommitted) says so, checked again after every commit.
+    ``idle()`` (nothing put but uncommitted) says so, checked again after every commit. A gc
+    waiting for the lock is let in as soon as no write runs: new writes wait, and the last
+    one to leave commits (``commit``), drops the hold and waits until gc has it.
     """
 
-    def __init__(self, store: Path, idle: Callable[[], bool]) -> None:
+    def __init__(self, store: Path, idle: Callable[[], bool], commit: Callable[[], None]) -> None:
         self._path = store / LOCK_NAME
+        self._waiting_path = store / WAITING_NAME
         self._idle = idle
-        self._lock = threading.Lock()
+        self._commit = commit
+        # Reentrant: ``commit`` ends in ``release_if_idle`` on the same thread.
+        self._cond = threading.Condition(threading.RLock())
         self._writers = 0
+        self._depth = threading.local()  # this thread's nested writes: those never wait
+        self._yielding = False
         self._fd: int | None = None
 
+    def gc_waiting(self) -> bool:
+        """Whether a live gc waits for the lock (its marker names it)."""
+        try:
+            owner = self._waiting_path.read_text()
+        except OSError:
+            return False
+        return owner_alive(owner)
+
     def enter(self) -> None:
-        with self._lock:
+        depth: int = getattr(self._depth, "value", 0)
+        with self._cond:
+            if depth == 0:
+                self._cond.wait_for(lambda: not self._yielding)
+                if self._fd is not None and self.gc_waiting():
+                    self._cond.wait_for(lambda: self._writers == 0 and not self._yielding)
+                    if self._fd is not None:
+                        self._yield_to_gc()
             if self._fd is None:
                 fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
@@ -125,28 +151,53 @@ class WriteGuard:
                     raise
                 self._fd = fd
             self._writers += 1
+        self._depth.value = depth + 1
 
     def leave(self) -> None:
-        with self._lock:
+        self._depth.value -= 1
+        with self._cond:
             self._writers -= 1
+            if self._writers == 0 and self._fd is not None and self.gc_waiting():
+                self._yield_to_gc()
+            self._cond.notify_all()
         self.release_if_idle()
 
+    def _yield_to_gc(self) -> None:
+        """With no write running: commit, drop the hold, and wait (a while) until gc has the lock."""
+        self._yielding = True
+        try:
+            self._commit()  # its release_if_idle drops the hold, once nothing is pending
+            deadline = time.monotonic() + YIELD_WAIT
+            while self._fd is None and self.gc_waiting() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            self._yielding = False
+            self._cond.notify_all()
+
     def release_if_idle(self) -> None:
-        with self._lock:
+        with self._cond:
             if self._fd is not None and self._writers == 0 and self._idle():
-                os.close(self._fd)  # closing the only descriptor drops the flock
+                # Unlocked explicitly: forked children (chunk workers) may share the descriptor.
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
                 self._fd = None
 
 
 def lock_exclusive(store: Path, waiting: Callable[[], None]) -> int:
-    """Take the gc lock exclusively (``waiting`` is called first if writers hold it); its fd."""
+    """Take the gc lock exclusively; its fd. If writers hold it, ``waiting`` is called and a
+    marker asks them to make way (they do between two writes: ``WriteGuard``)."""
     fd = os.open(store / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             waiting()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            marker = store / WAITING_NAME
+            marker.write_text(this_process())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            finally:
+                marker.unlink(missing_ok=True)
     except BaseException:
         os.close(fd)
         raise

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,8 @@ WORKERS = 8
 CHUNK_WORKERS = 1
 PARALLEL_FILES = 64
 PARALLEL_BYTES = 16 << 20
+# How often an import with chunk workers looks whether a gc waits for it to make way.
+GC_CHECK_EVERY = 0.5
 
 Progress = Callable[[int, int], None]
 """Called after each file with (files imported, bytes imported) so far."""
@@ -250,6 +253,7 @@ def _import_tree(
     local = store.blobs if isinstance(store.blobs, LocalBlobService) else None
     workers: ChunkWorkers | None = None
     held = ExitStack()  # keeps gc out while workers write chunks not recorded here yet (gcguard.py)
+    gc_check = 0.0
     try:
         for event, loaded in _ahead(_walk(path), pool, store.blobs):
             node: Node | None = None
@@ -273,6 +277,8 @@ def _import_tree(
                     held.enter_context(local.writing())
                     workers = _chunk_workers(local)
                 node = _import_file(event, loaded, workers, store.blobs, hasher)
+                if local is not None and workers is not None and time.monotonic() >= gc_check:
+                    gc_check = _make_way_for_gc(local, workers, held)
                 files += 1
                 imported += event.size
                 if progress is not None:
@@ -318,6 +324,19 @@ def _import_file(
             digest = blobs.put(pieces)
     hasher.write(nar.file_close(file.size))
     return FileNode(file.name, digest, file.size, file.executable)
+
+
+def _make_way_for_gc(local: LocalBlobService, workers: ChunkWorkers, held: ExitStack) -> float:
+    """If a gc waits, let it run once the workers' files are recorded; when to look again.
+
+    An import with workers holds the gc lock throughout (``held``), so that gc never sees
+    chunk files written but not recorded yet: without this, gc would wait for the import.
+    """
+    if local.gc_waiting():
+        workers.drain()
+        held.close()  # commits, and gives way to gc
+        held.enter_context(local.writing())
+    return time.monotonic() + GC_CHECK_EVERY
 
 
 def _chunk_workers(blobs: LocalBlobService) -> ChunkWorkers:

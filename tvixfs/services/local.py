@@ -144,6 +144,10 @@ class LocalBlobService(BlobService):
         """Around writes by other processes (an import's workers): keeps gc out meanwhile."""
         return self._backend.writing()
 
+    def gc_waiting(self) -> bool:
+        """Whether a gc waits: a long ``writing`` should end, once its work is recorded."""
+        return self._backend.gc_waiting()
+
     def add_written(self, digest: bytes, size: int, packed_chunks: bytes) -> None:
         """A blob whose chunk files ``write_blob`` wrote elsewhere, as if put here.
 

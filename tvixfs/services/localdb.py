@@ -118,7 +118,7 @@ class LocalBackend:
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._flusher: threading.Thread | None = None
         self._stopping = False
-        self._guard = WriteGuard(path, self._nothing_pending)
+        self._guard = WriteGuard(path, self._nothing_pending, self._commit_pending)
         self._session: int | None = None  # this process's gc session (gcguard.py), once it pins
         if not (path / DB_NAME).exists():
             if not create:
@@ -224,6 +224,13 @@ class LocalBackend:
     def _nothing_pending(self) -> bool:
         with self._pending_lock:
             return not self._pending
+
+    def _commit_pending(self) -> None:
+        with self.transaction():
+            pass
+
+    def gc_waiting(self) -> bool:
+        return self._guard.gc_waiting()
 
     @contextmanager
     def writing(self) -> Iterator[None]:
