@@ -4,14 +4,15 @@ Layout under PATH (created 0700 on first use, as it may hold private store paths
 
     db.sqlite            directories, path infos, blob chunk lists, NAR cache (localdb.py)
     chunks/ab/abcd...    one file per chunk, named by its BLAKE3 digest (chunkfiles.py)
+    gc.lock, gc.waiting  what keeps ``tvixfs gc`` and writers apart (gcguard.py)
 
 Crash safety comes from ordering, not from a journal of our own: a chunk is written to a
 temporary name in its final directory and renamed; a blob put then records its row as pending,
 and every commit first makes all pending chunk files durable with one barrier and commits
 their rows with it (group commit: localdb.py explains why that is safe across kill -9 and OS
-crashes). A process killed at any point leaves at most temporary files and chunk files nothing
-refers to (``tvixfs fsck`` reports and removes them); a path info is only committed once its
-whole tree is present, so a killed import leaves either nothing or a complete path.
+crashes). A path info is only committed once its whole tree is present, so a killed import
+leaves either nothing or a complete path, plus what it stored so far: temporary files, blobs
+and directories nothing refers to (``tvixfs fsck`` counts them, ``tvixfs gc`` frees them).
 
 Nothing holds a database connection while a caller consumes a stream, so slow readers never
 block writers or each other.
