@@ -184,6 +184,8 @@ def _sweep(backend: LocalBackend, plan: GcPlan) -> None:
             "DELETE FROM nar_cache WHERE node = ?",
             [(node,) for (node,) in conn.execute("SELECT node FROM nar_cache") if bytes(node)[1:] in gone],
         )
+        if has_pin_tables(conn):  # expired pins count no more: rows a daemon would pile up
+            conn.execute("DELETE FROM gc_pins WHERE time < ?", (time.time() - PIN_LEASE,))
         if plan.dead_sessions:
             conn.executemany("DELETE FROM gc_pins WHERE session = ?", [(s,) for s in plan.dead_sessions])
             conn.executemany("DELETE FROM gc_sessions WHERE id = ?", [(s,) for s in plan.dead_sessions])

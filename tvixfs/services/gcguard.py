@@ -34,6 +34,9 @@ LOCK_NAME = "gc.lock"
 WAITING_NAME = "gc.waiting"  # holds the waiting gc's process, so a dead one's is ignored
 # How long a writer that made way waits for gc to take the lock before it goes on.
 YIELD_WAIT = 5.0
+# How long a new write waits for those running to end so that a waiting gc can go first;
+# past it, it goes on: a slow upload may delay gc, never stall the store's other writers.
+MAKE_WAY_WAIT = 2.0
 # How long a live session's pins count: far longer than any sequence of uploads that makes
 # one path, short enough that a daemon's abandoned uploads are freed by the next day's gc.
 PIN_LEASE = 24 * 3600.0
@@ -109,8 +112,8 @@ class WriteGuard:
 
     ``enter``/``leave`` bracket each write; the hold is dropped once no write is running and
     ``idle()`` (nothing put but uncommitted) says so, checked again after every commit. A gc
-    waiting for the lock is let in as soon as no write runs: new writes wait, and the last
-    one to leave commits (``commit``), drops the hold and waits until gc has it.
+    waiting for the lock is let in as soon as no write runs: new writes wait (a while), and
+    the last one to leave commits (``commit``), drops the hold and waits until gc has it.
     """
 
     def __init__(self, store: Path, idle: Callable[[], bool], commit: Callable[[], None]) -> None:
@@ -138,10 +141,13 @@ class WriteGuard:
         with self._cond:
             if depth == 0:
                 self._cond.wait_for(lambda: not self._yielding)
-                if self._fd is not None and self.gc_waiting():
-                    self._cond.wait_for(lambda: self._writers == 0 and not self._yielding)
-                    if self._fd is not None:
-                        self._yield_to_gc()
+                if (
+                    self._fd is not None
+                    and self.gc_waiting()
+                    and self._cond.wait_for(lambda: self._writers == 0 and not self._yielding, MAKE_WAY_WAIT)
+                    and self._fd is not None
+                ):
+                    self._yield_to_gc()
             if self._fd is None:
                 fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
