@@ -262,3 +262,19 @@ def test_gc_of_a_missing_store_creates_none(tmp_path: Path) -> None:
     result = tvixfs(tmp_path / "typo", "gc", check=False)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "typo").exists()
+
+
+def test_uploads_of_a_live_writer_are_kept_until_it_ends(tmp_path: Path) -> None:
+    """What a writer put and committed, without a path info yet (a daemon's client between its
+    uploads), survives gc while that writer lives: its pins are roots; after it ends, it goes."""
+    store_dir = tmp_path / "store"
+    store = open_local_store(store_dir)
+    try:
+        data = os.urandom(5000)
+        digest = store.blobs.put([data])
+        store.directories.put(Directory(files=(FileNode(b"f", digest, len(data), False),)))
+        assert gc_line(tvixfs(store_dir, "gc"))[1:4] == (0, 0, 0)
+        assert store.blobs.read_all(digest) == data
+    finally:
+        store.close()
+    assert gc_line(tvixfs(store_dir, "gc"))[1:4] == (1, 1, 1)
