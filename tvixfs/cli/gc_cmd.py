@@ -36,8 +36,9 @@ def gc(
 ) -> None:
     """Free the blobs, directories and chunk files no path info refers to (local:// stores).
 
-    What imports in progress wrote is kept; they wait while gc sweeps. Mounts may go on
-    reading meanwhile. Prints one summary line.
+    Keeps what imports in progress wrote (they pause while gc sweeps); mounts read on.
+
+    Prints one summary line.
     """
     path = _local_path(store, "gc")
     try:
