@@ -278,3 +278,23 @@ def test_uploads_of_a_live_writer_are_kept_until_it_ends(tmp_path: Path) -> None
     finally:
         store.close()
     assert gc_line(tvixfs(store_dir, "gc"))[1:4] == (1, 1, 1)
+
+
+def test_damage_that_hides_live_data_stops_gc(tmp_path: Path, sample_tree: Path) -> None:
+    """An undecodable path info may name anything: gc removes nothing rather than guess."""
+    store_dir = tmp_path / "store"
+    tvixfs(store_dir, "import", str(sample_tree))
+    leave_unreferenced_directory(store_dir)
+    db = sqlite3.connect(store_dir / "db.sqlite")
+    with db:
+        db.execute("UPDATE pathinfos SET data = ?", (b"\x0a\x05broken",))
+    db.close()
+    before = chunk_bytes(store_dir)
+    for args in (["gc"], ["gc", "--dry-run"]):
+        result = tvixfs(store_dir, *args, check=False)
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert (
+            "is undecodable, so what is live cannot be told: nothing removed; run tvixfs fsck"
+            in result.stderr
+        )
+    assert chunk_bytes(store_dir) == before

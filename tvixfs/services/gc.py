@@ -43,6 +43,9 @@ class GcPlan:
     chunk_files: list[Path] = field(default_factory=list)
     chunk_bytes: int = 0
     dead_sessions: list[int] = field(default_factory=list)
+    # Damage that hides what is live (an undecodable path info, directory or chunk list):
+    # gc then removes nothing, fsck reports it.
+    damage: list[str] = field(default_factory=list)
 
     def counts(self) -> str:
         return (
@@ -57,42 +60,45 @@ def _mib(nbytes: int) -> str:
 
 def plan_collection(backend: LocalBackend) -> GcPlan:
     """Mark and find the garbage, changing nothing; exact only while the gc lock is held."""
+    damage: list[str] = []
     with backend.connection() as conn:
         conn.execute("BEGIN")  # one snapshot of all tables
         try:
-            roots, dead = _roots(conn)
+            roots, dead = _roots(conn, damage)
             blob_rows = {bytes(d): bytes(c) for d, c in conn.execute("SELECT digest, chunks FROM blobs")}
             dir_rows = {bytes(d): bytes(v) for d, v in conn.execute("SELECT digest, data FROM directories")}
         finally:
             conn.execute("COMMIT")
-    live_dirs, live_blobs = _mark(roots, dir_rows, blob_rows)
+    live_dirs, live_blobs = _mark(roots, dir_rows, damage)
     plan = GcPlan(
         blobs=[d for d in blob_rows if d not in live_blobs],
         directories=[d for d in dir_rows if d not in live_dirs],
         dead_sessions=dead,
+        damage=damage,
     )
     # A blob of one chunk is that chunk: kept by its digest even if its row is gone (damage).
     live_chunks = set(live_blobs)
     for digest in live_blobs:
         try:
             live_chunks.update(c.digest for c in unpack_chunks(blob_rows.get(digest, b"")))
-        except CorruptDataError:  # fsck reports it; its chunks cannot be told apart
-            continue
+        except CorruptDataError:
+            damage.append(f"the chunk list of blob {digest.hex()} is damaged")
     for path, size in _chunk_files(backend.chunks, live_chunks):
         plan.chunk_files.append(path)
         plan.chunk_bytes += size
     return plan
 
 
-def _roots(conn: sqlite3.Connection) -> tuple[set[bytes], list[int]]:
+def _roots(conn: sqlite3.Connection, damage: list[str]) -> tuple[set[bytes], list[int]]:
     """Digests every path info's root node names, and live sessions' fresh pins; dead sessions."""
     roots: set[bytes] = set()
-    for (data,) in conn.execute("SELECT data FROM pathinfos"):
+    for key, data in conn.execute("SELECT hash, data FROM pathinfos"):
         info = pathinfo_pb2.PathInfo()
         try:
             info.ParseFromString(bytes(data))
             node = node_from_proto(info.node)
-        except Exception:  # an undecodable path info is fsck's to report; it keeps nothing
+        except Exception:  # protobuf's DecodeError is not part of its typed API
+            damage.append(f"path info {bytes(key).hex()} is undecodable")
             continue
         if isinstance(node, DirectoryNode | FileNode):
             roots.add(node.digest)
@@ -113,11 +119,11 @@ def _roots(conn: sqlite3.Connection) -> tuple[set[bytes], list[int]]:
 
 
 def _mark(
-    roots: Iterable[bytes], dir_rows: dict[bytes, bytes], blob_rows: dict[bytes, bytes]
+    roots: set[bytes], dir_rows: dict[bytes, bytes], damage: list[str]
 ) -> tuple[set[bytes], set[bytes]]:
     """Directories and blobs reachable from ``roots`` (a root may name either)."""
     live_dirs: set[bytes] = set()
-    live_blobs = {d for d in roots if d in blob_rows}
+    live_blobs = set(roots)
     stack = [d for d in roots if d in dir_rows]
     while stack:
         digest = stack.pop()
@@ -126,7 +132,8 @@ def _mark(
         live_dirs.add(digest)
         try:
             directory = Directory.from_bytes(dir_rows[digest])
-        except ValidationError:  # fsck reports it; what it would reach cannot be known
+        except ValidationError:
+            damage.append(f"directory {digest.hex()} is undecodable")
             continue
         live_blobs.update(f.digest for f in directory.files)
         stack.extend(d.digest for d in directory.directories if d.digest in dir_rows)
@@ -164,6 +171,12 @@ def collect_garbage(path: Path, dry_run: bool, waiting: Callable[[], None]) -> G
         lock = lock_exclusive(path, waiting)
         try:
             plan = plan_collection(backend)
+            if plan.damage:
+                more = f" (and {len(plan.damage) - 1} more)" if len(plan.damage) > 1 else ""
+                raise CorruptDataError(
+                    f"{plan.damage[0]}{more}, so what is live cannot be told: nothing removed; "
+                    "run tvixfs fsck"
+                )
             if not dry_run:
                 _sweep(backend, plan)
         finally:
@@ -213,7 +226,7 @@ def delete_paths(path: Path, store_paths: Iterable[StorePath]) -> list[StorePath
     backend = LocalBackend(path, create=False)
     try:
         with backend.transaction() as conn:
-            present: set[bytes] = set()
+            present: set[StorePath] = set()
             referrers: dict[bytes, list[StorePath]] = {}
             for key, data in conn.execute("SELECT hash, data FROM pathinfos").fetchall():
                 info = pathinfo_pb2.PathInfo()
@@ -222,13 +235,13 @@ def delete_paths(path: Path, store_paths: Iterable[StorePath]) -> list[StorePath
                     referrer, _ = validate_pathinfo(info)
                 except Exception as e:  # protobuf's DecodeError is not part of its typed API
                     raise CorruptDataError(f"stored path info {bytes(key).hex()} is invalid: {e}") from None
-                present.add(referrer.digest)
+                present.add(referrer)
                 for ref in info.references:
                     if ref != referrer.digest and referrer.digest not in digests:
                         referrers.setdefault(bytes(ref), []).append(referrer)
             reasons = []
             for store_path in wanted:
-                if store_path.digest not in present:
+                if store_path not in present:
                     reasons.append(f"cannot delete {store_path}: not in the store")
                 elif by := referrers.get(store_path.digest):
                     reasons.append(
