@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from grpcserver import running_daemon
 from mounting import TVIXFS, mounted, needs_fuse
 from nixchroot import nix_dump
 
@@ -181,6 +182,33 @@ def test_gc_during_imports_keeps_their_data(tmp_path: Path, sample_tree: Path) -
     assert export_nar(store_dir, imported) == nix_dump(tree)
     assert export_nar(store_dir, NAR_PATH) == nar_file.read_bytes()
     assert export_nar(store_dir, live) == nix_dump(sample_tree)
+
+
+def test_gc_during_an_import_through_the_daemon(short_tmp: Path) -> None:
+    """A client of ``tvixfs daemon`` uploads blobs, then directories, then the path info, in
+    separate calls: gc runs between them (the daemon's pins keep the uploads)."""
+    store_dir = short_tmp / "store"
+    tree = make_big_tree(short_tmp / "tree", 3000, 8 << 10)
+    socket = short_tmp / "d.sock"
+    with running_daemon(TVIXFS, short_tmp, f"local://{store_dir}", [f"unix:{socket}"]):
+        importer = subprocess.Popen(
+            [*TVIXFS, "import", "--store", f"grpc+unix://{socket}", str(tree)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        collections = 0
+        while importer.poll() is None:
+            gc_line(tvixfs(store_dir, "gc"))
+            collections += 1
+        out, err = importer.communicate()
+        assert importer.returncode == 0, err
+        assert collections >= 2
+    assert export_nar(store_dir, out.strip()) == nix_dump(tree)
+    fsck = tvixfs(store_dir, "fsck").stdout
+    assert (
+        " 1 path infos: 0 problems; " in fsck and "; 0 unreferenced blobs, 0 unreferenced directories" in fsck
+    )
 
 
 @needs_fuse
