@@ -107,7 +107,11 @@ def main() -> None:
         import boto3
 
         setup = boto3.client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="k",
+            aws_secret_access_key="s",
         )
         setup.create_bucket(Bucket="bench")
         keys = [f"obj/{i:05d}" for i in range(args.objects)]

@@ -1,0 +1,95 @@
+"""A real S3 API for tests: moto's server (``python -m moto.server``) on 127.0.0.1.
+
+One server per test process, started on first use and stopped at exit; every test gets a
+bucket of its own, so tests never see each other's objects. moto accepts any credentials:
+fixed ones are put in the environment (inherited by mounts and daemons the tests start), so
+no S3 client ever looks for others (never an instance metadata endpoint).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+START_TIMEOUT = 60.0
+_counter = itertools.count()
+
+
+@dataclass
+class MotoServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def new_bucket(self, stem: str = "tvx") -> str:
+        """A fresh, empty bucket; its name is unique within this process."""
+        name = f"{stem}-{os.getpid()}-{next(_counter)}"
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        return name
+
+    def url(self, bucket: str, prefix: str = "") -> str:
+        path = f"/{prefix}" if prefix else ""
+        return f"s3://{bucket}{path}?endpoint={self.endpoint}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_moto(port: int | None = None) -> MotoServer:
+    """A moto server on ``port`` (a free one if None), answering when this returns."""
+    port = port or _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return MotoServer(proc, port)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+
+
+_shared: MotoServer | None = None
+
+
+def shared_moto() -> MotoServer:
+    """The process's moto server, started on first call."""
+    global _shared  # noqa: PLW0603  (one server per test process)
+    if _shared is None or _shared.proc.poll() is not None:
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+        ):
+            os.environ[name] = value
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        _shared = start_moto()
+        atexit.register(_shared.stop)
+    return _shared
