@@ -461,7 +461,9 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
     def _is_root(self, digest: bytes) -> bool:
         """Whether ``digest`` is the root directory of a stored path info."""
         infos = [*self._store.pathinfos.list(), *self._raw_pathinfos.values()]
-        return any(i.node.WhichOneof("node") == "directory" and i.node.directory.digest == digest for i in infos)
+        return any(
+            i.node.WhichOneof("node") == "directory" and i.node.directory.digest == digest for i in infos
+        )
 
     def _lookup(self, digest: bytes) -> castore_pb2.Directory | None:
         raw = self._raw.get(digest)

@@ -102,7 +102,10 @@ def mount(request: pytest.FixtureRequest, corpus: Corpus) -> Iterator[Mount]:
         with (
             serving(request.param, corpus.store_dir, tmp) as url,
             mounted(
-                TVIXFS, tmp, url, ["--list-root", *(ROOTS_ONLY_OPTIONS if request.param == "roots-only" else [])]
+                TVIXFS,
+                tmp,
+                url,
+                ["--list-root", *(ROOTS_ONLY_OPTIONS if request.param == "roots-only" else [])],
             ) as m,
         ):
             yield m
