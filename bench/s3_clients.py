@@ -5,7 +5,8 @@
 Starts a moto S3 server on 127.0.0.1 (``python -m moto.server``), puts OBJECTS objects of
 256 KiB (the average chunk), then GETs all of them with 1, 16 and 64 threads, per client,
 and prints objects/s, MiB/s and the client's CPU time per GET (best of ROUNDS). Threads,
-not asyncio, because the store services are synchronous and called from worker threads (the gRPC server, the FUSE bridge).
+not asyncio, because the store services are synchronous and called from worker threads
+(the gRPC server, the FUSE bridge).
 moto is a Python server on the same 2 cores: it is the bottleneck well before a real S3 is,
 so the figures compare the clients' own costs under one server, not S3 speeds.
 """
