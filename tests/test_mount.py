@@ -37,7 +37,7 @@ from tvixfs.store.storepath import StorePath
 # roots-only: a store that answers only root directory digests (tvix's object-store layout),
 # mounted with a tiny directory cache so that subdirectories are evicted and fetched again.
 BACKENDS = ["local", "grpc+http", "grpc+unix", "roots-only"]
-ROOTS_ONLY_OPTIONS = ["--directory-cache", "64"]
+ROOTS_ONLY_OPTIONS = ["--directory-cache", "1024"]
 # Real trees with thousands of entries: every kind of file Debian ships, symlinks included.
 SYSTEM_TREES = {"python-lib": Path("/usr/lib/python3.11"), "doc": Path("/usr/share/doc")}
 

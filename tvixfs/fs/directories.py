@@ -123,11 +123,20 @@ class Directories:
             if root == node.digest:
                 raise
         # A store that addresses roots only: the whole tree again, through its root.
-        received = await self._fetch_tree(root, root)
-        for digest, listing in received:
-            if digest == node.digest:
-                return listing
-        raise NotFoundError(f"directory {node.digest.hex()} not found under root {root.hex()}")
+        received = dict(await self._fetch_tree(root, root))
+        wanted = received.get(node.digest)
+        if wanted is None:
+            raise NotFoundError(f"directory {node.digest.hex()} not found under root {root.hex()}")
+        # The subtree asked for is what a walk needs next: cached last, so evicted last.
+        subtree, at = [(node.digest, wanted)], 0
+        while at < len(subtree) and len(subtree) < self._cache.maxsize:
+            for entry in subtree[at][1].entries:
+                if isinstance(entry, DirectoryNode) and entry.digest in received:
+                    subtree.append((entry.digest, received[entry.digest]))
+            at += 1
+        for digest, listing in reversed(subtree):
+            self._store(digest, listing, root)
+        return wanted
 
     async def _fetch_direct(self, node: DirectoryNode, root: bytes) -> Listing:
         # ``size`` is advisory (tvix and snix write other values), good enough to choose.
