@@ -18,9 +18,11 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 
 START_TIMEOUT = 60.0
+_METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
 _counter = itertools.count()
 
 
@@ -100,7 +102,9 @@ def shared_moto() -> MotoServer:
 class Gate:
     """A TCP relay on 127.0.0.1 in front of a server: ``close()`` makes the server look stopped
     (connections refused, open ones cut), ``open()`` brings it back on the same port with its
-    data intact (a restarted moto would have lost everything)."""
+    data intact (a restarted moto would have lost everything). It also counts the HTTP requests
+    it relays, by method (``requests``): clients send one request at a time per connection,
+    so each request starts a fresh send whose first bytes are its method."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -108,6 +112,7 @@ class Gate:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()
         self.open()
 
     @property
@@ -131,13 +136,16 @@ class Gate:
                 return
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, count in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, count), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
         try:
             while data := source.recv(65536):
+                method = data[:7].split(b" ", 1)[0]
+                if count and method in _METHODS:
+                    with self._lock:
+                        self.requests[method.decode()] += 1
                 sink.sendall(data)
         except OSError:
             pass
