@@ -154,7 +154,7 @@ def decode_tree(data: bytes, root: bytes) -> Iterator[Directory]:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
         expected, seen = {root}, set()
         while True:
-            head = reader.read(_LENGTH.size)
+            head = _read_exact(reader, _LENGTH.size)
             if not head:
                 break
             if len(head) < _LENGTH.size:
@@ -162,7 +162,7 @@ def decode_tree(data: bytes, root: bytes) -> Iterator[Directory]:
             (length,) = _LENGTH.unpack(head)
             if length > MAX_DIRECTORY_MESSAGE:
                 raise CorruptDataError(f"directory stream {root.hex()}: a {length}-byte message")
-            message = reader.read(length)
+            message = _read_exact(reader, length)
             if len(message) < length:
                 raise CorruptDataError(f"directory stream {root.hex()}: truncated")
             directory = _parse_directory(message, root)
@@ -178,6 +178,18 @@ def decode_tree(data: bytes, root: bytes) -> Iterator[Directory]:
         raise CorruptDataError(f"directory stream {root.hex()}: not a valid zstd stream ({e})") from None
     if expected != seen:
         raise CorruptDataError(f"directory stream {root.hex()}: truncated (directories missing)")
+
+
+def _read_exact(reader: zstandard.ZstdDecompressionReader, size: int) -> bytes:
+    """``size`` bytes, fewer only at the end of the stream."""
+    parts, got = [], 0
+    while got < size:
+        part = reader.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _parse_directory(message: bytes, root: bytes) -> Directory:
