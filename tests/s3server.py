@@ -18,11 +18,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 START_TIMEOUT = 60.0
-_METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
 _counter = itertools.count()
 
 
@@ -60,14 +59,16 @@ def _free_port() -> int:
         return port
 
 
-def start_moto(port: int | None = None) -> MotoServer:
-    """A moto server on ``port`` (a free one if None), answering when this returns."""
+def start_moto(port: int | None = None, log: Path | None = None) -> MotoServer:
+    """A moto server on ``port`` (a free one if None), answering when this returns; ``log``
+    gets its request log (one line per request, as werkzeug writes it)."""
     port = port or _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log or os.devnull, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=out,
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         try:
@@ -102,9 +103,7 @@ def shared_moto() -> MotoServer:
 class Gate:
     """A TCP relay on 127.0.0.1 in front of a server: ``close()`` makes the server look stopped
     (connections refused, open ones cut), ``open()`` brings it back on the same port with its
-    data intact (a restarted moto would have lost everything). It also counts the HTTP requests
-    it relays, by method (``requests``): clients send one request at a time per connection,
-    so each request starts a fresh send whose first bytes are its method."""
+    data intact (a restarted moto would have lost everything)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -112,7 +111,6 @@ class Gate:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
-        self.requests: Counter[str] = Counter()
         self.open()
 
     @property
@@ -136,16 +134,13 @@ class Gate:
                 return
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b, count in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pipe, args=(a, b, count), daemon=True).start()
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                method = data[:7].split(b" ", 1)[0]
-                if count and method in _METHODS:
-                    with self._lock:
-                        self.requests[method.decode()] += 1
                 sink.sendall(data)
         except OSError:
             pass
