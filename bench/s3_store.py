@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -30,7 +31,8 @@ from procs import tvixfs_mount  # noqa: E402
 from s3server import start_moto  # noqa: E402
 from trees import count_entries, python_tree  # noqa: E402
 
-METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE")
+# A request line in werkzeug's log; those answered 4xx are coloured (an ANSI escape first).
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)?(GET|HEAD|PUT|POST|DELETE) /')
 
 
 class RequestLog:
@@ -46,10 +48,8 @@ class RequestLog:
             new = f.read()
             self.at += len(new)
         counts: dict[str, int] = {}
-        for line in new.decode(errors="replace").splitlines():
-            for method in METHODS:
-                if f'"{method} /' in line:
-                    counts[method] = counts.get(method, 0) + 1
+        for method in REQUEST.findall(new.decode(errors="replace")):
+            counts[method] = counts.get(method, 0) + 1
         return counts
 
 

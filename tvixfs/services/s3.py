@@ -214,9 +214,7 @@ class S3BlobService(BlobService):
         return digest
 
     def _put_chunk(self, digest: bytes, plain: bytes) -> None:
-        key = s3layout.chunk_key(digest)
-        if not self._objects.exists(key):
-            self._objects.put_new(key, s3layout.encode_chunk(plain))
+        self._objects.put_new(s3layout.chunk_key(digest), s3layout.encode_chunk(plain))
 
 
 def _size(directory: Directory) -> int:
