@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tvixfs.services.s3url import S3Location, S3URLError, parse_s3_url
+from tvixfs.services.s3url import S3Location, S3URLError, parse_s3_url, redacted
 from tvixfs.services.url import StoreURL
 
 
@@ -67,3 +67,11 @@ def test_rejected(url: str, message: str) -> None:
 
 def test_store_url_keeps_the_whole_url() -> None:
     assert StoreURL.parse("s3://bucket/p?region=x") == StoreURL("s3", path="s3://bucket/p?region=x")
+
+
+def test_logs_see_no_credentials_of_the_tvix_form() -> None:
+    url = "objectstore+s3://b/p?aws_endpoint=http://h:9000&aws_access_key_id=AK&aws_secret_access_key=SK"
+    assert redacted(url) == (
+        "objectstore+s3://b/p?aws_endpoint=http://h:9000&aws_access_key_id=***&aws_secret_access_key=***"
+    )
+    assert redacted("s3://b?endpoint=http://h:9000") == "s3://b?endpoint=http://h:9000"

@@ -40,6 +40,9 @@ _TVIX_OPTIONS = {
 }
 
 
+_SECRETS = ("access_key_id", "secret_access_key", "session_token")
+
+
 class S3URLError(StoreError, ValueError):
     """An S3 store URL that cannot be used; the message says why."""
 
@@ -96,3 +99,16 @@ def parse_s3_url(url: str, environ: Mapping[str, str] | None = None) -> S3Locati
     if endpoint.startswith("http://"):
         settings.setdefault("allow_http", "true")
     return S3Location(bucket, parts.path.strip("/"), tuple(sorted(settings.items())))
+
+
+def redacted(url: str) -> str:
+    """``url`` for logs and status lines: the values of credential options replaced by ``***``
+    (tvix's form carries them in the URL)."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.query:
+        return url
+    pairs = [
+        f"{key}={'***' if _TVIX_OPTIONS.get(key.lower()) in _SECRETS else value}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return parts._replace(query="&".join(pairs)).geturl()
