@@ -298,6 +298,18 @@ in
         description = "The store the daemon serves.";
       };
 
+      environmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/tvixfs-daemon.env";
+        description = ''
+          A file of `NAME=value` lines for the daemon's environment, read when it starts: the
+          credentials of an `s3://` store (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+          optionally `AWS_SESSION_TOKEN`). A string, not a Nix path: the file stays outside the
+          Nix store, so no secret is copied into it.
+        '';
+      };
+
       openFirewall = mkOption {
         type = types.bool;
         default = false;
@@ -435,6 +447,7 @@ in
             TimeoutStopSec = "30s";
             WatchdogSec = "30s";
           }
+          // lib.optionalAttrs (dcfg.environmentFile != null) { EnvironmentFile = dcfg.environmentFile; }
           # ProtectSystem=strict leaves only the state directory writable.
           // lib.optionalAttrs (
             daemonStatePath != null && daemonStatePath != "/var/lib/tvixfs"

@@ -25,7 +25,9 @@ def test_accepted(url: str, expected: StoreURL) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("s3://bucket", "unknown store URL"),
+        ("ftp://bucket", "unknown store URL"),
+        ("s3://ab", "bucket name"),
+        ("s3://bucket?aws_access_key_id=x", "unknown s3:// option"),
         ("/var/lib/tvixfs", "unknown store URL"),
         ("local://relative", "absolute path"),
         ("grpc+http://host", "host:port"),

@@ -31,7 +31,7 @@ StoreOpt = Annotated[
         "--store",
         envvar="TVIXFS_STORE",
         help="Store URL: local:///path (default: the embedded store), memory://, "
-        "grpc+http://host:port, grpc+unix:///path.sock.",
+        "grpc+http://host:port, grpc+unix:///path.sock, s3://bucket/prefix?endpoint=URL.",
         show_default=False,
     ),
 ]

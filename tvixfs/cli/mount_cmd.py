@@ -27,6 +27,7 @@ from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.errors import StoreError
+from tvixfs.services.s3url import redacted
 from tvixfs.services.url import default_store_url
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
@@ -137,7 +138,7 @@ def mount(
             status_note=None if cache is None else cache.state.describe,
         )
         try:
-            run_mount(opened, config, store or default_store_url())
+            run_mount(opened, config, redacted(store or default_store_url()))
         except MountError as e:
             fail(str(e))
     finally:

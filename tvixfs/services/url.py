@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 
 from tvixfs.services.base import Store
 from tvixfs.services.errors import StoreError
+from tvixfs.services.s3url import SCHEMES as S3_SCHEMES
+from tvixfs.services.s3url import S3URLError, parse_s3_url
 
-SCHEMES = ("local", "memory", "grpc+http", "grpc+unix")
+SCHEMES = ("local", "memory", "grpc+http", "grpc+unix", *S3_SCHEMES)
 
 
 class StoreURLError(StoreError, ValueError):
@@ -28,7 +30,7 @@ def default_store_url() -> str:
 @dataclass(frozen=True)
 class StoreURL:
     scheme: str
-    path: str = ""  # local: directory; grpc+unix: socket path
+    path: str = ""  # local: directory; grpc+unix: socket path; s3: the whole URL
     host: str = ""  # grpc+http: host:port as grpcio takes it
 
     @classmethod
@@ -38,8 +40,15 @@ class StoreURL:
         if scheme not in SCHEMES:
             raise StoreURLError(
                 f"unknown store URL {url!r}: expected one of "
-                "local:///path, memory://, grpc+http://host:port, grpc+unix:///path.sock"
+                "local:///path, memory://, grpc+http://host:port, grpc+unix:///path.sock, "
+                "s3://bucket[/prefix]"
             )
+        if scheme in S3_SCHEMES:
+            try:
+                parse_s3_url(url)
+            except S3URLError as e:
+                raise StoreURLError(str(e)) from None
+            return cls(scheme, path=url)
         if scheme == "memory":
             return cls(scheme)
         if scheme == "local":
@@ -66,6 +75,10 @@ def open_url(url: StoreURL) -> Store:
         from tvixfs.services.local import open_local_store
 
         return open_local_store(Path(url.path))
+    if url.scheme in S3_SCHEMES:
+        from tvixfs.services.s3 import open_s3_store
+
+        return open_s3_store(parse_s3_url(url.path))
     from tvixfs.services.grpc import open_grpc_store
 
     target = f"unix:{url.path}" if url.scheme == "grpc+unix" else url.host
