@@ -121,7 +121,7 @@ def nar_bridge(
         allow_upload=allow_upload,
         sign_keys=sign_keys,
         trusted_keys=trusted,
-        limits=Limits(max_nar_size),
+        limits=Limits(max_nar_size, spool_dir=pending_path.parent),
     )
     try:
         server, where = _listen(bridge, address, max_connections, timeout)

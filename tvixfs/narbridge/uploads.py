@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, cast
 
 import zstandard
@@ -50,6 +51,8 @@ class UploadError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_nar_size: int  # bytes of an upload as sent, and again of the NAR it decompresses to
+    # Uploads are spooled here, not to /tmp (often a small tmpfs): the pending table's directory.
+    spool_dir: Path | None = None
 
 
 class _Capped(io.RawIOBase):
@@ -114,7 +117,7 @@ def receive_nar(
     """Check, decompress and ingest one uploaded NAR file; record it for its narinfo."""
     if length > limits.max_nar_size:
         raise UploadError(413, f"upload of {length} bytes exceeds the limit of {limits.max_nar_size}")
-    with tempfile.TemporaryFile(prefix="tvixfs-nar-upload-") as spool:
+    with tempfile.TemporaryFile(prefix="tvixfs-nar-upload-", dir=limits.spool_dir) as spool:
         got = _spool(body, length, spool)
         if got != file_sha256:
             raise UploadError(
