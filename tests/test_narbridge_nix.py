@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from bridgeserver import running_bridge, url
-from nixchroot import NIX_COMMAND, Closure, make_closure, nix_path_info, run
+from grpcserver import running_daemon
+from mounting import mounted, needs_fuse
+from nixchroot import NIX_COMMAND, Closure, make_closure, nix_dump_path, nix_path_info, run
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,33 @@ def test_read_only_bridge_refuses_nix_copy(tvixfs_cmd: list[str], tmp_path: Path
         assert refused.returncode != 0
     listed = subprocess.run([*tvixfs_cmd, "ls", "--store", store], capture_output=True, text=True, check=True)
     assert listed.stdout == ""
+
+
+@needs_fuse
+def test_over_grpc_store_and_mounted(
+    tvixfs_cmd: list[str], tmp_path: Path, closure: Closure, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any store URL: a bridge in front of a tvixfs daemon; a mount of that store then shows
+    every pushed path with exactly the NAR Nix has for it."""
+    with running_daemon(tvixfs_cmd, tmp_path, store=f"local://{tmp_path / 'store'}") as daemon:
+        flags = ["--allow-upload", "--pending-db", str(tmp_path / "pending.sqlite")]
+        with running_bridge(tvixfs_cmd, tmp_path, daemon.url, flags) as bridge:
+            pushed = nix("copy", "--to", url(bridge), "--from", closure.uri, closure.built)
+            assert pushed.returncode == 0, pushed.stderr + bridge.stderr()
+            fresh_cache(monkeypatch, tmp_path, "pull")
+            target = tmp_path / "b"
+            pulled = nix(
+                "copy",
+                "--no-check-sigs",
+                "--from",
+                url(bridge),
+                "--to",
+                f"local?root={target}",
+                closure.built,
+            )
+            assert pulled.returncode == 0, pulled.stderr + bridge.stderr()
+        with mounted(tvixfs_cmd, tmp_path, daemon.url) as mount:
+            for path in closure_paths(closure):
+                inside = mount.path(path.removeprefix("/nix/store/"))
+                dumped = subprocess.run(["nix-store", "--dump", str(inside)], capture_output=True, check=True)
+                assert dumped.stdout == nix_dump_path(closure.root, path), path

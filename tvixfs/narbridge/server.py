@@ -126,7 +126,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, status: int, message: str) -> None:
-        log.info("%s %s: %d %s", self.command, self.path, status, message)
+        # A miss is how Nix asks what is there: routine, unlike a refusal.
+        log.log(
+            logging.DEBUG if status == 404 else logging.INFO,
+            "%s %s: %d %s",
+            self.command,
+            self.path,
+            status,
+            message,
+        )
         self._reply(status, (message + "\n").encode())
 
     def _guarded(self, action: Any) -> None:
