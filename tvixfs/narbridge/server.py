@@ -126,9 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, status: int, message: str) -> None:
-        # A miss is how Nix asks what is there: routine, unlike a refusal.
+        # A miss is how Nix asks what is there: routine; a refusal is news; a failure is ours.
         log.log(
-            logging.DEBUG if status == 404 else logging.INFO,
+            logging.DEBUG if status == 404 else logging.ERROR if status >= 500 else logging.INFO,
             "%s %s: %d %s",
             self.command,
             self.path,
@@ -179,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lookup(self, hash_part: str) -> tuple[StorePath, Any] | None:
         info = self.bridge.store.pathinfos.get(nixbase32.decode(hash_part))
-        if info is None:
+        if info is None or not info.HasField("narinfo"):  # without a NAR hash Nix cannot use it
             return None
         node = node_from_proto(info.node)
         return StorePath.from_basename(node.name), info

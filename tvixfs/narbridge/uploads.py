@@ -86,7 +86,7 @@ def _decompressed(spool: IO[bytes], compression: str) -> Iterator[IO[bytes]]:
         with bz2.BZ2File(spool) as b:
             yield cast(IO[bytes], b)
     else:
-        with zstandard.ZstdDecompressor().stream_reader(spool, closefd=False) as z:
+        with zstandard.ZstdDecompressor().stream_reader(spool, read_across_frames=True, closefd=False) as z:
             yield cast(IO[bytes], z)
 
 
@@ -130,7 +130,11 @@ def receive_nar(
                     IO[bytes], io.BufferedReader(_Capped(stream, limits.max_nar_size), _SPOOL_PIECE)
                 )
                 contents = read_nar_blobs(store, capped, _NAR_NAME)
-        except (lzma.LZMAError, OSError, EOFError, zstandard.ZstdError) as e:
+        except OSError as e:
+            if e.errno is not None:  # the spool or the store, not the data (bz2 says OSError too)
+                raise UploadError(500, f"cannot store the upload: {e}") from None
+            raise UploadError(400, f"cannot decompress the {compression} upload: {e}") from None
+        except (lzma.LZMAError, EOFError, zstandard.ZstdError) as e:
             raise UploadError(400, f"cannot decompress the {compression} upload: {e}") from None
         except ValidationError as e:
             raise UploadError(400, f"not a valid NAR: {e}") from None
