@@ -379,7 +379,7 @@ def test_readme_example_evaluates() -> None:
     result = evaluate(**settings)
     assert result["failedAssertions"] == []
     assert result["config"]["networking"]["firewall"]["allowedTCPPorts"] == [8000]
-    assert set(result["config"]["systemd"]["services"]) == {"tvixfs", "tvixfs-daemon"}
+    assert set(result["config"]["systemd"]["services"]) == {"tvixfs", "tvixfs-daemon", "tvixfs-nar-bridge"}
 
 
 def test_module_options_are_documented() -> None:
