@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 import bz2
 import hashlib
+import http.client
 import lzma
 import socket
+import stat
 import struct
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +286,45 @@ def test_unsigned_upload_forbidden(tvixfs_cmd: list[str], tmp_path: Path, store:
         forged = up.narinfo() + b"Sig: trusted-1:" + base64.b64encode(b"\1" * 64) + b"\n"
         assert put_narinfo(bridge, up, forged)[0] == 403
     assert ls(tvixfs_cmd, store) == []
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=30)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(self._path))
+
+
+def test_unix_socket(tvixfs_cmd: list[str], short_tmp: Path, store: str) -> None:
+    sock = short_tmp / "bridge.sock"
+    with running_bridge(tvixfs_cmd, short_tmp, store, ["--listen", f"unix:{sock}"]) as bridge:
+        assert bridge.addresses == [f"unix:{sock}"]
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+        conn = _UnixHTTPConnection(sock)
+        try:
+            for _ in range(2):  # one keep-alive connection, two requests
+                conn.request("GET", "/nix-cache-info")
+                resp = conn.getresponse()
+                assert (resp.status, resp.read().splitlines()[0]) == (200, b"StoreDir: /nix/store")
+        finally:
+            conn.close()
+
+
+def test_connections_bounded_and_stop_when_full(tvixfs_cmd: list[str], tmp_path: Path, store: str) -> None:
+    """With every slot held by an idle client a new one waits; SIGTERM still stops at once."""
+    with running_bridge(tvixfs_cmd, tmp_path, store, ["--max-connections", "1"]) as bridge:
+        host, _, port = bridge.addresses[0].rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=30) as idle:
+            idle.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")  # kept alive, holding the slot
+            with socket.create_connection((host, int(port)), timeout=2) as waiting:
+                waiting.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+                with pytest.raises(TimeoutError):
+                    waiting.recv(4096)
+                start = time.monotonic()
+                assert bridge.stop() == 0
+                assert time.monotonic() - start < 5

@@ -316,9 +316,19 @@ class _Serving(socketserver.ThreadingMixIn):
     bridge: Bridge
     timeout_seconds: float
     slots: threading.BoundedSemaphore
+    stopping: threading.Event
+
+    def stop(self) -> None:
+        """From another thread: end ``serve_forever`` even while every slot is taken."""
+        self.stopping.set()
+        self.shutdown()  # type: ignore[attr-defined]
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        self.slots.acquire()
+        # Waiting here holds up the accept loop (the backlog queues), but never a stop.
+        while not self.slots.acquire(timeout=0.2):
+            if self.stopping.is_set():
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -367,6 +377,7 @@ def make_server(
     server.bridge = bridge
     server.timeout_seconds = timeout
     server.slots = threading.BoundedSemaphore(max_connections)
+    server.stopping = threading.Event()
     try:
         server.server_bind()
         server.server_activate()
