@@ -1,6 +1,7 @@
-# NixOS module for tvixfs: the FUSE mount (services.tvixfs) and the gRPC store daemon
-# (services.tvixfs.daemon). The units it makes match systemd/tvixfs.service and
-# systemd/tvixfs-daemon.service; tests/test_systemd_units_and_nixos_module.py keeps them equal.
+# NixOS module for tvixfs: the FUSE mount (services.tvixfs), the gRPC store daemon
+# (services.tvixfs.daemon) and the Nix binary cache (services.tvixfs.narBridge). The units it
+# makes match systemd/tvixfs.service, systemd/tvixfs-daemon.service and
+# systemd/tvixfs-nar-bridge.service; tests/test_systemd_units_and_nixos_module.py keeps them equal.
 #
 #   imports = [ /path/to/tvixfs/nixos-module ];
 #   nixpkgs.overlays = [ (final: prev: { tvixfs = final.callPackage ./tvixfs.nix { }; }) ];
@@ -15,6 +16,7 @@
 let
   cfg = config.services.tvixfs;
   dcfg = cfg.daemon;
+  bcfg = cfg.narBridge;
   inherit (lib)
     mkOption
     mkEnableOption
@@ -89,6 +91,7 @@ let
   diskCache = cfg.diskCache;
   defaultCacheDirectory = "/var/cache/tvixfs";
   daemonStatePath = localStorePath dcfg.store;
+  bridgeStatePath = localStorePath bcfg.store;
 
   # What both services get: no new privileges, native system calls only, no W+X memory, ...
   commonHardening = {
@@ -316,10 +319,64 @@ in
         description = "Whether to open the TCP ports of the non-loopback {option}`services.tvixfs.daemon.listen` addresses.";
       };
     };
+
+    narBridge = {
+      enable = mkEnableOption "the tvixfs nar-bridge, serving a store as a Nix HTTP binary cache";
+
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:9000";
+        example = "unix:/run/tvixfs-nar-bridge/http.sock";
+        description = ''
+          Address to serve on: `host:port` or `unix:/absolute/path`. The bridge has no
+          authentication: expose it beyond loopback only behind a proxy or on a trusted network.
+        '';
+      };
+
+      store = mkOption {
+        type = types.str;
+        default = "local:///var/lib/tvixfs";
+        example = "grpc+unix:///run/tvixfs/daemon.sock";
+        description = "The store the bridge serves (and, with {option}`allowUpload`, writes to).";
+      };
+
+      allowUpload = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Whether to accept uploads (`nix copy --to http://...`); reading is always open.";
+      };
+
+      signKeyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/etc/tvixfs/cache.sec";
+        description = "Nix secret key file (readable by user tvixfs): every narinfo served is signed with it.";
+      };
+
+      trustedPublicKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "builder-1:AAAA...=" ];
+        description = "If not empty, an upload needs a valid signature by one of these keys (else 403).";
+      };
+
+      priority = mkOption {
+        type = types.int;
+        default = 40;
+        description = "The `Priority` in nix-cache-info: lower is preferred by Nix clients.";
+      };
+
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "--max-nar-size" "1073741824" ];
+        description = "Further arguments to `tvixfs nar-bridge`.";
+      };
+    };
   };
 
   config = mkMerge [
-    (mkIf (cfg.enable || dcfg.enable) {
+    (mkIf (cfg.enable || dcfg.enable || bcfg.enable) {
       environment.systemPackages = [ cfg.package ];
     })
 
@@ -452,6 +509,66 @@ in
           // lib.optionalAttrs (
             daemonStatePath != null && daemonStatePath != "/var/lib/tvixfs"
           ) { ReadWritePaths = [ daemonStatePath ]; };
+      };
+    })
+
+    (mkIf bcfg.enable {
+      users.users.tvixfs = {
+        isSystemUser = true;
+        group = "tvixfs";
+        home = "/var/lib/tvixfs";
+        description = "tvixfs store daemon";
+      };
+      users.groups.tvixfs = { };
+
+      systemd.services.tvixfs-nar-bridge = {
+        description = "tvixfs nar-bridge: ${bcfg.store} as a Nix binary cache";
+        wantedBy = [ "multi-user.target" ];
+        after = [
+          "network.target"
+          "tvixfs-daemon.service"
+        ];
+        serviceConfig =
+          daemonHardening
+          // {
+            Type = "notify";
+            NotifyAccess = "main";
+            User = "tvixfs";
+            Group = "tvixfs";
+            StateDirectory = "tvixfs";
+            StateDirectoryMode = "0750";
+            RuntimeDirectory = "tvixfs-nar-bridge";
+            RuntimeDirectoryMode = "0755";
+            UMask = "0027";
+            ExecStart = execArgs (
+              [
+                exe
+                "nar-bridge"
+                "--store"
+                bcfg.store
+                "--listen"
+                bcfg.listen
+                "--priority"
+                (toString bcfg.priority)
+              ]
+              ++ optional bcfg.allowUpload "--allow-upload"
+              ++ flagIfSet "--sign-key" bcfg.signKeyFile
+              ++ concatMap (k: [
+                "--trusted-public-key"
+                k
+              ]) bcfg.trustedPublicKeys
+              ++ bcfg.extraArgs
+            );
+            KillMode = "mixed";
+            Restart = "on-failure";
+            RestartSec = "2s";
+            TimeoutStartSec = "60s";
+            TimeoutStopSec = "30s";
+          }
+          # ProtectSystem=strict leaves only the state directory writable.
+          // lib.optionalAttrs (
+            bridgeStatePath != null && bridgeStatePath != "/var/lib/tvixfs"
+          ) { ReadWritePaths = [ bridgeStatePath ]; };
       };
     })
   ];

@@ -92,7 +92,7 @@ def warn_if_exposed(address: ListenAddress) -> None:
 
 def _bind_unix(server: grpc.Server, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_socket(path)
+    remove_stale_socket(path)
     # The socket must never exist with wider permissions than 0660, not even for a moment.
     old_umask = os.umask(0o777 & ~UNIX_SOCKET_MODE)
     try:
@@ -105,7 +105,7 @@ def _bind_unix(server: grpc.Server, path: Path) -> str:
     return f"unix:{path}"
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Unlink a socket left by a daemon that died; refuse to touch a live one or a file."""
     try:
         mode = path.lstat().st_mode
