@@ -16,6 +16,12 @@ from tvixfs.cli.app import (
     fail,
     open_store_or_fail,
 )
+from tvixfs.server.limits import (
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    DEFAULT_STREAM_TIMEOUT,
+    LimitsError,
+    StreamLimits,
+)
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
 
@@ -38,9 +44,36 @@ def daemon(
     directory_service_addr: DirAddrOpt = None,
     path_info_service_addr: PathInfoAddrOpt = None,
     listen: ListenOpt = None,
-    threads: Annotated[int, typer.Option(help="Worker threads; each open stream holds one.", min=1)] = (
-        DEFAULT_THREADS
-    ),
+    threads: Annotated[
+        int, typer.Option(help="Worker threads; each open stream holds one.", min=2)
+    ] = DEFAULT_THREADS,
+    max_streams: Annotated[
+        int | None,
+        typer.Option(
+            help="Streaming calls open at once, all clients together; must be below --threads, so "
+            "unary calls always find a thread. Over it a stream is refused (RESOURCE_EXHAUSTED). "
+            "Default: 3/4 of --threads.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    max_streams_per_client: Annotated[
+        int | None,
+        typer.Option(
+            help="Streaming calls open at once on one connection. Default: half of --max-streams.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    stream_idle_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client may leave a stream without reading (or sending) before it is cancelled."
+        ),
+    ] = DEFAULT_STREAM_IDLE_TIMEOUT,
+    stream_timeout: Annotated[
+        float, typer.Option(help="Seconds a stream may stay open before it is ended.")
+    ] = DEFAULT_STREAM_TIMEOUT,
     grace: Annotated[
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
@@ -51,10 +84,16 @@ def daemon(
 
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
+    try:
+        limits = StreamLimits.for_threads(
+            threads, max_streams, max_streams_per_client, stream_idle_timeout, stream_timeout
+        )
+    except LimitsError as e:
+        fail(str(e))
     tune_malloc()
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
     try:
-        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
+        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace, limits)
     except ListenError as e:
         fail(str(e))
     finally:
