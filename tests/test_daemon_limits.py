@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,11 @@ from tvixfs.protos import (
     rpc_pathinfo_pb2_grpc,
 )
 from tvixfs.server.limits import LimitsError, StreamLimits
+from tvixfs.server.serve import start_server
+from tvixfs.services.grpc import open_grpc_store
 from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
+from tvixfs.services.memory import open_memory_store
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import StorePath
 
@@ -261,7 +265,23 @@ def test_limits_that_would_take_every_thread_are_refused(tvixfs_cmd: list[str]) 
 
 def test_default_limits_leave_threads_for_unary_calls() -> None:
     limits = StreamLimits.for_threads(64)
-    assert (limits.max_streams, limits.max_streams_per_client) == (48, 24)
+    assert (limits.max_streams, limits.max_streams_per_client) == (48, 36)
     assert StreamLimits.for_threads(2).max_streams == 1
     with pytest.raises(LimitsError):
         StreamLimits.for_threads(8, stream_timeout=0)
+
+
+def test_tvixfs_client_retries_a_stream_refused_for_the_limits(short_tmp: Path) -> None:
+    """A well-behaved client waits for room: eight threads of one tvixfs client reading through
+    one connection allowed two streams at a time all get their blobs."""
+    limits = StreamLimits(max_streams=2, max_streams_per_client=2)
+    running = start_server(open_memory_store(), [f"unix:{short_tmp / 's.sock'}"], threads=4, limits=limits)
+    client = open_grpc_store(running.addresses[0])
+    try:
+        blobs = [os.urandom(2 << 20) for _ in range(8)]
+        digests = [client.blobs.put([b]) for b in blobs]
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(client.blobs.read_all, digests)) == blobs
+    finally:
+        client.close()
+        running.stop(None)

@@ -60,7 +60,7 @@ def daemon(
     max_streams_per_client: Annotated[
         int | None,
         typer.Option(
-            help="Streaming calls open at once on one connection. Default: half of --max-streams.",
+            help="Streaming calls open at once on one connection. Default: 3/4 of --max-streams.",
             min=1,
             show_default=False,
         ),

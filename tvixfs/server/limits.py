@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from tvixfs.server.status import GrpcHandler
+from tvixfs.services.grpc_errors import STREAM_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,10 @@ class LimitsError(ValueError):
     """Limits that cannot work together; the message says which option to change."""
 
 
-def default_max_streams(threads: int) -> int:
-    """Three quarters of the threads: the rest stay free for unary calls."""
-    return max(1, threads - max(1, threads // 4))
+def three_quarters(n: int) -> int:
+    """The default share: of the threads for streams (the rest stay free for unary calls), and
+    of those streams for one connection (the rest stay free for other clients)."""
+    return max(1, n - max(1, n // 4))
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,13 @@ class StreamLimits:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
     ) -> StreamLimits:
         """Limits for a server of ``threads`` workers; None picks the default, checked against it."""
-        total = default_max_streams(threads) if max_streams is None else max_streams
+        total = three_quarters(threads) if max_streams is None else max_streams
         if total >= threads:
             raise LimitsError(
                 f"--max-streams {total} must be below --threads {threads}: "
                 "streams would take the threads unary calls need"
             )
-        per_client = (total + 1) // 2 if max_streams_per_client is None else max_streams_per_client
+        per_client = three_quarters(total) if max_streams_per_client is None else max_streams_per_client
         if min(total, per_client) < 1 or min(idle_timeout, stream_timeout) <= 0:
             raise LimitsError("stream limits and timeouts must be positive")
         return cls(total, min(per_client, total), idle_timeout, stream_timeout)
@@ -162,7 +164,7 @@ class StreamGate:
         else:
             why = f"this connection has {mine} streams open, its limit (--max-streams-per-client)"
         log.info("%s from %s refused: %s", path, peer, why)
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many streams: {why}; retry later")
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{STREAM_LIMIT}: {why}; retry later")
         raise AssertionError("unreachable: abort raises")  # for mypy: abort's stub returns
 
     def _release(self, stream: _Stream) -> None:
