@@ -115,14 +115,19 @@ def attack(channels: list[grpc.Channel], blob: bytes, per_channel: int) -> list[
     return calls
 
 
-def refused(calls: list[grpc.Call], count: int) -> list[str]:
-    """The details of the calls refused at once (they end; the admitted ones stay open)."""
+def settled(calls: list[grpc.Call], count: int) -> list[grpc.Call]:
+    """The calls that ended, once ``count`` have (or after PROMPT s): the server refuses the
+    streams over its caps at once, and keeps the admitted ones open."""
     deadline = time.monotonic() + PROMPT
-    while time.monotonic() < deadline:
-        done = [call for call in calls if call.done()]  # type: ignore[attr-defined]
-        if len(done) >= count:
-            break
+    done = [call for call in calls if call.done()]  # type: ignore[attr-defined]
+    while len(done) < count and time.monotonic() < deadline:
         time.sleep(0.05)
+        done = [call for call in calls if call.done()]  # type: ignore[attr-defined]
+    return done
+
+
+def refused(done: list[grpc.Call], calls: list[grpc.Call], count: int) -> list[str]:
+    """The details of ``done``, which must be ``count`` streams refused for the limits."""
     assert len(done) == count, f"{len(done)} of {len(calls)} streams ended, expected {count} refused"
     assert {call.code() for call in done} == {Code.RESOURCE_EXHAUSTED}
     return [call.details() or "" for call in done]
@@ -149,15 +154,15 @@ def ends_cancelled(call: grpc.Call) -> bool:
 
 def test_unread_streams_leave_other_clients_served(daemon: Daemon, served: Served) -> None:
     """(a) Stat, PathInfo Get and a full read of another client succeed while 20 unread Read
-    streams are open; (c) the daemon's memory stays bounded; (d) streams over the
-    per-connection cap are refused; (b) the admitted ones are cancelled after the idle timeout."""
+    streams are open (before the limits, the first Stat waited for a thread until it timed
+    out); (c) the daemon's memory stays bounded; (d) streams over the per-connection cap are
+    refused; (b) the admitted ones are cancelled after the idle timeout."""
     start = rss(daemon)
     attackers = [connect(daemon) for _ in range(2)]
     victim = connect(daemon)
     try:
         calls = attack(attackers, served.blob, per_channel=10)
-        details = refused(calls, count=2 * (10 - 3))
-        assert all("--max-streams-per-client" in d for d in details), details
+        done = settled(calls, count=2 * (10 - 3))
 
         blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(victim)
         infos = rpc_pathinfo_pb2_grpc.PathInfoServiceStub(victim)
@@ -169,6 +174,8 @@ def test_unread_streams_leave_other_clients_served(daemon: Daemon, served: Serve
         assert infos.Get(get, timeout=PROMPT).node.file.digest == served.blob
         assert read_whole(victim, served.blob) == served.sha256
 
+        details = refused(done, calls, count=2 * (10 - 3))
+        assert all("--max-streams-per-client" in d for d in details), details
         used = rss(daemon)
         assert used < RSS_LIMIT, f"daemon RSS {used >> 20} MB (started at {start >> 20} MB)"
 
@@ -188,7 +195,7 @@ def test_total_cap_then_capacity_comes_back(daemon: Daemon, served: Served) -> N
     attackers = [connect(daemon) for _ in range(4)]
     try:
         calls = attack(attackers, served.blob, per_channel=3)
-        details = refused(calls, count=4 * 3 - 8)
+        details = refused(settled(calls, count=4 * 3 - 8), calls, count=4 * 3 - 8)
         assert all("--max-streams)" in d for d in details), details
         with connect(daemon) as late:
             with pytest.raises(grpc.RpcError) as refusal:
@@ -267,8 +274,12 @@ def test_default_limits_leave_threads_for_unary_calls() -> None:
     limits = StreamLimits.for_threads(64)
     assert (limits.max_streams, limits.max_streams_per_client) == (48, 36)
     assert StreamLimits.for_threads(2).max_streams == 1
+    assert limits.read_ahead_streams == 8
+    assert StreamLimits.for_threads(8, read_ahead_streams=0).read_ahead_streams == 0
     with pytest.raises(LimitsError):
         StreamLimits.for_threads(8, stream_timeout=0)
+    with pytest.raises(LimitsError):
+        StreamLimits.for_threads(8, read_ahead_streams=-1)
 
 
 def test_tvixfs_client_retries_a_stream_refused_for_the_limits(short_tmp: Path) -> None:

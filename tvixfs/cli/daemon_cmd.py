@@ -17,6 +17,7 @@ from tvixfs.cli.app import (
     open_store_or_fail,
 )
 from tvixfs.server.limits import (
+    DEFAULT_READ_AHEAD_STREAMS,
     DEFAULT_STREAM_IDLE_TIMEOUT,
     DEFAULT_STREAM_TIMEOUT,
     LimitsError,
@@ -74,6 +75,13 @@ def daemon(
     stream_timeout: Annotated[
         float, typer.Option(help="Seconds a stream may stay open before it is ended.")
     ] = DEFAULT_STREAM_TIMEOUT,
+    read_ahead_streams: Annotated[
+        int,
+        typer.Option(
+            help="Read streams that may read chunks ahead of their client at once (8 MiB each); "
+            "0 turns read-ahead off."
+        ),
+    ] = DEFAULT_READ_AHEAD_STREAMS,
     grace: Annotated[
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
@@ -86,7 +94,12 @@ def daemon(
     """
     try:
         limits = StreamLimits.for_threads(
-            threads, max_streams, max_streams_per_client, stream_idle_timeout, stream_timeout
+            threads,
+            max_streams,
+            max_streams_per_client,
+            idle_timeout=stream_idle_timeout,
+            stream_timeout=stream_timeout,
+            read_ahead_streams=read_ahead_streams,
         )
     except LimitsError as e:
         fail(str(e))
