@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpcserver import Daemon, running_daemon
 
 from tvixfs.castore.digest import b3digest
@@ -253,6 +254,49 @@ def test_stalled_put_is_cancelled_and_stores_nothing(daemon: Daemon) -> None:
             stub.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=b3digest(data)), timeout=PROMPT)
         assert absent.value.code() is Code.NOT_FOUND  # type: ignore[attr-defined]
     assert "BlobService/Put from" in daemon.stderr()
+
+
+def test_open_reflection_streams_are_limited_too(daemon: Daemon, served: Served) -> None:
+    """Reflection is a stream both ways whose worker waits for the client's next request: 20
+    left open (v1alpha and v1) once took every thread. Now those over the cap are refused,
+    Stat answers meanwhile, and the idle ones are cancelled."""
+    release = threading.Event()
+
+    def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(60)
+
+    attackers = [connect(daemon) for _ in range(2)]
+    victim = connect(daemon)
+    try:
+        calls = []
+        for i, channel in enumerate(attackers):
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            if i:  # the same messages under the v1 name
+                stub.ServerReflectionInfo = channel.stream_stream(
+                    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                    request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                    response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+                )
+            calls += [stub.ServerReflectionInfo(requests()) for _ in range(10)]
+        done = settled(calls, count=2 * (10 - 3))
+        stat = rpc_blobstore_pb2_grpc.BlobServiceStub(victim).Stat(
+            rpc_blobstore_pb2.StatBlobRequest(digest=served.blob), timeout=PROMPT
+        )
+        assert stat is not None
+        details = refused(done, calls, count=2 * (10 - 3))
+        assert all("--max-streams-per-client" in d for d in details), details
+        open_calls = [call for call in calls if not call.done()]  # type: ignore[attr-defined]
+        for call in open_calls:  # each answered its first request
+            assert next(call).list_services_response.service  # type: ignore[call-overload]
+        time.sleep(IDLE + 1.5)
+        assert all(call.done() for call in open_calls)  # type: ignore[attr-defined]
+        assert {call.code() for call in open_calls} == {Code.CANCELLED}
+    finally:
+        release.set()
+        for channel in (*attackers, victim):
+            channel.close()
+    assert daemon.stderr().count("ServerReflectionInfo from") >= 20
 
 
 def test_limits_that_would_take_every_thread_are_refused(tvixfs_cmd: list[str]) -> None:

@@ -70,7 +70,7 @@ def _limited(gate: StreamGate | None, method: Method, prefix: str, behaviour: Gr
     """``behaviour`` admitted by ``gate`` if it is a streaming call; unary calls pass freely."""
     if gate is None or not (method.client_streaming or method.server_streaming):
         return behaviour
-    return gate.wrap(method.path(prefix), behaviour, method.client_streaming)
+    return gate.wrap(method.path(prefix), behaviour, method.client_streaming, method.server_streaming)
 
 
 def _decoding(method: Method, handler: Handler) -> Handler:

@@ -133,10 +133,12 @@ class StreamGate:
         self._stop.set()
         self._watchdog.join()
 
-    def wrap(self, path: str, behaviour: GrpcHandler, client_streaming: bool) -> GrpcHandler:
-        """``behaviour`` (a server stream, or a client stream if ``client_streaming``) admitted
-        and watched."""
-        if client_streaming:
+    def wrap(
+        self, path: str, behaviour: GrpcHandler, client_streaming: bool, server_streaming: bool = True
+    ) -> GrpcHandler:
+        """``behaviour``, a streaming call (from the client, to it, or both ways), admitted and
+        watched."""
+        if not server_streaming:
 
             def receiving(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 stream = self._admit(path, context)
@@ -150,6 +152,8 @@ class StreamGate:
         def sending(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             stream = self._admit(path, context)
             try:
+                if client_streaming:
+                    request = self._received(stream, request)
                 for message in behaviour(request, context):
                     stream.waiting_since = time.monotonic()
                     yield message  # grpcio takes the next one once the client has taken this

@@ -84,7 +84,7 @@ def start_server(
     read_ahead = ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS, thread_name_prefix="tvixfs-read-ahead")
     names = add_store_services(server, store, read_message_size, prefixes, read_ahead, gate=gate)
     servicer = add_health(server, names)
-    add_reflection(server, names)
+    add_reflection(server, names, gate)
     try:
         bound = [bind(server, address) for address in addresses]
     except BaseException:
