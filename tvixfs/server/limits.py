@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
 DEFAULT_STREAM_TIMEOUT = 900.0  # beyond the 600 s the tvixfs client gives a stream itself
 # Read-ahead costs its window (servicers.READ_AHEAD, 8 MiB) for each stream that holds a slot.
-# Measured against a default daemon, store on disk: a cold read of a 256 MiB blob, 8 reps each,
-# 90-220 MB/s (median ~125) chunk after chunk, 210-460 MB/s (median ~350) read ahead; 70 unread
-# Read streams of a 32 MiB blob (48 admitted) took the daemon from 63 to 211 MB without slots
-# and from 79 to 271 MB with 8.
+# bench/daemon_limits_bench.py, default daemon, store on disk, four runs each: a cold read of a
+# 256 MiB blob has a median of 125-230 MB/s chunk after chunk, 300-350 MB/s read ahead; 70 unread
+# Read streams of a 32 MiB blob (48 admitted) take the daemon from 64 to 210 MB without slots,
+# from 76 to 276 MB with 8.
 DEFAULT_READ_AHEAD_STREAMS = 8
 
 # The watchdog looks this often (at most once a second, at least 20 times a second).
