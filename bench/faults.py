@@ -40,7 +40,7 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore  # noqa: E402
 from mounting import TVIXFS, Mount, mounted  # noqa: E402
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree  # noqa: E402
 
-from tvixfs.fs.reader import UNAVAILABLE_MEMORY  # noqa: E402
+from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "FAULTS.md"
 # A hung operation that has not ended after this long is reported as hanging.
@@ -318,7 +318,7 @@ answering meanwhile, clears the fault and repeats the operation on the same moun
 - *recovered after clear*: the same operation once the store is honest again, same mount;
   its time if it took 0.5 s or more (reconnecting after `refuse` takes up to ~1.5 s), or
   "after N s absent": how long the store path stayed absent (its negative entry expiring), or
-  "after N s failing": how long a chunk the store had hung on kept failing (reader.py).
+  "after N s failing": how long a chunk the store had hung on kept failing (chunkcache.py).
 
 What bounds the time of an operation against a store that says nothing:
 - a unary call (PathInfo Get for a lookup, blob Stat): the gRPC client's deadline,
@@ -329,7 +329,7 @@ What bounds the time of an operation against a store that says nothing:
   defaults to 600 s; an abandoned call keeps its worker thread until the gRPC deadline;
 - a failed `read` is asked for twice by the kernel (readahead, then the page read itself);
   the reader remembers for 1 s a chunk the store did not answer for
-  (`tvixfs/fs/reader.py` `UNAVAILABLE_MEMORY`), so the second ask fails at once and a `cat`
+  (`tvixfs/fs/chunkcache.py` `UNAVAILABLE_MEMORY`), so the second ask fails at once and a `cat`
   of a file whose store hangs waits one deadline;
 - a listener that accepts and never speaks (blackhole): gRPC's connect timeout (20 s) or the
   call's deadline, whichever is shorter;
@@ -338,7 +338,7 @@ What bounds the time of an operation against a store that says nothing:
 
 Known limits the table shows: `chunk_swap` (genuine chunks listed in the wrong order) passes
 every per-chunk check and yields wrong bytes, which then stay in the page cache for the life of
-the mount (`keep_cache`); see `tvixfs/fs/reader.py`. Not in the table: every store call of a
+the mount (`keep_cache`); see `tvixfs/fs/chunkmap.py`. Not in the table: every store call of a
 mount shares one pool of 16 worker threads, so 16 requests hung on one service hold up every
 other one (`tests/test_mount_faults.py::test_hung_blob_reads_do_not_starve_lookups`).
 """

@@ -1,6 +1,6 @@
 # NixOS module for tvixfs: the FUSE mount (services.tvixfs) and the gRPC store daemon
 # (services.tvixfs.daemon). The units it makes match systemd/tvixfs.service and
-# systemd/tvixfs-daemon.service; tests/test_units.py keeps them equal.
+# systemd/tvixfs-daemon.service; tests/test_systemd_units_and_nixos_module.py keeps them equal.
 #
 #   imports = [ /path/to/tvixfs/nixos-module ];
 #   nixpkgs.overlays = [ (final: prev: { tvixfs = final.callPackage ./tvixfs.nix { }; }) ];

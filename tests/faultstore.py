@@ -385,7 +385,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         with self._lock:
             if parts is None and digest in self._chunk_lists:
                 return self._chunk_lists[digest]
-        data = self._store.blobs.read_all(digest)
+        data = b"".join(self._store.blobs.read(digest))
         size = self._chunk_size if parts is None else max(1, -(-len(data) // parts))
         assert size is not None
         if len(data) <= size:
@@ -405,7 +405,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         with _serving(self._plan, "blob.read", context) as call:
             faults = self._plan.strike("blob.read", [request.digest])
             _abort_on_call_faults(call, faults, stream=True)
-            data = self._store.blobs.read_all(check_digest(request.digest))
+            data = b"".join(self._store.blobs.read(check_digest(request.digest)))
             yield from self._stream(call, data, faults)
 
     def _stream(self, call: _Call, data: bytes, faults: list[Fault]) -> Iterator[rpc_blobstore_pb2.BlobChunk]:

@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mounting import needs_fuse
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
+@pytest.mark.fuse
 @needs_fuse  # the harness mounts, and drops caches: root only
 def test_self_check_imports_mounts_and_reads() -> None:
     proc = subprocess.run(

@@ -57,6 +57,7 @@ def nix_info_as_tvixfs(nix: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in nix.items() if k not in dropped}
 
 
+@pytest.mark.nix
 def test_import_export_info_as_nix(cli: CLI, sample_tree: Path, tmp_path: Path) -> None:
     out = cli.ok("import", sample_tree).decode()
     path = nix_add(tmp_path / "nix", sample_tree)
@@ -68,6 +69,7 @@ def test_import_export_info_as_nix(cli: CLI, sample_tree: Path, tmp_path: Path) 
     assert cli.ok("ls").decode() == out
 
 
+@pytest.mark.nix
 def test_import_several_and_named(cli: CLI, sample_tree: Path, tmp_path: Path) -> None:
     hello, readme = sample_tree / "bin" / "hello", sample_tree / "share" / "doc" / "README"
     out = cli.ok("import", hello, readme).decode().split()
@@ -127,6 +129,9 @@ def test_import_nar_round_trip(cli: CLI, sample_tree: Path, tvixfs_cmd: list[str
     target = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-imported"
     refs = [path, "/nix/store/11bgd045z0d4icpbc2yyz4gx48ak44la-dep"]
     args = ["--reference", refs[1], "--reference", refs[0]]
+    assert "is not in the store" in other.fails("import-nar", nar, "--path", target, *args), "Nix: refs valid"
+    assert other.ok("import", sample_tree).decode().strip() == path
+    other.ok("import-nar", nar, "--path", refs[1])
     assert other.ok("import-nar", nar, "--path", target, *args) == (target + "\n").encode()
     (info,) = other.info(target)
     assert info["references"] == sorted(refs)
@@ -138,6 +143,7 @@ def test_import_nar_round_trip(cli: CLI, sample_tree: Path, tvixfs_cmd: list[str
     assert other.ok("export-nar", from_stdin) == nar.read_bytes()
 
 
+@pytest.mark.nix
 def test_malformed_nar_is_refused_and_stores_nothing(cli: CLI, sample_tree: Path, tmp_path: Path) -> None:
     dump = nix_dump(sample_tree)
     target = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-broken"
@@ -149,6 +155,7 @@ def test_malformed_nar_is_refused_and_stores_nothing(cli: CLI, sample_tree: Path
     assert "is not in the store" in cli.fails("info", target)
 
 
+@pytest.mark.nix
 def test_import_nix_recursive_keeps_metadata(cli: CLI, closure: Closure) -> None:
     out = cli.ok("import-nix", "--nix-store", closure.uri, "--recursive", closure.built, closure.drv)
     assert out.decode().split() == [closure.built, closure.drv]
@@ -167,9 +174,12 @@ def test_import_nix_recursive_keeps_metadata(cli: CLI, closure: Closure) -> None
     assert cli.ok("cat", f"{closure.source}/lib/tool") == b"#!/bin/sh\necho tool\n"
 
 
+@pytest.mark.nix
 def test_import_nix_single_path(cli: CLI, closure: Closure) -> None:
-    assert cli.ok("import-nix", "--nix-store", closure.uri, closure.built).decode() == closure.built + "\n"
-    assert cli.ok("ls").decode() == closure.built + "\n"
+    assert "is not in the store" in cli.fails("import-nix", "--nix-store", closure.uri, closure.built)
+    assert cli.ok("ls") == b"", "Nix accepts a path only with its references"
+    assert cli.ok("import-nix", "--nix-store", closure.uri, closure.source).decode() == closure.source + "\n"
+    assert cli.ok("ls").decode() == closure.source + "\n"
     missing = "/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-missing"
     assert "is not valid" in cli.fails("import-nix", "--nix-store", closure.uri, missing)
 

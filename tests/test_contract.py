@@ -17,7 +17,12 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, node_from_proto, node_to_proto
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
-from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tvixfs.services.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PathExistsError,
+)
 from tvixfs.services.ingest import ingest_path
 from tvixfs.store.storepath import StorePath
 
@@ -39,7 +44,14 @@ def store_path(name: str, seed: bytes = b"") -> StorePath:
     return StorePath(hashlib.sha1(name.encode() + seed).digest(), name)
 
 
-def make_pathinfo(path: StorePath, node: Node, refs: Sequence[StorePath] = ()) -> pathinfo_pb2.PathInfo:
+def make_pathinfo(
+    store: Store, path: StorePath, node: Node, refs: Sequence[StorePath] = ()
+) -> pathinfo_pb2.PathInfo:
+    """A PathInfo whose NAR facts are true when the content is there (a daemon checks them)."""
+    try:
+        nar_size, nar_sha256 = store.pathinfos.calculate_nar(node)
+    except NotFoundError:
+        nar_size, nar_sha256 = 123, bytes(32)
     named = node_to_proto(node)
     kind = named.WhichOneof("node")
     getattr(named, kind).name = path.basename.encode()
@@ -47,8 +59,8 @@ def make_pathinfo(path: StorePath, node: Node, refs: Sequence[StorePath] = ()) -
         node=named,
         references=[r.digest for r in refs],
         narinfo=pathinfo_pb2.NARInfo(
-            nar_size=123,
-            nar_sha256=bytes(32),
+            nar_size=nar_size,
+            nar_sha256=nar_sha256,
             reference_names=[r.basename for r in refs],
         ),
     )
@@ -62,14 +74,14 @@ def test_empty_blob(store: Store, pieces: list[bytes]) -> None:
     assert store.blobs.put(pieces) == EMPTY_DIGEST
     assert store.blobs.stat(EMPTY_DIGEST) == []
     assert store.blobs.has(EMPTY_DIGEST)
-    assert store.blobs.read_all(EMPTY_DIGEST) == b""
+    assert b"".join(store.blobs.read(EMPTY_DIGEST)) == b""
 
 
 def test_small_blob_matches_the_public_vector(store: Store) -> None:
     assert store.blobs.put([b"Hello", b" ", b"World!"]) == HELLO_DIGEST
     assert store.blobs.stat(HELLO_DIGEST) == []
     assert store.blobs.stat(HELLO_DIGEST, send_chunks=True) == []
-    assert store.blobs.read_all(HELLO_DIGEST) == HELLO
+    assert b"".join(store.blobs.read(HELLO_DIGEST)) == HELLO
     assert store.blobs.put([HELLO]) == HELLO_DIGEST, "a second put of the same bytes is a no-op"
 
 
@@ -78,12 +90,12 @@ def test_large_blob_round_trips_and_its_chunks_are_readable(store: Store) -> Non
     pieces = [data[i : i + 70_000] for i in range(0, len(data), 70_000)]
     digest = store.blobs.put(pieces)
     assert digest == b3digest(data)
-    assert store.blobs.read_all(digest) == data
+    assert b"".join(store.blobs.read(digest)) == data
     chunks = store.blobs.stat(digest, send_chunks=True)
     assert chunks is not None
     offset = 0
     for chunk in chunks:  # may be empty: "present, not chunked further"
-        assert store.blobs.read_all(chunk.digest) == data[offset : offset + chunk.size]
+        assert b"".join(store.blobs.read(chunk.digest)) == data[offset : offset + chunk.size]
         offset += chunk.size
     assert offset in (0, len(data))
 
@@ -207,9 +219,11 @@ def test_pathinfo_put_get_list(store: Store) -> None:
     store.directories.put(directory)
     dep = store_path("dep-1.0")
     infos = [
-        make_pathinfo(store_path("a-file"), FileNode(b"x", blob, len(HELLO))),
-        make_pathinfo(store_path("a-dir"), DirectoryNode(b"x", directory.digest(), directory.size()), [dep]),
-        make_pathinfo(store_path("a-link"), SymlinkNode(b"x", b"/nix/store/elsewhere")),
+        make_pathinfo(store, store_path("a-file"), FileNode(b"x", blob, len(HELLO))),
+        make_pathinfo(
+            store, store_path("a-dir"), DirectoryNode(b"x", directory.digest(), directory.size()), [dep]
+        ),
+        make_pathinfo(store, store_path("a-link"), SymlinkNode(b"x", b"/nix/store/elsewhere")),
     ]
     for info in infos:
         assert store.pathinfos.put(info) == info
@@ -221,14 +235,26 @@ def test_pathinfo_put_get_list(store: Store) -> None:
     assert store.pathinfos.get(store_path("absent").digest) is None
 
 
-def test_pathinfo_put_replaces(store: Store) -> None:
-    path = store_path("replaced")
-    first = make_pathinfo(path, SymlinkNode(b"x", b"one"))
-    second = make_pathinfo(path, SymlinkNode(b"x", b"two"))
+def test_a_stored_path_is_never_replaced(store: Store) -> None:
+    path = store_path("immutable")
+    first = make_pathinfo(store, path, SymlinkNode(b"x", b"one"))
     store.pathinfos.put(first)
-    store.pathinfos.put(second)
-    assert store.pathinfos.get(path.digest) == second
-    assert len(list(store.pathinfos.list())) == 1
+    with pytest.raises(PathExistsError, match="never replaced"):
+        store.pathinfos.put(make_pathinfo(store, path, SymlinkNode(b"x", b"two")))
+    assert store.pathinfos.put(first) == first, "the same put again is a no-op"
+    assert list(store.pathinfos.list()) == [first]
+
+
+def test_a_second_put_adds_signatures(store: Store) -> None:
+    path = store_path("signed-later")
+    first = make_pathinfo(store, path, SymlinkNode(b"x", b"target"))
+    first.narinfo.signatures.add(name="one-1", data=bytes(64))
+    store.pathinfos.put(first)
+    second = make_pathinfo(store, path, SymlinkNode(b"x", b"target"))
+    second.narinfo.signatures.add(name="two-1", data=b"\x01" * 64)
+    stored = store.pathinfos.put(second)
+    assert [s.name for s in stored.narinfo.signatures] == ["one-1", "two-1"]
+    assert store.pathinfos.get(path.digest) == stored
 
 
 def test_pathinfo_with_missing_root_content_is_refused(store: Store) -> None:
@@ -237,7 +263,7 @@ def test_pathinfo_with_missing_root_content_is_refused(store: Store) -> None:
         DirectoryNode(b"x", missing.digest(), missing.size()),
         FileNode(b"x", b3digest(b"absent blob"), 11),
     ):
-        info = make_pathinfo(store_path("incomplete"), node)
+        info = make_pathinfo(store, store_path("incomplete"), node)
         with pytest.raises(FailedPreconditionError):
             store.pathinfos.put(info)
     assert list(store.pathinfos.list()) == []
@@ -255,6 +281,12 @@ def _reference_names_mismatch(info: pathinfo_pb2.PathInfo) -> None:
     info.references.append(store_path("other").digest)
 
 
+def _content_address_of_other_content(info: pathinfo_pb2.PathInfo) -> None:
+    """A ``fixed:r:sha256`` address that does not give the path's name."""
+    info.narinfo.ca.type = pathinfo_pb2.NARInfo.CA.NAR_SHA256
+    info.narinfo.ca.digest = info.narinfo.nar_sha256
+
+
 def _no_node(info: pathinfo_pb2.PathInfo) -> None:
     info.ClearField("node")
 
@@ -264,10 +296,18 @@ def _short_signature(info: pathinfo_pb2.PathInfo) -> None:
 
 
 @pytest.mark.parametrize(
-    "breakage", [_wrong_name, _short_nar_hash, _reference_names_mismatch, _no_node, _short_signature]
+    "breakage",
+    [
+        _wrong_name,
+        _short_nar_hash,
+        _reference_names_mismatch,
+        _content_address_of_other_content,
+        _no_node,
+        _short_signature,
+    ],
 )
 def test_invalid_pathinfo_is_refused(store: Store, breakage: Callable[[pathinfo_pb2.PathInfo], None]) -> None:
-    info = make_pathinfo(store_path("broken"), SymlinkNode(b"x", b"target"))
+    info = make_pathinfo(store, store_path("broken"), SymlinkNode(b"x", b"target"))
     breakage(info)
     with pytest.raises(InvalidArgumentError):
         store.pathinfos.put(info)
@@ -279,6 +319,7 @@ def nix_dump_hash(path: Path) -> tuple[int, bytes]:
     return len(nar), hashlib.sha256(nar).digest()
 
 
+@pytest.mark.nix
 def test_calculate_nar_matches_nix_store_dump(store: Store, sample_tree: Path) -> None:
     info = ingest_path(store, sample_tree, "sample")
     node = node_from_proto(info.node)
@@ -288,6 +329,7 @@ def test_calculate_nar_matches_nix_store_dump(store: Store, sample_tree: Path) -
     assert (info.narinfo.nar_size, info.narinfo.nar_sha256) == expected
 
 
+@pytest.mark.nix
 def test_calculate_nar_of_a_file_and_a_symlink(store: Store, tmp_path: Path) -> None:
     script = tmp_path / "script"
     script.write_bytes(b"#!/bin/sh\nexit 0\n")

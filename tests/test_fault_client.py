@@ -115,7 +115,7 @@ def test_blob_faults(
     got, raised = read_until_error(client, digest)
     assert isinstance(raised, error), raised
     assert truth.startswith(got), "the client yielded bytes the blob does not have"
-    assert back(faults, lambda: client.blobs.read_all(digest)) == truth
+    assert back(faults, lambda: b"".join(client.blobs.read(digest))) == truth
 
 
 @pytest.mark.parametrize(("fault", "errors"), CHUNK_FAULTS, ids=lambda x: getattr(x, "kind", ""))
@@ -131,18 +131,18 @@ def test_chunk_list_lies(
         # after the chunks went out: a property of chunk lists without verified streaming.
         assert truth.startswith(got)
     faults.clear()
-    assert client.blobs.read_all(blobs.big) == truth
+    assert b"".join(client.blobs.read(blobs.big)) == truth
 
 
 def test_empty_and_small_blobs(faults: FaultStore, client: Store, blobs: Blobs) -> None:
     for digest, content in blobs.content.items():
         if len(content) < 100:
-            assert client.blobs.read_all(digest) == content
+            assert b"".join(client.blobs.read(digest)) == content
     faults.set(Fault("extra_bytes"))
     for digest, content in blobs.content.items():
         if len(content) < 100:
             with pytest.raises(CorruptDataError):
-                client.blobs.read_all(digest)
+                b"".join(client.blobs.read(digest))
 
 
 @pytest.mark.parametrize("after", [1000, BIG - CHUNK // 2])
@@ -155,7 +155,7 @@ def test_broken_blob_stream_is_resumed(faults: FaultStore, client: Store, blobs:
         Fault("reset", digest=blobs.big, after=after, times=1),
         Fault("reset", digest=chunks[-1].digest, after=10, times=1),
     )
-    assert client.blobs.read_all(blobs.big) == blobs.content[blobs.big]
+    assert b"".join(client.blobs.read(blobs.big)) == blobs.content[blobs.big]
     assert faults.stats()["fired"]["reset"] >= 1
 
 
@@ -171,15 +171,15 @@ def test_failed_upload_stores_nothing(faults: FaultStore, client: Store) -> None
 
 def test_scoped_blob_fault_spares_other_blobs(faults: FaultStore, client: Store, blobs: Blobs) -> None:
     faults.set(Fault("corrupt", digest=blobs.medium))
-    assert client.blobs.read_all(blobs.big) == blobs.content[blobs.big]
+    assert b"".join(client.blobs.read(blobs.big)) == blobs.content[blobs.big]
     with pytest.raises(CorruptDataError):
-        client.blobs.read_all(blobs.medium)
+        b"".join(client.blobs.read(blobs.medium))
 
 
 def test_transient_resets_are_retried(faults: FaultStore, client: Store, blobs: Blobs) -> None:
     """Fewer failures in a row than the client's attempts: the caller never sees them."""
     faults.set(Fault("reset", after=1000, times=CONFIG.attempts - 1))
-    assert client.blobs.read_all(blobs.medium) == blobs.content[blobs.medium]
+    assert b"".join(client.blobs.read(blobs.medium)) == blobs.content[blobs.medium]
     assert faults.stats()["fired"] == {"reset": CONFIG.attempts - 1}
 
 
@@ -195,7 +195,9 @@ def test_concurrent_readers_all_fail_cleanly_then_recover(
         assert blobs.content[digest].startswith(got)
     faults.clear()
     with ThreadPoolExecutor(8) as pool:
-        assert list(pool.map(client.blobs.read_all, digests)) == [blobs.content[d] for d in digests]
+        assert list(pool.map(lambda d: b"".join(client.blobs.read(d)), digests)) == [
+            blobs.content[d] for d in digests
+        ]
 
 
 def test_put_answers_are_verified(faults: FaultStore, client: Store) -> None:
@@ -350,7 +352,7 @@ def test_pathinfo_absent_is_none_not_an_error(faults: FaultStore, client: Store)
     assert client.directories.get(bytes(32)) is None
     assert client.blobs.stat(bytes(32)) is None
     with pytest.raises(NotFoundError):
-        client.blobs.read_all(bytes(32))
+        b"".join(client.blobs.read(bytes(32)))
 
 
 # -- a store that goes away and comes back -----------------------------------------------------

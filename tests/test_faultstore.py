@@ -300,6 +300,7 @@ def test_unix_socket(short_tmp: Path) -> None:
         wire.channel.close()
 
 
+@pytest.mark.nix
 def test_subprocess_with_a_nar(short_tmp: Path, sample_tree: Path) -> None:
     nar = short_tmp / "sample.nar"
     with nar.open("wb") as out:

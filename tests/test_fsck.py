@@ -149,7 +149,7 @@ def test_damage_is_reported_and_repair_lets_reimport_complete(
     store = open_local_store(store_dir)
     try:
         large = blob_of(store_dir, info, b"large.bin")
-        assert store.blobs.read_all(large) == (sample_tree / "large.bin").read_bytes()
+        assert b"".join(store.blobs.read(large)) == (sample_tree / "large.bin").read_bytes()
     finally:
         store.close()
 
@@ -159,6 +159,7 @@ def test_wrong_nar_hash_is_found_by_check_contents(
 ) -> None:
     store_dir = tmp_path / "store"
     info = ingest(store_dir, sample_tree)
+    info.narinfo.ClearField("ca")  # else the record contradicts itself, which plain fsck sees
     info.narinfo.nar_sha256 = bytes(32)
     execute(store_dir, "UPDATE pathinfos SET data = ?", info.SerializeToString())
     assert run_fsck(tvixfs_cmd, store_dir).returncode == 0

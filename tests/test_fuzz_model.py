@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_model import split_store_path
 
 from tvixfs.castore.digest import EMPTY_DIGEST, b3digest
 from tvixfs.castore.directory import Directory
@@ -32,9 +33,9 @@ from tvixfs.services.memory import MemoryBlobService, MemoryDirectoryService, Me
 from tvixfs.store import nixbase32
 from tvixfs.store.nar import nar_hash, read_nar, write_nar
 from tvixfs.store.pathinfo import validate_pathinfo
-from tvixfs.store.storepath import StorePath, split_store_path
+from tvixfs.store.storepath import StorePath
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 # TVIXFS_FUZZ_SCALE=100 turns this minute-long check into a fuzzing campaign.
 SCALE = int(os.environ.get("TVIXFS_FUZZ_SCALE", "1"))
@@ -316,6 +317,7 @@ def test_nar_round_trip(spec: tuple[str, Any]) -> None:
     assert nar_hash(node, tree.get_directory, tree.read_blob)[0] == len(nar)
 
 
+@pytest.mark.nix
 @WITH_NIX
 @given(trees)
 def test_nar_matches_nix(spec: tuple[str, Any]) -> None:
@@ -446,10 +448,12 @@ def check_nar(nar: bytes) -> None:
     assert tree.nar(rename(root, b"x")) == nar, "an accepted NAR is not the rendering of its parse"
 
 
+@pytest.mark.nix
 def test_real_nar_is_accepted() -> None:
     check_nar(small_real_nar())
 
 
+@pytest.mark.nix
 @SLOW
 @given(st.one_of(mutated_nars(), token_nars(), st.binary(max_size=200)))
 def test_nar_reader_on_hostile_bytes(nar: bytes) -> None:

@@ -34,7 +34,8 @@ from tvixfs.services.grpc_methods import decode_blob_chunk, encode_blob_chunk
 from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import open_memory_store
-from tvixfs.store.nar import blobs_read_ahead, write_nar
+from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.store.nar import write_nar
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
 
@@ -72,7 +73,7 @@ def test_big_blobs_stream_verified(local_served: tuple[Store, Store]) -> None:
     pieces = list(client.blobs.read(digest))
     assert b"".join(pieces) == data
     assert len(pieces) == len(chunks), "one verified piece per chunk"
-    assert client.blobs.read_all(chunks[3].digest) == backend.blobs.read_all(chunks[3].digest)
+    assert b"".join(client.blobs.read(chunks[3].digest)) == b"".join(backend.blobs.read(chunks[3].digest))
 
     memory = open_memory_store()
     unchunked = serve(memory, "[::1]:0")
@@ -210,7 +211,7 @@ def test_snix_only_server(short_tmp: Path) -> None:
     try:
         client = open_grpc_store(running.addresses[0], QUICK)
         digest = client.blobs.put([b"spoken in snix"])
-        assert memory.blobs.read_all(digest) == b"spoken in snix"
+        assert b"".join(memory.blobs.read(digest)) == b"spoken in snix"
         leaf = Directory(files=(FileNode(b"f", digest, 14),))
         assert client.directories.put_many([leaf]) == leaf.digest()
         assert client.directories.get(leaf.digest()) == leaf
@@ -225,10 +226,11 @@ def test_one_client_many_threads(local_served: tuple[Store, Store]) -> None:
     blobs = [os.urandom(n) for n in (0, 1, 1000, 300_000, 2_000_000) for _ in range(4)]
     digests = [client.blobs.put([b]) for b in blobs]
     with ThreadPoolExecutor(8) as pool:
-        read = list(pool.map(client.blobs.read_all, digests))
+        read = list(pool.map(lambda d: b"".join(client.blobs.read(d)), digests))
     assert read == blobs
 
 
+@pytest.mark.nix
 def test_cli_import_and_export_nar_through_a_daemon(
     tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path
 ) -> None:

@@ -37,12 +37,15 @@ from tvixfs.protos import (
 )
 from tvixfs.server.listen import ListenError, parse_listen, warn_if_exposed
 from tvixfs.server.serve import RunningServer, start_server
-from tvixfs.server.servicers import READ_MESSAGE_SIZE, read_ahead, rechunk
+from tvixfs.server.servicers import READ_MESSAGE_SIZE
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.grpc import ClientConfig, open_grpc_store
 from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import MemoryBlobService, open_memory_store
+from tvixfs.services.readahead import chunks_read_ahead
+from tvixfs.services.regroup import in_messages
+from tvixfs.store.nar import nar_hash
 from tvixfs.store.storepath import StorePath
 
 pytestmark = pytest.mark.timeout(120)
@@ -174,9 +177,9 @@ def test_read_ahead_keeps_order_and_cancels_what_an_early_end_leaves() -> None:
 
     with ThreadPoolExecutor(1) as executor:
         for ahead, batch in ((6, 1), (10, 6), (1, 1 << 20)):
-            assert list(read_ahead(blobs, chunks, executor, ahead, batch)) == pieces
+            assert list(chunks_read_ahead(blobs, chunks, executor, ahead, batch)) == pieces
         # One chunk per batch, every batch queued at once.
-        stream = read_ahead(Recording(), chunks, executor, 1 << 20, 1)
+        stream = chunks_read_ahead(Recording(), chunks, executor, 1 << 20, 1)
         assert next(stream) == pieces[0]
         assert second_started.wait(10)
         stream.close()
@@ -197,9 +200,9 @@ def test_read_ahead_keeps_order_and_cancels_what_an_early_end_leaves() -> None:
         ([2, 2, 2], 4),
     ],
 )
-def test_rechunk_keeps_bytes_and_bounds_messages(sizes: list[int], size: int) -> None:
+def test_in_messages_keeps_bytes_and_bounds_messages(sizes: list[int], size: int) -> None:
     pieces = [os.urandom(n) for n in sizes]
-    out = [b"".join(parts) for parts in rechunk(pieces, size)]
+    out = [b"".join(parts) for parts in in_messages(pieces, size)]
     assert b"".join(out) == b"".join(pieces)
     assert all(len(m) == size for m in out[:-1])
     assert all(0 < len(m) <= size for m in out)
@@ -270,16 +273,18 @@ def test_undecodable_request_is_invalid_argument(stubs: Stubs) -> None:
 # --- path infos --------------------------------------------------------------------------------
 
 
-def make_info(path: StorePath, node: FileNode) -> pathinfo_pb2.PathInfo:
+def make_info(path: StorePath, node: FileNode, content: bytes = b"") -> pathinfo_pb2.PathInfo:
+    """A PathInfo with the true NAR facts of a file holding ``content``."""
+    size, sha256 = nar_hash(node, {}.__getitem__, lambda _: iter([content]))
     named = node_to_proto(FileNode(path.basename.encode(), node.digest, node.size))
-    narinfo = pathinfo_pb2.NARInfo(nar_size=1, nar_sha256=bytes(32))
+    narinfo = pathinfo_pb2.NARInfo(nar_size=size, nar_sha256=sha256)
     return pathinfo_pb2.PathInfo(node=named, narinfo=narinfo)
 
 
 def test_pathinfo_put_get_list(stubs: Stubs, memory: Store) -> None:
     digest = memory.blobs.put([b"hi"])
     path = StorePath(hashlib.sha1(b"p").digest(), "hello-1.0")
-    info = make_info(path, FileNode(b"x", digest, 2))
+    info = make_info(path, FileNode(b"x", digest, 2), b"hi")
     assert stubs.infos.Put(info) == info
     assert stubs.infos.Get(rpc_pathinfo_pb2.GetPathInfoRequest(by_output_hash=path.digest)) == info
     assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == [info]
@@ -292,7 +297,7 @@ def test_pathinfo_put_get_list(stubs: Stubs, memory: Store) -> None:
 
 def test_pathinfo_put_is_validated(stubs: Stubs) -> None:
     path = StorePath(hashlib.sha1(b"q").digest(), "q")
-    missing = make_info(path, FileNode(b"x", b3digest(b"never put"), 9))
+    missing = make_info(path, FileNode(b"x", b3digest(b"never put"), 9), b"never put")
     expect(Code.FAILED_PRECONDITION, lambda: stubs.infos.Put(missing))
     bad_name = pathinfo_pb2.PathInfo()
     bad_name.CopyFrom(missing)
@@ -302,6 +307,16 @@ def test_pathinfo_put_is_validated(stubs: Stubs) -> None:
     assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == []
 
 
+def test_pathinfo_put_with_false_nar_facts_is_refused(stubs: Stubs, memory: Store) -> None:
+    """A client's narHash is a claim the daemon checks against the content, as nix-daemon does."""
+    digest = memory.blobs.put([b"hi"])
+    path = StorePath(hashlib.sha1(b"liar").digest(), "liar")
+    info = make_info(path, FileNode(b"x", digest, 2), b"ho")
+    expect(Code.INVALID_ARGUMENT, lambda: stubs.infos.Put(info))
+    assert list(stubs.infos.List(rpc_pathinfo_pb2.ListPathInfoRequest())) == []
+
+
+@pytest.mark.nix
 def test_calculate_nar_matches_nix(stubs: Stubs, memory: Store, sample_tree: Path) -> None:
     info = ingest_path(memory, sample_tree, "sample")
     dump = subprocess.run(["nix-store", "--dump", str(sample_tree)], check=True, capture_output=True).stdout
@@ -421,7 +436,7 @@ def test_daemon_serves_tcp_and_unix_then_stops_cleanly(tvixfs_cmd: list[str], sh
         over_tcp = open_grpc_store(daemon.tcp)
         over_unix = open_grpc_store(f"unix:{sock}")
         digest = over_tcp.blobs.put([b"one store, two addresses"])
-        assert over_unix.blobs.read_all(digest) == b"one store, two addresses"
+        assert b"".join(over_unix.blobs.read(digest)) == b"one store, two addresses"
         over_tcp.close()
         over_unix.close()
         assert daemon.stop() == 0

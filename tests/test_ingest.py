@@ -21,6 +21,7 @@ from nixchroot import (
     nix_dump_path,
     nix_hash_text,
     nix_path_info,
+    run,
 )
 
 from tvixfs.castore.chunking import MAX_CHUNK, MIN_CHUNK, chunk_stream
@@ -30,7 +31,7 @@ from tvixfs.castore.nodes import DirectoryNode, node_from_proto
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.chunkworkers import ChunkWorkers, WorkerError, Written
-from tvixfs.services.errors import CorruptDataError
+from tvixfs.services.errors import CorruptDataError, FailedPreconditionError
 from tvixfs.services.fsck import fsck_local_store
 from tvixfs.services.ingest import (
     PARALLEL_FILES,
@@ -89,6 +90,7 @@ def assert_same_as_nix(store: Store, info: pathinfo_pb2.PathInfo, nix_root: Path
     assert render(store, info) == nix_dump(path)
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize(
     "entry", ["", "bin/hello", "share/doc/README", "link-to-readme", "empty-file", "empty-dir"]
 )
@@ -99,6 +101,7 @@ def test_ingest_path_as_nix_store_add(sample_tree: Path, tmp_path: Path, entry: 
     assert_same_as_nix(store, info, tmp_path / "nix", path)
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize("backend", ["memory", "local"])
 def test_ingest_real_tree(real_tree: Path, tmp_path: Path, backend: str) -> None:
     store = open_memory_store() if backend == "memory" else open_local_store(tmp_path / "tvixfs")
@@ -159,6 +162,7 @@ def test_invalid_name_rejected_before_any_work(sample_tree: Path) -> None:
     assert list(store.pathinfos.list()) == []
 
 
+@pytest.mark.nix
 def test_import_into_a_local_store_by_chunk_workers(sample_tree: Path, tmp_path: Path) -> None:
     """Enough files to start a chunk writer process, files of every size class (empty, small,
     several chunks, above WHOLE_FILE_MAX): the result is Nix's, every blob is committed with
@@ -219,9 +223,14 @@ REFS = [
 ]
 
 
+@pytest.mark.nix
 def test_ingest_nar_round_trip(sample_tree: Path) -> None:
     dump = nix_dump(sample_tree)
     store = open_memory_store()
+    with pytest.raises(FailedPreconditionError, match="is not in the store"):
+        ingest_nar(store, io.BytesIO(dump), SOME_PATH, REFS)  # Nix: references must be valid
+    for ref in REFS:
+        ingest_nar(store, io.BytesIO(dump), ref)
     info = ingest_nar(store, io.BytesIO(dump), SOME_PATH, REFS)
     assert render(store, info) == dump
     assert info.narinfo.nar_size == len(dump)
@@ -238,6 +247,7 @@ def _root_digest(dump: bytes) -> bytes:
     return node.digest
 
 
+@pytest.mark.nix
 def test_malformed_nar_stores_no_path(sample_tree: Path) -> None:
     dump = nix_dump(sample_tree)
     store = open_memory_store()
@@ -247,6 +257,7 @@ def test_malformed_nar_stores_no_path(sample_tree: Path) -> None:
     assert store.directories.get(_root_digest(dump)) is None
 
 
+@pytest.mark.nix
 def test_nar_hash_mismatch_stores_no_path(sample_tree: Path) -> None:
     dump = nix_dump(sample_tree)
     store = open_memory_store()
@@ -287,6 +298,7 @@ def assert_metadata_as_nix(store: Store, closure: Closure, paths: list[str]) -> 
         assert (format_ca(narinfo.ca) if narinfo.HasField("ca") else None) == nix.get("ca"), path
 
 
+@pytest.mark.nix
 def test_import_closure_from_nix(closure: Closure) -> None:
     store = open_memory_store()
     order: list[StorePath] = []
@@ -311,13 +323,27 @@ def test_import_closure_from_nix(closure: Closure) -> None:
     assert again == []
 
 
-def test_import_from_nix_without_closure_keeps_references(closure: Closure) -> None:
+@pytest.mark.nix
+def test_import_from_nix_without_closure_needs_the_references(closure: Closure) -> None:
+    """As in Nix, a path is accepted only once what it refers to is there."""
     store = open_memory_store()
+    with pytest.raises(FailedPreconditionError, match="is not in the store"):
+        import_from_nix(store, NixSource(closure.uri), [parse_nix_path(closure.built)])
+    assert list(store.pathinfos.list()) == []
+    deps = [
+        p
+        for p in run("nix-store", "--store", closure.uri, "-qR", closure.built).split()
+        if p != closure.built
+    ]
+    import_from_nix(store, NixSource(closure.uri), [parse_nix_path(p) for p in deps])
     import_from_nix(store, NixSource(closure.uri), [parse_nix_path(closure.built)])
-    assert [str(validate_pathinfo(i)[0]) for i in store.pathinfos.list()] == [closure.built]
+    assert (
+        str(validate_pathinfo(store.pathinfos.get(parse_nix_path(closure.built).digest))[0]) == closure.built
+    )
     assert_metadata_as_nix(store, closure, [closure.built])
 
 
+@pytest.mark.nix
 def test_import_from_nix_refuses_content_that_fails_nars_hash(tmp_path: Path) -> None:
     """A store whose file changed behind Nix's back: the NAR no longer has Nix's narHash."""
     tree = tmp_path / "tree"
@@ -334,6 +360,7 @@ def test_import_from_nix_refuses_content_that_fails_nars_hash(tmp_path: Path) ->
     assert list(store.pathinfos.list()) == []
 
 
+@pytest.mark.nix
 def test_import_from_nix_of_an_invalid_path(closure: Closure) -> None:
     missing = parse_nix_path("/nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-missing")
     store = open_memory_store()
@@ -341,6 +368,7 @@ def test_import_from_nix_of_an_invalid_path(closure: Closure) -> None:
         import_from_nix(store, NixSource(closure.uri), [missing])
 
 
+@pytest.mark.nix
 def test_parse_nix_path_follows_result_links(closure: Closure, tmp_path: Path) -> None:
     (tmp_path / "result").symlink_to(closure.built)
     assert str(parse_nix_path(str(tmp_path / "result"))) == closure.built

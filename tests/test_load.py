@@ -30,7 +30,7 @@ import pytest
 from faultstore import RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, mounted, needs_fuse
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
 
 READERS = 64
 FILES = 2400
@@ -171,6 +171,7 @@ def _calls(store: RemoteFaults) -> Counter[str]:
     return Counter(store.stats()["calls"])
 
 
+@pytest.mark.nix
 def test_many_readers_get_right_bytes_each_chunk_fetched_once(corpus: Corpus, short_tmp: Path) -> None:
     with mounted(TVIXFS, short_tmp, corpus.store.url, ["--cache-size", str(CACHE)]) as m:
         os.stat(m.path(corpus.basename))
@@ -200,6 +201,7 @@ STOPS: dict[str, Callable[[Mount], None]] = {
 }
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize("how", list(STOPS))
 def test_stopping_under_load_exits_0_and_readers_get_errors(
     corpus: Corpus, short_tmp: Path, how: str

@@ -78,7 +78,7 @@ def test_identical_data_is_stored_once(store: Store, store_dir: Path) -> None:
     edited = data[:2_000_000] + b"inserted" + data[2_000_000:]
     store.blobs.put([edited])
     assert len(chunk_files(store_dir) - files) <= 2
-    assert store.blobs.read_all(b3digest(edited)) == edited
+    assert b"".join(store.blobs.read(b3digest(edited))) == edited
 
 
 def test_large_blob_is_chunked_small_blob_is_its_own_chunk(store: Store, store_dir: Path) -> None:
@@ -87,7 +87,7 @@ def test_large_blob_is_chunked_small_blob_is_its_own_chunk(store: Store, store_d
     chunks = store.blobs.stat(digest, send_chunks=True)
     assert chunks is not None and len(chunks) > 1
     assert all(MIN_CHUNK <= c.size <= MAX_CHUNK for c in chunks[:-1])
-    assert b"".join(store.blobs.read_all(c.digest) for c in chunks) == data
+    assert b"".join(b"".join(store.blobs.read(c.digest)) for c in chunks) == data
     assert store.blobs.stat(chunks[0].digest) is None, "a chunk is readable, not a blob of its own"
     small = store.blobs.put([b"small"])
     assert store.blobs.stat(small, send_chunks=True) == []
@@ -111,7 +111,7 @@ def test_store_persists_across_reopen_and_close_is_idempotent(store_dir: Path) -
         store.blobs.stat(blob)
     reopened = open_local_store(store_dir)
     try:
-        assert reopened.blobs.read_all(blob) == b"persistent"
+        assert b"".join(reopened.blobs.read(blob)) == b"persistent"
         assert list(reopened.directories.get_recursive(root.digest())) == [root, leaf]
         assert reopened.pathinfos.get(path.digest) == info
     finally:
@@ -133,7 +133,7 @@ def test_damaged_chunk_raises_and_never_yields_wrong_bytes(store: Store, store_d
             received += piece
     assert received == data[: chunks[0].size]
     with pytest.raises(CorruptDataError):
-        store.blobs.read_all(chunks[1].digest)
+        b"".join(store.blobs.read(chunks[1].digest))
     store.close()  # commits the blob: fsck sees committed rows only
     result, lines = fsck(store_dir)
     assert result.problems == 2
@@ -148,7 +148,7 @@ def test_missing_chunk_file_is_corrupt_data(store: Store, store_dir: Path) -> No
     assert chunks
     (store_dir / "chunks" / chunks[-1].digest.hex()[:2] / chunks[-1].digest.hex()).unlink()
     with pytest.raises(CorruptDataError):
-        store.blobs.read_all(digest)
+        b"".join(store.blobs.read(digest))
 
 
 def test_pathinfo_is_refused_until_its_whole_tree_is_present(store: Store) -> None:
@@ -194,7 +194,7 @@ def test_store_killed_while_being_created_is_completed_on_open(store_dir: Path) 
     assert (result.problems, lines) == (0, [])
     store = open_local_store(store_dir)
     try:
-        assert store.blobs.read_all(store.blobs.put([b"works"])) == b"works"
+        assert b"".join(store.blobs.read(store.blobs.put([b"works"]))) == b"works"
     finally:
         store.close()
 
@@ -219,7 +219,7 @@ def test_concurrent_readers_and_writers_across_two_opens(store_dir: Path) -> Non
             for k in range(20):
                 for digest, data in list(blobs.items())[offset::2]:
                     assert store.blobs.put([data]) == digest
-                    assert store.blobs.read_all(digest) == data
+                    assert b"".join(store.blobs.read(digest)) == data
                 directory = Directory(files=(FileNode(b"n%d-%d" % (offset, k), b3digest(b""), 0),))
                 store.blobs.put([b""])
                 store.directories.put(directory)
@@ -255,7 +255,7 @@ def test_put_blob_is_pending_until_the_next_commit(store: Store, store_dir: Path
     other = open_local_store(store_dir)  # what another process sees
     try:
         assert store.blobs.stat(digest, send_chunks=True), "this process sees its put at once"
-        assert store.blobs.read_all(digest) == data
+        assert b"".join(store.blobs.read(digest)) == data
         assert other.blobs.stat(digest) is None, "not committed yet"
         leaf = Directory(files=(FileNode(b"f", digest, len(data)),))
         store.directories.put(leaf)
@@ -264,7 +264,7 @@ def test_put_blob_is_pending_until_the_next_commit(store: Store, store_dir: Path
         later = store.blobs.put([b"put last, committed by close"])
         assert other.blobs.stat(later) is None
         store.close()
-        assert other.blobs.read_all(later) == b"put last, committed by close"
+        assert b"".join(other.blobs.read(later)) == b"put last, committed by close"
     finally:
         other.close()
 
@@ -303,7 +303,7 @@ def test_pathinfo_commits_its_pending_blobs_with_it(store: Store, store_dir: Pat
             other.pathinfos.put(info)
         store.pathinfos.put(info)
         assert other.pathinfos.get(path.digest) == info
-        assert other.blobs.read_all(blob) == b"only pending so far"
+        assert b"".join(other.blobs.read(blob)) == b"only pending so far"
     finally:
         other.close()
 
@@ -318,7 +318,7 @@ def test_put_never_trusts_a_chunk_file_it_did_not_commit(store: Store, store_dir
         path.write_bytes(leftover)
         assert store.blobs.put([data]) == digest
         assert path.read_bytes() == data
-        assert store.blobs.read_all(digest) == data
+        assert b"".join(store.blobs.read(digest)) == data
     store.close()
     result, lines = fsck(store_dir)
     assert (result.problems, result.blobs, lines) == (0, 2, [])
@@ -402,7 +402,7 @@ def assert_consistent(store_dir: Path) -> int:
             assert isinstance(root, DirectoryNode)
             for directory in store.directories.get_recursive(root.digest):
                 for file in directory.files:
-                    assert b3digest(store.blobs.read_all(file.digest)) == file.digest
+                    assert b3digest(b"".join(store.blobs.read(file.digest))) == file.digest
         return len(infos)
     finally:
         store.close()
@@ -447,6 +447,7 @@ def test_kill_9_mid_write_never_leaves_a_broken_store(store_dir: Path) -> None:
     assert (clean.orphan_chunks, clean.temp_files, clean.pathinfos) == (0, 0, count)
 
 
+@pytest.mark.nix
 def test_kill_9_of_tvixfs_import_then_reimport(tvixfs_cmd: list[str], tmp_path: Path) -> None:
     tree = make_sample_tree(tmp_path / "tree")
     for i in range(40):

@@ -19,7 +19,15 @@ from tvixfs.castore.nodes import (
 from tvixfs.protos import castore_pb2, pathinfo_pb2
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import validate_pathinfo
-from tvixfs.store.storepath import StorePath, compress_hash, split_store_path
+from tvixfs.store.storepath import STORE_DIR, StorePath, compress_hash
+
+
+def split_store_path(path: str) -> tuple[StorePath, str]:
+    """``/nix/store/<hash>-<name>/sub/path`` (or the basename form) -> (store path, subpath)."""
+    rest = path.removeprefix(STORE_DIR + "/").strip("/")
+    base, _, sub = rest.partition("/")
+    return StorePath.from_basename(base), sub
+
 
 D = b3digest(b"some blob")
 HELLO_PATH = "00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432"

@@ -28,7 +28,7 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore
 from grpcserver import running_daemon
 from mounting import TVIXFS, Mount, import_tree, mounted, needs_fuse, spawn_mount, teardown
 
-from tvixfs.fs.reader import UNAVAILABLE_MEMORY
+from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY
 from tvixfs.fs.roots import NEGATIVE_TTL
 from tvixfs.services.local import open_local_store
 from tvixfs.store import nixbase32
@@ -38,7 +38,7 @@ BACKENDS = ["local", "grpc+http", "grpc+unix"]
 # Real trees with thousands of entries: every kind of file Debian ships, symlinks included.
 SYSTEM_TREES = {"python-lib": Path("/usr/lib/python3.11"), "doc": Path("/usr/share/doc")}
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.fuse]
 
 
 @dataclass
@@ -140,6 +140,7 @@ def test_programs_run_from_the_mount(mount: Mount, corpus: Corpus) -> None:
     assert hello == b"hello from tvixfs\n"
 
 
+@pytest.mark.nix
 def test_nix_hashes_a_mounted_path_to_its_nar_hash(mount: Mount, corpus: Corpus) -> None:
     store = open_local_store(corpus.store_dir)
     try:
@@ -450,7 +451,7 @@ def _survive(faults: list[Fault], short_tmp: Path, tmp_path: Path) -> None:
             store.clear()
             _wait_until_visible(m.path(basename))
             right, failed = _walk_outcomes(tree, m.path(basename))
-            if failed:  # a chunk the store hung on fails at once for a moment (reader.py)
+            if failed:  # a chunk the store hung on fails at once for a moment (chunkcache.py)
                 time.sleep(UNAVAILABLE_MEMORY + 0.5)
                 right, failed = _walk_outcomes(tree, m.path(basename))
             assert not failed, f"{fault.kind}: still failing once the store is honest"
@@ -468,19 +469,22 @@ def _wait_until_visible(path: Path) -> None:
     raise AssertionError(f"{path} stays absent")
 
 
+@pytest.mark.nix
 def test_a_hostile_store_never_yields_wrong_bytes(short_tmp: Path, tmp_path: Path) -> None:
     _survive(HOSTILE, short_tmp, tmp_path)
 
 
+@pytest.mark.nix
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: genuine chunks listed in the wrong order pass every per-chunk check; "
-    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/reader.py)",
+    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/chunkmap.py)",
 )
 def test_a_reordered_chunk_list_is_detected(short_tmp: Path, tmp_path: Path) -> None:
     _survive([Fault("chunk_swap")], short_tmp, tmp_path)
 
 
+@pytest.mark.nix
 def test_sigterm_stops_a_mount_whose_store_hangs(short_tmp: Path, tmp_path: Path) -> None:
     tree = make_sample_tree(tmp_path / "tree")
     nar = tmp_path / "tree.nar"

@@ -26,9 +26,9 @@ from faultstore import Fault, RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, mounted, needs_fuse
 from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree
 
-from tvixfs.fs.reader import UNAVAILABLE_MEMORY
+from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY
 
-pytestmark = needs_fuse
+pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
 
 # The gRPC deadlines of the mounts under test (the defaults, 30 s and 600 s, are in FAULTS.md).
 DEADLINE = 5

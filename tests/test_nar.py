@@ -55,6 +55,7 @@ def entries_of(sample_tree: Path) -> list[Path]:
     ]
 
 
+@pytest.mark.nix
 def test_round_trip_is_byte_identical_to_nix(sample_tree: Path) -> None:
     for path in entries_of(sample_tree):
         dump = nix_dump(path)
@@ -65,6 +66,7 @@ def test_round_trip_is_byte_identical_to_nix(sample_tree: Path) -> None:
         assert render(store, contents.root) == dump, path
 
 
+@pytest.mark.nix
 def test_nar_hash_equals_nix_hash(sample_tree: Path) -> None:
     store = open_memory_store()
     root = parse_into(store, nix_dump(sample_tree)).root
@@ -74,6 +76,7 @@ def test_nar_hash_equals_nix_hash(sample_tree: Path) -> None:
     assert size == len(nix_dump(sample_tree))
 
 
+@pytest.mark.nix
 def test_parsed_tree_matches_the_files(sample_tree: Path) -> None:
     store = open_memory_store()
     root = parse_into(store, nix_dump(sample_tree), b"root").root
@@ -85,7 +88,7 @@ def test_parsed_tree_matches_the_files(sample_tree: Path) -> None:
     (script,) = get_directory(store)(hello.digest).entries()
     assert isinstance(script, FileNode)
     assert script.executable
-    assert store.blobs.read_all(script.digest) == (sample_tree / "bin" / "hello").read_bytes()
+    assert b"".join(store.blobs.read(script.digest)) == (sample_tree / "bin" / "hello").read_bytes()
     large = top[b"large.bin"]
     assert isinstance(large, FileNode)
     assert not large.executable
@@ -94,6 +97,7 @@ def test_parsed_tree_matches_the_files(sample_tree: Path) -> None:
     assert top[b"non-utf8-\xff\xfe"].name == b"non-utf8-\xff\xfe"
 
 
+@pytest.mark.nix
 def test_directories_come_leaves_first(sample_tree: Path) -> None:
     contents = read_nar(io.BytesIO(nix_dump(sample_tree)), b"x", open_memory_store().blobs.put)
     seen: set[bytes] = set()
@@ -105,6 +109,7 @@ def test_directories_come_leaves_first(sample_tree: Path) -> None:
     assert len(seen) == len(contents.directories)  # each once
 
 
+@pytest.mark.nix
 def test_many_small_files_render_in_few_pieces(tmp_path: Path) -> None:
     tree = tmp_path / "many"
     tree.mkdir()
@@ -180,6 +185,7 @@ def archive(node: bytes) -> bytes:
     return s(b"nix-archive-1") + node
 
 
+@pytest.mark.nix
 def test_hand_built_nar_matches_nix(tmp_path: Path) -> None:
     """The builders below are right: they reproduce what Nix writes, so the cases test one rule."""
     tree = tmp_path / "t"
@@ -250,6 +256,7 @@ def _damaged(data: bytes) -> Iterator[bytes]:
         yield data[:i] + bytes([data[i] ^ 0x41]) + data[i + 1 :]  # one byte changed
 
 
+@pytest.mark.nix
 def test_any_damage_is_a_clean_error_or_a_valid_nar(tmp_path: Path) -> None:
     """No damage to a real NAR crashes the parser: each is NARError or parses as some valid NAR."""
     tree = tmp_path / "small"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from grpcserver import Daemon
 from mounting import Mount, import_tree, teardown
-from test_units import evaluate, systemd_argv
+from test_systemd_units_and_nixos_module import evaluate, systemd_argv
 
 from tvixfs.services.url import open_store
 
@@ -132,6 +132,7 @@ def mountpoint(short_tmp: Path) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(path)], check=False, timeout=WAIT)
 
 
+@pytest.mark.fuse
 def test_mount_notify_sequence(
     tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path, mountpoint: Path
 ) -> None:
@@ -212,6 +213,7 @@ def stop_post(source: str, mountpoint: Path) -> list[str]:
     return systemd_argv(command)
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("source", ["tvixfs.service", "tvixfs@.service", "nixos-module"])
 def test_stop_post_detaches_a_dead_mount_and_nothing_else(
     tvixfs_cmd: list[str], short_tmp: Path, mountpoint: Path, source: str

@@ -14,12 +14,12 @@ import trio
 import trio.testing
 
 from tvixfs.castore.nodes import FileNode
+from tvixfs.fs import chunkcache, sequential, wholeblob
 from tvixfs.fs import reader as reader_module
-from tvixfs.fs import sequential
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.reader import BlobReader
-from tvixfs.services.base import BlobService, ChunkMeta, Store
+from tvixfs.services.base import BlobCapabilities, BlobService, ChunkMeta, Store
 from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
 from tvixfs.services.local import open_local_store
 
@@ -40,7 +40,7 @@ class Watched(BlobService):
 
     def read(self, digest: bytes) -> Iterator[bytes]:
         self.reads[digest] += 1
-        data = self.inner.read_all(digest)
+        data = b"".join(self.inner.read(digest))
         at = self.damage.get(digest)
         if at is not None:
             data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
@@ -51,7 +51,7 @@ class Watched(BlobService):
 
 
 class RemoteLike(Watched):
-    remote_reads = True
+    capabilities = BlobCapabilities(calls_are_remote=True)
 
 
 @pytest.fixture
@@ -71,8 +71,8 @@ async def background() -> AsyncIterator[trio.Nursery]:
 @pytest.fixture
 def small_stream_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Streams for a 3 MiB file: after 256 KiB read in order, with at least 512 KiB left."""
-    monkeypatch.setattr(reader_module, "WHOLE_READ_AFTER", 256 * 1024)
-    monkeypatch.setattr(reader_module, "WHOLE_READ_REST", 512 * 1024)
+    monkeypatch.setattr(wholeblob, "WHOLE_READ_AFTER", 256 * 1024)
+    monkeypatch.setattr(wholeblob, "WHOLE_READ_REST", 512 * 1024)
 
 
 async def _read_in_order(reader: BlobReader, node: FileNode) -> bytes:
@@ -268,8 +268,8 @@ class Hanging(Watched):
 async def test_a_chunk_the_store_did_not_answer_for_fails_at_once_for_a_moment(
     store: Store, background: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reader_module, "UNAVAILABLE_MEMORY", 0.5)
-    monkeypatch.setattr(reader_module, "UNAVAILABLE_SLOW", 0.2)
+    monkeypatch.setattr(chunkcache, "UNAVAILABLE_MEMORY", 0.5)
+    monkeypatch.setattr(chunkcache, "UNAVAILABLE_SLOW", 0.2)
     data = os.urandom(100_000)
     node = FileNode(b"small", store.blobs.put([data]), len(data))
     hanging = Hanging(store.blobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -32,8 +33,9 @@ from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
 from tvixfs.services.ingest import ingest_nar, ingest_path
 from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
-from tvixfs.store.nar import ReadBlob, blobs_read_ahead, file_contents, write_nar
-from tvixfs.store.nixtext import format_ca, format_signature, format_sri
+from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.store.nar import ReadBlob, file_contents, write_nar
+from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
 
@@ -191,11 +193,49 @@ def export_nar(
         # Over a remote store, a round trip per file would dominate a tree of small files.
         reads: AbstractContextManager[ReadBlob] = (
             blobs_read_ahead(node, directories.__getitem__, opened.blobs.read)
-            if opened.blobs.remote_reads
+            if opened.blobs.capabilities.calls_are_remote
             else nullcontext(opened.blobs.read)
         )
+        recorded = _recorded_nar(opened, path)
+        rendered = _NarCheck()
         with reads as read_blob:
-            _write_stdout(write_nar(node, directories.__getitem__, read_blob))
+            _write_stdout(rendered.count(write_nar(node, directories.__getitem__, read_blob)))
+        if recorded is not None and rendered.facts() != recorded:
+            size, sha256 = rendered.facts()
+            fail(
+                f"{path}: the NAR written ({size} bytes, {format_hash(sha256)}) is not the one recorded "
+                f"({recorded[0]} bytes, {format_hash(recorded[1])}): the store is damaged and the bytes "
+                "already written are wrong; run `tvixfs fsck --check-contents`"
+            )
+
+
+class _NarCheck:
+    """Size and sha256 of what is written, to compare with the recorded narHash at the end."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def count(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        for piece in pieces:
+            self._sha.update(piece)
+            self._size += len(piece)
+            yield piece
+
+    def facts(self) -> tuple[int, bytes]:
+        return self._size, self._sha.digest()
+
+
+def _recorded_nar(store: Store, path: str) -> tuple[int, bytes] | None:
+    """The recorded (narSize, narHash) when ``path`` is a whole store path that has them."""
+    try:
+        store_path = StorePath.from_absolute(path) if path.startswith("/") else StorePath.from_basename(path)
+    except ValidationError:
+        return None  # a path inside a store path: Nix records no hash for it
+    info = store.pathinfos.get(store_path.digest)
+    if info is None or not info.HasField("narinfo"):
+        return None
+    return info.narinfo.nar_size, info.narinfo.nar_sha256
 
 
 def _write_stdout(pieces: Iterable[bytes]) -> None:

@@ -261,7 +261,7 @@ class TvixOperations(pyfuse3.Operations):
 
     @_guarded("lookup", _of_lookup)
     async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INODE:
             root = await self._roots.lookup(name)
@@ -278,7 +278,7 @@ class TvixOperations(pyfuse3.Operations):
         # The parent's own number and the listing's name: objects the table shares.
         return self._entry(self._inodes.for_child(child, parent.origin, parent.ino), parent.ino, child.name)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         # pyfuse3 does not let forget report errors; a bug here must not end the main loop.
         try:
             for ino, count in inode_list:
@@ -287,20 +287,20 @@ class TvixOperations(pyfuse3.Operations):
             log.exception("forget failed")
 
     @_guarded("getattr", _of_inode)
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return mount_root_attributes(ROOT_INODE, FOREVER)
         return self._attributes(self._inode(inode))
 
     @_guarded("readlink", _of_inode)
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._inode(inode).node if inode != ROOT_INODE else None
         if not isinstance(node, SymlinkNode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target
 
     @_guarded("access", _of_inode)
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # Only called without default_permissions: answer as the modes above would.
         if mode & os.W_OK:
             return False
@@ -317,7 +317,7 @@ class TvixOperations(pyfuse3.Operations):
     # -- directories ----------------------------------------------------------------------
 
     @_guarded("opendir", _of_inode)
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         if inode == ROOT_INODE:
             handle = await self._open_root()
         else:
@@ -328,7 +328,7 @@ class TvixOperations(pyfuse3.Operations):
             handle = _DirHandle(inode, directory.origin, listing.entries)
         fh = next(self._handles)
         self._dir_handles[fh] = handle
-        return fh
+        return pyfuse3.FileHandleT(fh)
 
     async def _open_root(self) -> _DirHandle:
         if not self._options.list_root:
@@ -337,7 +337,7 @@ class TvixOperations(pyfuse3.Operations):
         return _DirHandle(ROOT_INODE, b"", [root.node for root in roots], roots)
 
     @_guarded("readdir", _of_directory)
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Reply entries from cookie ``start_id`` until the kernel's buffer is full.
 
         READDIRPLUS: each accepted entry is a lookup (its count goes up); the entry the kernel
@@ -372,13 +372,13 @@ class TvixOperations(pyfuse3.Operations):
         finally:
             self._trim_inodes()
 
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._dir_handles.pop(fh, None)
 
     # -- files ----------------------------------------------------------------------------
 
     @_guarded("open", _of_inode)
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         entry = self._inode(inode)
@@ -391,19 +391,19 @@ class TvixOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_guarded("read", _of_file)
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         file = self._files.get(fh)
         if file is None:
             raise LookupError(f"unknown file handle {fh}")
         return await self._reader.read(file, off, size)
 
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self._files.pop(fh, None)
 
     # -- extended attributes --------------------------------------------------------------
 
     @_guarded("getxattr", _of_inode)
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self._options.show_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
         found = None if inode == ROOT_INODE else xattrs_of(self._inode(inode)).get(name)
@@ -412,7 +412,7 @@ class TvixOperations(pyfuse3.Operations):
         return found
 
     @_guarded("listxattr", _of_inode)
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self._options.show_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         return [] if inode == ROOT_INODE else list(xattrs_of(self._inode(inode)))
@@ -421,32 +421,32 @@ class TvixOperations(pyfuse3.Operations):
 
     async def setattr(
         self,
-        inode: int,
+        inode: pyfuse3.InodeT,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
@@ -462,20 +462,26 @@ class TvixOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EROFS)
 
     async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def removexattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)

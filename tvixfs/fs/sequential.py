@@ -1,6 +1,6 @@
 """A long sequential pass over a big file of a local store, read in aligned blocks.
 
-The chunk path (reader.py) fetches chunks into the cache and joins the pieces of each kernel
+The chunk path (chunkreads.py) fetches chunks into the cache and joins the pieces of each kernel
 read into one reply: for a cold 256 MiB read that join copied every byte once more on the
 event loop thread, which also replies to the kernel, and the per-chunk bookkeeping (cache,
 claims, one result per chunk) ran there too. Here a worker thread reads whole ``BLOCK``-sized,
@@ -25,34 +25,38 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
-from tvixfs.castore.digest import new_hasher
 from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.chunkcache import ChunkCache
+from tvixfs.fs.chunkmap import ChunkMap
+from tvixfs.fs.chunkreads import ChunkReads
 from tvixfs.services.base import BlobService
-from tvixfs.services.errors import CorruptDataError
-
-if TYPE_CHECKING:
-    from tvixfs.fs.reader import ChunkMap
+from tvixfs.services.chunkcheck import ChunkCheck
 
 log = logging.getLogger(__name__)
 
 # Bytes per worker thread call, and the alignment of the buffers (a multiple of the kernel's
-# largest read, 1 MiB, so that its reads never straddle two buffers). Measured on a cold
-# 256 MiB read, 4 MiB readahead: 4 MiB blocks 231 ms, 8 MiB 220 ms (fewer thread hops and
-# chunks read twice), passthrough_ll 227 ms.
+# largest read, 1 MiB, so that its reads never straddle two buffers; figures in
+# bench/ANALYSIS.md).
 BLOCK = 8 << 20
 SPARE_BLOCKS = 2
+# At most MAX_PASSES passes at once (each holds up to ~40 MiB of blocks); beyond that, reads
+# go chunk by chunk through the cache. A pass unused for PASS_IDLE seconds gives its place
+# to a new one.
+MAX_PASSES = 4
+PASS_IDLE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class _Source:
     blobs: BlobService
     chunk_map: ChunkMap
-    check: bool  # whether the chunks need hashing here (see reader.BlobReader._must_check)
+    check: bool  # whether the chunks need hashing here (see chunkreads.ChunkReads)
 
     def fill(self, start: int, end: int, spare: bytearray | None) -> bytearray:
         """Runs in a worker thread: bytes ``[start, end)`` of the file, in ``spare`` if given.
@@ -73,11 +77,10 @@ class _Source:
                 views.append(memoryview(bytearray(high - end)))
             self.blobs.read_into(chunk.digest, views)
             if self.check:
-                hasher = new_hasher()
+                checking = ChunkCheck(chunk.digest, chunk.size, f"block at {start}")
                 for part in views:
-                    hasher.update(part)
-                if hasher.digest() != chunk.digest:
-                    raise CorruptDataError(f"chunk {chunk.digest.hex()}: content does not match its digest")
+                    checking.update(part)
+                checking.done()
         return block
 
 
@@ -197,3 +200,62 @@ class SequentialPass:
             log.debug("block at %d failed, its reads go chunk by chunk: %s", start, e)
         finally:
             block.done.set()
+
+
+class Passes:
+    """The passes of a mount's open handles: at most ``MAX_PASSES`` hold blocks at once."""
+
+    def __init__(self) -> None:
+        self._open: weakref.WeakSet[SequentialPass] = weakref.WeakSet()
+
+    def admit(self) -> bool:
+        """Whether a new pass may start: fewer than MAX_PASSES are open, or the idlest of them
+        has been idle for PASS_IDLE (it is closed to make room)."""
+        if len(self._open) < MAX_PASSES:
+            return True
+        idlest = min(self._open, key=lambda p: p.last_used)
+        if trio.current_time() - idlest.last_used < PASS_IDLE:
+            return False
+        idlest.close()
+        self._open.discard(idlest)
+        return True
+
+    def add(self, passing: SequentialPass) -> None:
+        self._open.add(passing)
+
+
+class PassReads(ChunkReads):
+    """A big file of a local store: sequential reads from a pass of aligned blocks, the rest
+    (jumps, failed blocks, a pass refused for want of room) chunk by chunk."""
+
+    def __init__(
+        self, chunks: ChunkCache, chunk_map: ChunkMap, forget_map: Callable[[], None], passes: Passes
+    ) -> None:
+        super().__init__(chunks, chunk_map, forget_map)
+        self._passes = passes
+        self._pass: SequentialPass | None = None
+
+    async def read(self, offset: int, end: int) -> bytes | memoryview:
+        sequential = self.sequential(offset)
+        passing = self._pass
+        if passing is not None and not passing.holds(offset):
+            passing = self._pass = None
+        if passing is None and sequential and self._passes.admit():
+            chunks = self._chunks
+            passing = self._pass = SequentialPass(
+                chunks.bridge,
+                chunks.blobs,
+                self.chunk_map,
+                check=self._check,
+                background=chunks.background,
+                window=chunks.readahead,
+                offset=offset,
+            )
+            self._passes.add(passing)
+        if passing is not None:
+            self.last_end = end
+            data = await passing.read(offset, end)
+            if data is not None:
+                return data
+            sequential = False  # a block failed: fetch its chunks alone, no readahead
+        return await self.read_chunks(offset, end, sequential)

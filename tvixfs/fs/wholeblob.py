@@ -1,17 +1,16 @@
 """One Read of a whole blob feeding a long sequential pass over a remote store.
 
-Over gRPC every chunk fetched alone is one Read call, and a call costs both ends far more than
-the bytes it carries. Measured on loopback for a 256 MiB file (858 chunks), tvixfs daemon over
-the embedded store: chunk by chunk, 4 calls at a time, 1.55 s, 0.8 s of client CPU and 0.9 s of
-server CPU, ~20 000 context switches; one Read of the whole blob 0.56 s, 0.37 s and 0.51 s,
-~6 000 switches. The protocol has no ranged read, so such a stream always starts at byte 0:
-the reader starts one only for a pass that began at 0 and has gone on long enough to be worth
-reading its start again (``reader.WHOLE_READ_AFTER``).
+Over a remote store (``BlobCapabilities.calls_are_remote``) every chunk fetched alone is one
+call, and a call costs both ends far more than the bytes it carries (figures in
+bench/ANALYSIS.md). The protocol has no ranged read, so such a stream always starts at byte 0:
+``WholeBlobReads`` starts one only for a pass that began at 0 and has gone on long enough to
+be worth reading its start again (``WHOLE_READ_AFTER``); until then, and whenever the stream
+cannot answer, reads go chunk by chunk (chunkreads.py).
 
 The stream runs ahead of the reader by at most ``window`` bytes and claims the chunks it is
 about to deliver (``InFlight.claim``), so reads of them wait for it instead of fetching them
 alone. Every chunk cut from it is checked against its digest in the chunk map, in the pump
-thread, before anyone sees it: the same check as for a chunk fetched by itself. Whatever
+thread, before anyone sees it (``BlobService.read_chunks``). Whatever
 ends the stream early (an error, a reader that jumps away or stops reading for
 ``IDLE_SECONDS``) gives its claims back, and reads fetch those chunks one by one again.
 """
@@ -19,90 +18,29 @@ ends the stream early (an error, a reader that jumps away or stops reading for
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
-from tvixfs.castore.digest import b3digest
 from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.chunkcache import ChunkCache
+from tvixfs.fs.chunkmap import ChunkMap
+from tvixfs.fs.chunkreads import RUN_BYTES, ChunkReads
 from tvixfs.fs.inflight import InFlight
 from tvixfs.services.base import BlobService, ChunkMeta
-from tvixfs.services.errors import CorruptDataError, StoreError
+from tvixfs.services.errors import StoreError
+from tvixfs.services.regroup import grouped_by_size
 
 log = logging.getLogger(__name__)
 
 # A reader that has not moved for this long is gone (its handle closed, or it stalled).
 IDLE_SECONDS = 5.0
-
-
-def _cut(pieces: Iterable[bytes], sizes: Sequence[int], what: str) -> Iterator[bytes]:
-    """The bytes of ``pieces`` in pieces of ``sizes``; CorruptDataError if the total differs.
-
-    Pieces that already have the wanted sizes pass uncopied; otherwise parts are joined once
-    per cut, so the cost stays linear whatever sizes the source yields.
-    """
-    index = 0
-    parts: list[bytes] = []
-    held = 0
-    for piece in pieces:
-        parts.append(piece)
-        held += len(piece)
-        if index == len(sizes):
-            if held:
-                raise CorruptDataError(f"{what}: longer than its chunk list")
-            continue
-        if held < sizes[index]:
-            continue
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        start = 0
-        while index < len(sizes) and held - start >= sizes[index]:
-            end = start + sizes[index]
-            yield data if start == 0 and end == len(data) else data[start:end]
-            start = end
-            index += 1
-        parts = [data[start:]] if start < held else []
-        held -= start
-    if index != len(sizes) or held:
-        raise CorruptDataError(f"{what}: shorter or longer than its chunk list")
-
-
-@runtime_checkable
-class ReadsChunks(Protocol):
-    """A store that cuts a blob at a given chunk list and checks each chunk itself (the gRPC
-    client: its ``read`` of a whole blob would ask for the chunk list again and hash the bytes
-    twice more)."""
-
-    def read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]: ...
-
-
-def _checked_chunks(blobs: BlobService, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
-    """The blob cut into its chunks, each checked against its digest before it is yielded."""
-    if isinstance(blobs, ReadsChunks):
-        yield from blobs.read_chunks(digest, chunks)
-        return
-    what = f"blob {digest.hex()}"
-    for chunk, data in zip(chunks, _cut(blobs.read(digest), [c.size for c in chunks], what), strict=True):
-        if b3digest(data) != chunk.digest:
-            raise CorruptDataError(f"{what}: chunk {chunk.digest.hex()} does not match its digest")
-        yield data
-
-
-def _checked_batches(
-    blobs: BlobService, digest: bytes, chunks: Sequence[ChunkMeta], batch_bytes: int
-) -> Iterator[list[bytes]]:
-    """Runs in the pump thread: the checked chunks in batches of about ``batch_bytes`` (one
-    hop to the event loop per batch, not per chunk)."""
-    batch: list[bytes] = []
-    held = 0
-    for data in _checked_chunks(blobs, digest, chunks):
-        batch.append(data)
-        held += len(data)
-        if held >= batch_bytes:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
+# A pass that started at byte 0 and has read this far in order switches to one read of the
+# whole blob, if WHOLE_READ_REST bytes or more remain: that read fetches the first part again,
+# and saves a call per chunk on the rest. (A program that only peeks at the start of a big
+# file never gets that far.)
+WHOLE_READ_AFTER = 8 << 20
+WHOLE_READ_REST = 16 << 20
 
 
 class WholeBlobStream:
@@ -152,7 +90,13 @@ class WholeBlobStream:
         self._scope.cancel()
 
     async def run(self) -> None:
-        source = lambda: _checked_batches(self._blobs, self._digest, self._chunks, self._batch_bytes)  # noqa: E731
+        def source() -> Iterator[list[bytes]]:
+            """Runs in the pump thread: the checked chunks in batches of about ``batch_bytes``
+            (one hop to the event loop per batch, not per chunk)."""
+            return grouped_by_size(
+                self._blobs.read_chunks(self._digest, self._chunks), self._batch_bytes, len
+            )
+
         with self._scope:
             try:
                 async with self._bridge.stream(source) as batches:
@@ -224,3 +168,71 @@ class WholeBlobStream:
                 continue
             return False
         return True
+
+
+class WholeBlobReads(ChunkReads):
+    """A file of a remote store: chunk by chunk, until a long pass from its start switches to
+    one whole-blob stream feeding the cache (at most one per handle, and per blob at once)."""
+
+    def __init__(
+        self,
+        chunks: ChunkCache,
+        chunk_map: ChunkMap,
+        forget_map: Callable[[], None],
+        digest: bytes,
+        streaming: set[bytes],
+    ) -> None:
+        super().__init__(chunks, chunk_map, forget_map)
+        self._digest = digest
+        self._streaming = streaming  # the blobs a stream of the mount is reading
+        self._stream: WholeBlobStream | None = None
+        self._started = False
+
+    def _ahead(self, first: int, end: int) -> None:
+        self._stream_ahead(end)
+        if self._stream is None:
+            super()._ahead(first, end)
+
+    def _jumped(self) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+
+    def _stream_ahead(self, end: int) -> None:
+        """Start the stream once the pass is long enough; tell a running one the reader moved."""
+        if self._stream is not None:
+            self._stream.moved()
+            return
+        chunk_map = self.chunk_map
+        if (
+            self._started
+            or self.pass_start != 0
+            or end < WHOLE_READ_AFTER
+            or chunk_map.size - end < WHOLE_READ_REST
+            or self._digest in self._streaming
+        ):
+            return
+        self._started = True
+        chunks = self._chunks
+        stream = self._stream = WholeBlobStream(
+            chunks.bridge,
+            chunks.blobs,
+            self._digest,
+            chunk_map.chunks,
+            chunk_map.starts,
+            inflight=chunks.inflight,
+            wanted=chunks.wanted,
+            deliver=chunks.fetched,
+            position=lambda: self.last_end,
+            window=chunks.readahead,
+            batch_bytes=RUN_BYTES,
+        )
+        self._streaming.add(self._digest)
+        chunks.background.start_soon(self._run, stream)
+        stream.moved()
+
+    async def _run(self, stream: WholeBlobStream) -> None:
+        try:
+            await stream.run()
+        finally:
+            self._stream = None
+            self._streaming.discard(self._digest)

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from tvixfs.server.guard import GrpcHandler, Handler, guard
 from tvixfs.server.limits import ReadAheadSlots, StreamGate
 from tvixfs.server.servicers import (
     READ_MESSAGE_SIZE,
@@ -21,7 +22,6 @@ from tvixfs.server.servicers import (
     Handlers,
     PathInfoServicer,
 )
-from tvixfs.server.status import GrpcHandler, Handler, guard
 from tvixfs.services.base import Store
 from tvixfs.services.errors import InvalidArgumentError
 from tvixfs.services.grpc_methods import METHODS, PREFIXES, SERVICES, Method, service_name

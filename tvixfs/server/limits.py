@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from tvixfs.server.status import GrpcHandler
+from tvixfs.server.guard import GrpcHandler
 from tvixfs.services.grpc_errors import STREAM_LIMIT
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,14 @@
 """What each RPC does, over any store's services.
 
 Handlers take the request (or request stream) and return the response (or yield the response
-stream); they raise service errors, which ``status.guard`` turns into gRPC statuses. Validation of
+stream); they raise service errors, which ``guard.guard`` turns into gRPC statuses. Validation of
 what a client sends happens here or in the backend, before anything is stored.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from typing import Any
 
 from tvixfs.castore.digest import check_digest
@@ -18,8 +17,8 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
-from tvixfs.services.base import BlobService, ChunkMeta, DirectoryService, PathInfoService
-from tvixfs.services.errors import CorruptDataError, InvalidArgumentError, NotFoundError
+from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
+from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tvixfs.services.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
@@ -32,102 +31,25 @@ from tvixfs.services.grpc_methods import (
     PATHINFO_PUT,
     Method,
 )
+from tvixfs.services.readahead import chunks_read_ahead
+from tvixfs.services.regroup import in_messages
 from tvixfs.store import nixbase32
+from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE
 
 Handlers = dict[Method, Callable[[Any], Any]]
 
-# Bytes per BlobChunk sent by Read. Measured with bench/grpc_bench.py (raw stream over loopback,
-# 2 busy cores, ranges over runs): 64 KiB 260-620 MiB/s, 256 KiB 500-810, 1 MiB 650-1090,
-# 2 MiB 620-1220, 3 MiB 250-630. 1 MiB is as fast as any and a quarter of the 4 MiB a default
-# gRPC client accepts.
+# Bytes per BlobChunk sent by Read: as fast as any size measured, and a quarter of the 4 MiB a
+# default gRPC client accepts (figures: bench/ANALYSIS.md, "Figures behind constants").
 READ_MESSAGE_SIZE = 1 << 20
 
 # How a Read stream of a blob of many chunks reads them: by threads shared by all streams, in
-# batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. A mount
-# reading a 256 MiB blob (858 chunk files) cold over loopback, 6-7 interleaved reps: store on
-# disk, chunk after chunk 1.11-1.39 s, read ahead 0.88-0.99 s, the same daemon CPU; a store in
-# memory (tmpfs) gains nothing, and costs the daemon 0.41 -> 0.46 s of CPU (0.51 s with a hand-over
-# between threads per chunk). One thread gains nothing: the disk needs several reads in flight
-# (cat of the chunk files, cold: 0.47 s one at a time, 0.22 s four at a time).
+# batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. It pays
+# for a store on disk, which needs several reads in flight; one thread gains nothing
+# (figures: bench/ANALYSIS.md).
 READ_AHEAD = 8 << 20
 READ_AHEAD_BATCH = 2 << 20
 READ_AHEAD_THREADS = 4
-
-
-def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[list[memoryview]]:
-    """The same bytes grouped into messages of ``size`` (the last may be shorter).
-
-    Each message is the list of views of the pieces it is made of: nothing is copied here,
-    the encoder (``encode_blob_chunk``) copies each byte once, into the message sent.
-    """
-    parts: list[memoryview] = []
-    held = 0
-    for piece in pieces:
-        view = memoryview(piece)
-        while held + len(view) >= size:
-            take = size - held
-            parts.append(view[:take])
-            yield parts
-            parts, held = [], 0
-            view = view[take:]
-        if view:
-            parts.append(view)
-            held += len(view)
-    if parts:
-        yield parts
-
-
-def read_ahead(
-    blobs: BlobService, chunks: list[ChunkMeta], executor: Executor, ahead: int, batch: int
-) -> Iterator[bytes]:
-    """The chunks' bytes in order, read by ``executor`` in batches of about ``batch`` bytes, up
-    to ``ahead`` bytes before they are due.
-
-    Each chunk is read by its own digest, so the store checks it as it checks any read.
-    """
-
-    def fetch(metas: list[ChunkMeta]) -> list[bytes]:
-        out = []
-        for meta in metas:
-            data = b"".join(blobs.read(meta.digest))
-            if len(data) != meta.size:
-                raise CorruptDataError(
-                    f"chunk {meta.digest.hex()}: {len(data)} bytes, its blob lists {meta.size}"
-                )
-            out.append(data)
-        return out
-
-    pending: deque[tuple[Future[list[bytes]], int]] = deque()
-    held = 0
-    try:
-        for metas in _batches(chunks, batch):
-            size = sum(meta.size for meta in metas)
-            pending.append((executor.submit(fetch, metas), size))
-            held += size
-            while held >= ahead:
-                future, size = pending.popleft()
-                held -= size
-                yield from future.result()
-        while pending:
-            yield from pending.popleft()[0].result()
-    finally:
-        for future, _ in pending:  # the stream ended early: reads not started are not needed
-            future.cancel()
-
-
-def _batches(chunks: list[ChunkMeta], size: int) -> Iterator[list[ChunkMeta]]:
-    """Consecutive chunks in groups of at least ``size`` bytes (the last may be smaller)."""
-    batch: list[ChunkMeta] = []
-    held = 0
-    for meta in chunks:
-        batch.append(meta)
-        held += meta.size
-        if held >= size:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
 
 
 class BlobServicer:
@@ -142,8 +64,8 @@ class BlobServicer:
         self._message_size = message_size
         # Only a store that checks every chunk it reads, and reads it in this process: over a
         # remote store one stream of the whole blob is far cheaper than a call per chunk.
-        local = blobs.verifies_reads and not blobs.remote_reads
-        self._read_ahead = read_ahead if local else None
+        can = blobs.capabilities
+        self._read_ahead = read_ahead if can.verifies_chunk_reads and not can.calls_are_remote else None
         self._slots = read_ahead_slots or ReadAheadSlots(DEFAULT_READ_AHEAD_STREAMS)
 
     def handlers(self) -> Handlers:
@@ -164,7 +86,7 @@ class BlobServicer:
     def read(self, request: rpc_blobstore_pb2.ReadBlobRequest) -> Iterator[list[memoryview]]:
         """The blob's bytes; each message is the pieces of its ``data`` (see BLOB_READ)."""
         digest = check_digest(request.digest, "blob digest")
-        return rechunk(self._pieces(digest), self._message_size)
+        return in_messages(self._pieces(digest), self._message_size)
 
     def _pieces(self, digest: bytes) -> Iterator[bytes]:
         """The blob from its store; its chunks read ahead where the store lets us.
@@ -177,7 +99,7 @@ class BlobServicer:
             if chunks is not None and len(chunks) > 1:  # else one chunk, or not a blob (a chunk's digest)
                 executor = self._read_ahead
                 return self._slots.pieces(
-                    lambda: read_ahead(self._blobs, chunks, executor, READ_AHEAD, READ_AHEAD_BATCH),
+                    lambda: chunks_read_ahead(self._blobs, chunks, executor, READ_AHEAD, READ_AHEAD_BATCH),
                     lambda: self._blobs.read(digest),
                 )
         return self._blobs.read(digest)
@@ -225,7 +147,7 @@ class PathInfoServicer:
     def handlers(self) -> Handlers:
         return {
             PATHINFO_GET: self.get,
-            PATHINFO_PUT: self._pathinfos.put,
+            PATHINFO_PUT: self.put,
             PATHINFO_LIST: self.list,
             PATHINFO_CALCULATE_NAR: self.calculate_nar,
         }
@@ -240,6 +162,31 @@ class PathInfoServicer:
         if info is None:
             raise NotFoundError(f"no path info for {nixbase32.encode(output_hash)}")
         return info
+
+    def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
+        """A client's NAR facts are claims: the NAR of the stored content must have them.
+
+        Nix's daemon hashes every NAR it is given for the same reason. It costs one rendering
+        of the path, from the store the client has just filled.
+        """
+        try:
+            _, node = validate_pathinfo(info)
+        except ValidationError as e:
+            raise InvalidArgumentError(f"invalid PathInfo: {e}") from None
+        if info.HasField("narinfo"):
+            try:
+                size, sha256 = self._pathinfos.calculate_nar(node)
+            except NotFoundError as e:
+                raise FailedPreconditionError(
+                    f"{node.name.decode(errors='replace')}: its content is not in the store: {e}"
+                ) from None
+            if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):
+                name = node.name.decode(errors="replace")
+                raise InvalidArgumentError(
+                    f"{name}: the NAR of its content has {size} bytes and sha256 {sha256.hex()}, "
+                    "not what its narinfo says; not stored"
+                )
+        return self._pathinfos.put(info)
 
     def list(self, request: rpc_pathinfo_pb2.ListPathInfoRequest) -> Iterator[pathinfo_pb2.PathInfo]:
         return self._pathinfos.list()

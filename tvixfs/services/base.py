@@ -8,14 +8,15 @@ FUSE daemon reaches them through its trio bridge. Data is validated model object
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import Node
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.errors import CorruptDataError
+from tvixfs.services.chunkcheck import verified
+from tvixfs.services.regroup import exact_pieces, fill
 
 
 class ChunkMeta(NamedTuple):
@@ -23,17 +24,40 @@ class ChunkMeta(NamedTuple):
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class BlobCapabilities:
+    """What a blob service promises beyond its interface, declared once on the service.
+
+    Every field is False by default: a new backend, or a wrapper around another one, is then
+    treated with the most care (its reads hashed again, read chunk by chunk, written inline)
+    until it states otherwise, e.g. ``capabilities = BlobCapabilities(calls_are_remote=True)``
+    on the class, or ``replace(inner.capabilities, ...)`` in a wrapper's ``__init__``.
+    """
+
+    # ``read`` of a chunk, by the digest ``stat(send_chunks=True)`` lists it under, checks
+    # what it yields: iterating to the end raises CorruptDataError unless everything yielded
+    # is exactly the bytes whose BLAKE3 digest was asked for. A consumer may then skip
+    # hashing those bytes again.
+    verifies_chunk_reads: bool = False
+    # Every call goes to another process (a remote store), whose fixed cost far exceeds that
+    # of the bytes: a consumer reading most of a blob in order does better with one read of
+    # the whole blob than with one per chunk, and puts are worth running in parallel threads
+    # (they wait for the network, not for the CPU).
+    calls_are_remote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ForkedWriter:
+    """How worker processes forked by an importer write blobs straight into a store."""
+
+    # Runs in the worker: chunk and write the bytes, return (digest, size, packed chunk list).
+    write: Callable[[Iterable[bytes]], tuple[bytes, int, bytes]]
+    # Runs in the importing process for each blob a worker wrote: record it as if put here.
+    record: Callable[[bytes, int, bytes], None]
+
+
 class BlobService(ABC):
-    # True if ``read`` of a chunk, by the digest ``stat(send_chunks=True)`` lists it under,
-    # checks what it yields: iterating to the end raises CorruptDataError unless everything
-    # yielded is exactly the bytes whose BLAKE3 digest was asked for. A consumer may then skip
-    # hashing those bytes again. False by default, so a new backend or a wrapper around a
-    # verifying one is checked until it says otherwise.
-    verifies_reads: ClassVar[bool] = False
-    # True if every ``read`` is a call to another process (a remote store), whose fixed cost
-    # far exceeds that of the bytes: a consumer reading most of a blob in order then does
-    # better with one read of the whole blob than with one read per chunk.
-    remote_reads: ClassVar[bool] = False
+    capabilities: BlobCapabilities = BlobCapabilities()
 
     @abstractmethod
     def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
@@ -55,29 +79,31 @@ class BlobService(ABC):
     def has(self, digest: bytes) -> bool:
         return self.stat(digest) is not None
 
-    def read_all(self, digest: bytes) -> bytes:
-        return b"".join(self.read(digest))
-
     def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
         """Fill ``views`` in order with the bytes of ``read(digest)``, checked as ``read`` checks.
 
         CorruptDataError if the blob is shorter or longer than the views together. A store
         that can read into memory directly overrides this, saving a copy of every byte.
         """
-        index, at = 0, 0  # the view being filled, and how much of it is
-        for piece in self.read(digest):
-            source = memoryview(piece)
-            while source:
-                if index == len(views):
-                    raise CorruptDataError(f"blob {digest.hex()}: longer than expected")
-                target = views[index]
-                n = min(len(source), len(target) - at)
-                target[at : at + n] = source[:n]
-                source, at = source[n:], at + n
-                if at == len(target):
-                    index, at = index + 1, 0
-        if sum(len(v) for v in views[index:]) > at:
-            raise CorruptDataError(f"blob {digest.hex()}: shorter than expected")
+        fill(self.read(digest), views, f"blob {digest.hex()}")
+
+    def read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
+        """The blob cut at its chunk list ``chunks``, each chunk checked against its digest
+        before it is yielded; CorruptDataError at the first that fails.
+
+        For a caller that holds the chunk list already (a mount's chunk map). A store that
+        can do it cheaper (one stream, no second Stat, each byte hashed once) overrides it.
+        """
+        what = f"blob {digest.hex()}"
+        for chunk, data in zip(
+            chunks, exact_pieces(self.read(digest), [c.size for c in chunks], what), strict=True
+        ):
+            yield verified(data, chunk.digest, chunk.size, what)
+
+    def forked_writer(self) -> ForkedWriter | None:
+        """How forked processes can write into this store themselves, if they can (an
+        embedded store's chunk files); None: every blob goes through ``put``."""
+        return None
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release connections or files."""

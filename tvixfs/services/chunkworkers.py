@@ -47,7 +47,7 @@ _PR_SET_PDEATHSIG = 1
 
 Written = tuple[bytes, int, bytes]
 """A blob written by a worker: (digest, size, packed chunk list)."""
-ReadFile = Callable[[bytes, int], Written]
+WriteFile = Callable[[bytes, int], Written]
 """What a worker does with one file: (path, size as the walk saw it) -> what it wrote."""
 
 
@@ -69,7 +69,7 @@ class ChunkWorkers:
     matched the one the importer expected.
     """
 
-    def __init__(self, count: int, write: ReadFile, record: Callable[[bytes, int, bytes], None]) -> None:
+    def __init__(self, count: int, write: WriteFile, record: Callable[[bytes, int, bytes], None]) -> None:
         self._record = record
         self._batch: list[tuple[bytes, int, bytes]] = []
         self._batch_bytes = self._batch_paths = 0
@@ -155,7 +155,7 @@ class ChunkWorkers:
                 worker.process.join()
 
 
-def _serve(conn: Connection, others: list[Connection], write: ReadFile) -> None:
+def _serve(conn: Connection, others: list[Connection], write: WriteFile) -> None:
     """A worker's loop: batches in, what was written (or the first error's message) out."""
     for other in others:
         other.close()  # the importer's ends: its exit must end this worker's reads

@@ -19,6 +19,10 @@ class FailedPreconditionError(StoreError):
     """Data refers to content the store does not have (FAILED_PRECONDITION); nothing was stored."""
 
 
+class PathExistsError(StoreError):
+    """A store path is already there with other content (ALREADY_EXISTS); a store path is immutable."""
+
+
 class StoreUnavailableError(StoreError):
     """The store cannot be reached or answered too late (UNAVAILABLE, DEADLINE_EXCEEDED)."""
 

@@ -25,11 +25,11 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.checks import calculate_nar
 from tvixfs.services.chunkfiles import TEMP_MARK
 from tvixfs.services.errors import StoreError
 from tvixfs.services.local import LocalBlobService, LocalDirectoryService
 from tvixfs.services.localdb import LocalBackend, unpack_chunks
+from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.nixtext import format_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 
@@ -251,7 +251,7 @@ class _Fsck:
             return f"content incomplete: {missing}", name
         if check_contents and info.HasField("narinfo"):
             try:
-                size, sha256 = calculate_nar(node, self._blobs, self._directories)
+                size, sha256 = store_nar_hash(node, self._blobs, self._directories)
             except StoreError as e:
                 return f"cannot render its NAR: {e}", name
             if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):

@@ -16,18 +16,21 @@ from typing import Any
 
 import grpc
 
+from tvixfs.castore.closure import ClosureError, RootFirst
 from tvixfs.castore.digest import b3digest, check_digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_to_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.services.base import (
+    BlobCapabilities,
     BlobService,
     ChunkMeta,
     DirectoryService,
     PathInfoService,
     Store,
 )
+from tvixfs.services.chunkcheck import verified
 from tvixfs.services.errors import (
     CorruptDataError,
     InvalidArgumentError,
@@ -46,6 +49,7 @@ from tvixfs.services.grpc_methods import (
     PATHINFO_LIST,
     PATHINFO_PUT,
 )
+from tvixfs.services.regroup import exact_pieces
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import SHA256_SIZE, validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE, StorePath
@@ -60,8 +64,8 @@ PUT_MESSAGE = 1 << 20
 
 
 class GrpcBlobService(BlobService):
-    verifies_reads = True  # the server is not trusted: see the module docstring
-    remote_reads = True
+    # The server is not trusted: see the module docstring.
+    capabilities = BlobCapabilities(verifies_chunk_reads=True, calls_are_remote=True)
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -113,7 +117,7 @@ class GrpcBlobService(BlobService):
         For a caller that holds the blob's chunk list already (a mount's chunk map): no Stat
         first, and each byte is hashed once. The whole blob is not hashed as ``read`` does:
         that check could only fail after the last chunk, when the caller has used them all,
-        so such a caller relies on its chunk list (reader.py says why that is the known limit).
+        so such a caller relies on its chunk list (fs/chunkmap.py says why that is the known limit).
         """
         check_digest(digest)
         return self._read_chunks(digest, chunks)
@@ -132,9 +136,10 @@ class GrpcBlobService(BlobService):
         self, digest: bytes, chunks: Sequence[ChunkMeta], received: Iterable[bytes | memoryview]
     ) -> Iterator[bytes]:
         """``received`` cut into ``chunks``, each checked against its digest before it is yielded."""
-        pieces = _split(received, [c.size for c in chunks], f"read blob {digest.hex()}")
+        what = f"read blob {digest.hex()}"
+        pieces = exact_pieces(received, [c.size for c in chunks], what)
         for meta, data in zip(chunks, pieces, strict=True):
-            yield self._checked_chunk(digest, meta, data)
+            yield verified(data, meta.digest, meta.size, what)
 
     def _read_chunked(
         self, digest: bytes, chunks: list[ChunkMeta], received: Iterable[bytes | memoryview]
@@ -168,15 +173,7 @@ class GrpcBlobService(BlobService):
             lambda f: b"".join(f(request, timeout=self._conn.config.timeout)),
             f"read chunk {meta.digest.hex()} of blob {blob.hex()}",
         )
-        return self._checked_chunk(blob, meta, data)
-
-    @staticmethod
-    def _checked_chunk(blob: bytes, meta: ChunkMeta, data: bytes) -> bytes:
-        if len(data) != meta.size or b3digest(data) != meta.digest:
-            raise CorruptDataError(
-                f"read blob {blob.hex()}: chunk {meta.digest.hex()} does not match the bytes the server sent"
-            )
-        return data
+        return verified(data, meta.digest, meta.size, f"read blob {blob.hex()}")
 
     def put(self, data: Iterable[bytes]) -> bytes:
         hasher = new_hasher()
@@ -230,35 +227,6 @@ class GrpcBlobService(BlobService):
         self._conn.close()
 
 
-def _split(received: Iterable[bytes | memoryview], sizes: list[int], what: str) -> Iterator[bytes]:
-    """Regroup a byte stream into pieces of ``sizes``; CorruptDataError if the lengths differ.
-
-    Each piece is joined once from views of the messages it spans: one copy per byte, whatever
-    message size the server chose.
-    """
-    differs = f"{what}: the server sent a blob whose length differs from its chunk list"
-    wanted = iter(sizes)
-    size = next(wanted, None)
-    parts: list[memoryview] = []
-    held = 0
-    for data in received:
-        view = memoryview(data)
-        while size is not None and held + len(view) >= size:
-            take = size - held
-            parts.append(view[:take])
-            yield b"".join(parts)
-            parts, held = [], 0
-            view = view[take:]
-            size = next(wanted, None)
-        if view:
-            if size is None:
-                raise CorruptDataError(differs)
-            parts.append(view)
-            held += len(view)
-    if size is not None:
-        raise CorruptDataError(differs)
-
-
 def _receive_up_to(call: Any, limit: int) -> tuple[list[bytes | memoryview], Any]:
     """Receive a Read stream; stop after ``limit`` bytes and hand back the unread rest."""
     parts: list[bytes | memoryview] = []
@@ -306,23 +274,18 @@ class GrpcDirectoryService(DirectoryService):
         )
         if first is None:
             raise CorruptDataError(f"{what}: the server sent no directory")
-        # Referenced by a directory already received, and not yet received itself.
-        wanted = {digest}
-        received: set[bytes] = set()
+        order = RootFirst(digest)
         for message in chain([first], receive(call, what)):
             directory = _directory(message, what)
-            got = directory.digest()
-            if got not in wanted:
-                reason = (
-                    "twice" if got in received else "without any directory received before referring to it"
-                )
-                raise CorruptDataError(f"{what}: the server sent directory {got.hex()} {reason}")
-            wanted.discard(got)
-            received.add(got)
-            wanted.update(d.digest for d in directory.directories if d.digest not in received)
+            try:
+                order.admit(directory)
+            except ClosureError as e:
+                raise CorruptDataError(f"{what}: the server sent {e}") from None
             yield directory
-        if wanted:
-            raise CorruptDataError(f"{what}: the stream ended without {len(wanted)} referenced directories")
+        if order.unfinished:
+            raise CorruptDataError(
+                f"{what}: the stream ended without {order.unfinished} referenced directories"
+            )
 
     def put_many(self, directories: Iterable[Directory]) -> bytes:
         batch = [d.to_proto() for d in directories]

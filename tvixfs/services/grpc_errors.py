@@ -10,6 +10,7 @@ from tvixfs.services.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PathExistsError,
     StoreError,
     StoreUnavailableError,
 )
@@ -18,6 +19,7 @@ _CODES: tuple[tuple[type[StoreError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PathExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     # A backend that verified what it fetched and found it wrong: the data is lost to us.
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),

@@ -21,10 +21,9 @@ from tvixfs.castore.digest import b3digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import FileNode, Node, SymlinkNode, node_to_proto, rename
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.base import BlobService, Store
+from tvixfs.services.base import BlobService, ForkedWriter, Store
 from tvixfs.services.chunkworkers import ChunkWorkers, WorkerError
-from tvixfs.services.errors import CorruptDataError, StoreError
-from tvixfs.services.local import LocalBlobService, write_blob
+from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, StoreError
 from tvixfs.store import nar
 from tvixfs.store.nixtext import format_hash
 from tvixfs.store.storepath import StorePath, check_name, source_store_path
@@ -40,9 +39,8 @@ AHEAD_ENTRIES = 2048
 # Puts to a remote store mostly wait for the network: more workers than cores pay.
 WORKERS = 8
 # Processes that write chunk files for an import into an embedded store (chunkworkers.py),
-# started once an import has this many files or bytes: forking one costs ~10 ms. One, as
-# the importing process takes files itself whenever it is ahead: with two, the three
-# processes only shared the 2 cores here, for more CPU and no less time.
+# started once an import has this many files or bytes (forking one has a cost). One, as the
+# importing process takes files itself whenever it is ahead (figures: bench/ANALYSIS.md).
 CHUNK_WORKERS = 1
 PARALLEL_FILES = 64
 PARALLEL_BYTES = 16 << 20
@@ -234,7 +232,7 @@ def _import_tree(
 ) -> Node:
     """Put every blob of the tree, build its directories in ``tree``; returns the root node.
 
-    A remote store (``remote_reads``: its calls go to another process) gets worker threads,
+    A remote store (``calls_are_remote``: its calls go to another process) gets worker threads,
     as its puts wait for the network. A put into an embedded store is CPU work, most of it
     holding the GIL: threads only turned it into contention (the GIL changed hands on every
     syscall: an import of a Python install, 8 300 entries, took 1.8-2.2 s of CPU with 8 or 2
@@ -244,9 +242,11 @@ def _import_tree(
     """
     files = imported = 0
     pool = (
-        ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest") if store.blobs.remote_reads else None
+        ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
+        if store.blobs.capabilities.calls_are_remote
+        else None
     )
-    local = store.blobs if isinstance(store.blobs, LocalBlobService) else None
+    forked = store.blobs.forked_writer()
     workers: ChunkWorkers | None = None
     try:
         for event, loaded in _ahead(_walk(path), pool, store.blobs):
@@ -264,11 +264,11 @@ def _import_tree(
                 node = SymlinkNode(event.name, event.target)
             else:
                 if (
-                    local is not None
+                    forked is not None
                     and workers is None
                     and (files >= PARALLEL_FILES or imported + event.size >= PARALLEL_BYTES)
                 ):
-                    workers = _chunk_workers(local)
+                    workers = _chunk_workers(forked)
                 node = _import_file(event, loaded, workers, store.blobs, hasher)
                 files += 1
                 imported += event.size
@@ -316,12 +316,10 @@ def _import_file(
     return FileNode(file.name, digest, file.size, file.executable)
 
 
-def _chunk_workers(blobs: LocalBlobService) -> ChunkWorkers:
-    files = blobs.chunk_files
+def _chunk_workers(forked: ForkedWriter) -> ChunkWorkers:
+    write = forked.write
     return ChunkWorkers(
-        CHUNK_WORKERS,
-        lambda path, size: write_blob(files, _read_pieces(path, size, READ_PIECE)),
-        blobs.add_written,
+        CHUNK_WORKERS, lambda path, size: write(_read_pieces(path, size, READ_PIECE)), forked.record
     )
 
 
@@ -404,7 +402,8 @@ def ingest_nar(
     Python install (8 300 entries) into an embedded store they cost 2.2 s of CPU against
     1.7 s inline, and 2.1 s against 1.8 s of time.
     """
-    if store.blobs.remote_reads:
+    _check_references(store, store_path, references)
+    if store.blobs.capabilities.calls_are_remote:
         pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
         try:
             puts = _BackgroundPuts(store.blobs, pool)
@@ -437,6 +436,16 @@ def ingest_nar(
         narinfo=info,
         references=references,
     )
+
+
+def _check_references(store: Store, store_path: StorePath, references: Sequence[StorePath]) -> None:
+    """Nix accepts a path only when what it refers to is valid: a closure is never incomplete."""
+    for ref in references:
+        if ref != store_path and store.pathinfos.get(ref.digest) is None:
+            raise FailedPreconditionError(
+                f"{store_path}: its reference {ref} is not in the store; import that first "
+                "(import-nix --recursive imports a whole closure)"
+            )
 
 
 def _commit(

@@ -31,16 +31,19 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import (
+    BlobCapabilities,
     BlobService,
     ChunkMeta,
     DirectoryService,
+    ForkedWriter,
     PathInfoService,
     Store,
 )
-from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo
+from tvixfs.services.checks import check_closure, check_pathinfo, settle_put
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
 from tvixfs.services.localdb import LocalBackend, pack_chunks, unpack_chunks
+from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 
 _LIST_PAGE = 256
@@ -48,7 +51,7 @@ _QUERY_BATCH = 500  # digests per IN (...) query, well below SQLite's limit on p
 
 
 class LocalBlobService(BlobService):
-    verifies_reads = True  # every chunk file is hashed as it is read (chunkfiles.py)
+    capabilities = BlobCapabilities(verifies_chunk_reads=True)  # chunk files are hashed as read
 
     def __init__(self, backend: LocalBackend) -> None:
         self._backend = backend
@@ -110,10 +113,10 @@ class LocalBlobService(BlobService):
         self._backend.add_blob(digest, size, packed)
         return digest
 
-    @property
-    def chunk_files(self) -> ChunkFiles:
-        """Where ``write_blob`` run by another process (an import's workers) writes."""
-        return self._chunks
+    def forked_writer(self) -> ForkedWriter:
+        """An import's worker processes write chunk files with ``write_blob`` themselves."""
+        files = self._chunks
+        return ForkedWriter(lambda data: write_blob(files, data), self.add_written)
 
     def add_written(self, digest: bytes, size: int, packed_chunks: bytes) -> None:
         """A blob whose chunk files ``write_blob`` wrote elsewhere, as if put here.
@@ -216,12 +219,18 @@ class LocalPathInfoService(PathInfoService):
         store_path = check_pathinfo(info, self._blobs, self._directories)
         _, node = validate_pathinfo(info)
         self._check_complete(node, store_path.basename)
-        with self._backend.transaction() as conn:
+        with self._backend.transaction() as conn:  # BEGIN IMMEDIATE: no other writer in between
+            row = conn.execute("SELECT data FROM pathinfos WHERE hash = ?", (store_path.digest,)).fetchone()
+            existing = None if row is None else _parse_pathinfo(bytes(row[0]))
+            stored = settle_put(store_path, existing, info)
+            if stored is None:
+                assert existing is not None
+                return existing
             conn.execute(
                 "INSERT OR REPLACE INTO pathinfos VALUES (?, ?)",
-                (store_path.digest, info.SerializeToString(deterministic=True)),
+                (store_path.digest, stored.SerializeToString(deterministic=True)),
             )
-        return info
+        return stored
 
     def _check_complete(self, node: Node, name: str) -> None:
         """Refuse a path info whose tree is not wholly present: a crash must never leave one."""
@@ -251,7 +260,7 @@ class LocalPathInfoService(PathInfoService):
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         """Cached per content (not name): rendering a large tree's NAR is the slow part."""
         if isinstance(node, SymlinkNode):
-            return calculate_nar(node, self._blobs, self._directories)
+            return store_nar_hash(node, self._blobs, self._directories)
         key = nar_cache_key(node)
         row = self._backend.fetch_one("SELECT nar_size, nar_sha256 FROM nar_cache WHERE node = ?", (key,))
         present = (
@@ -261,7 +270,7 @@ class LocalPathInfoService(PathInfoService):
         )
         if row is not None and present:
             return int(row[0]), bytes(row[1])
-        size, sha256 = calculate_nar(node, self._blobs, self._directories)
+        size, sha256 = store_nar_hash(node, self._blobs, self._directories)
         with self._backend.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO nar_cache VALUES (?, ?, ?)", (key, size, sha256))
         return size, sha256

@@ -17,8 +17,9 @@ from tvixfs.services.base import (
     PathInfoService,
     Store,
 )
-from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo
+from tvixfs.services.checks import check_closure, check_pathinfo, settle_put
 from tvixfs.services.errors import NotFoundError
+from tvixfs.services.narhash import store_nar_hash
 
 READ_PIECE = 1 << 20
 
@@ -100,14 +101,16 @@ class MemoryPathInfoService(PathInfoService):
     def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
         store_path = check_pathinfo(info, self._blobs, self._directories)
         with self._lock:
-            self._infos[store_path.digest] = info
-        return info
+            stored = settle_put(store_path, self._infos.get(store_path.digest), info)
+            if stored is not None:
+                self._infos[store_path.digest] = stored
+            return self._infos[store_path.digest]
 
     def list(self) -> Iterator[pathinfo_pb2.PathInfo]:
         return iter(list(self._infos.values()))
 
     def calculate_nar(self, node: Node) -> tuple[int, bytes]:
-        return calculate_nar(node, self._blobs, self._directories)
+        return store_nar_hash(node, self._blobs, self._directories)
 
 
 def open_memory_store() -> Store:

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
@@ -180,44 +177,7 @@ def file_contents(node: FileNode, read_blob: ReadBlob) -> Iterator[bytes]:
         )
 
 
-@contextmanager
-def blobs_read_ahead(
-    node: Node, get_directory: GetDirectory, read_blob: ReadBlob, files: int = 16, small: int = 1 << 20
-) -> Iterator[ReadBlob]:
-    """A ``read_blob`` for ``write_nar(node, ...)`` that has the blobs of the next ``files``
-    small files (up to ``small`` bytes each) read by threads while the NAR is written.
-
-    For a store where each read is a round trip (gRPC): a tree of thousands of small files
-    then costs a few round trips of latency rather than one per file. Memory stays below
-    ``files * small``; bigger files are read when the NAR gets to them, as before. A failed
-    read raises when the NAR reaches that file, as it would without read-ahead.
-    """
-    ahead = (f for f in _files_in_order(node, get_directory) if 0 < f.size <= small)
-    pending: deque[tuple[bytes, Future[bytes]]] = deque()
-    with ThreadPoolExecutor(files, thread_name_prefix="nar-read-ahead") as pool:
-
-        def top_up() -> None:
-            for file in ahead:
-                pending.append((file.digest, pool.submit(lambda d: b"".join(read_blob(d)), file.digest)))
-                if len(pending) >= files:
-                    return
-
-        def read(digest: bytes) -> Iterable[bytes]:
-            if pending and pending[0][0] == digest:
-                data = pending.popleft()[1].result()
-                top_up()
-                return [data]
-            return read_blob(digest)
-
-        top_up()
-        try:
-            yield read
-        finally:
-            for _, future in pending:
-                future.cancel()
-
-
-def _files_in_order(node: Node, get_directory: GetDirectory) -> Iterator[FileNode]:
+def files_in_order(node: Node, get_directory: GetDirectory) -> Iterator[FileNode]:
     """The file nodes under ``node`` in the order ``write_nar`` reads them."""
     stack: list[Iterator[Node]] = [iter([node])]
     while stack:

@@ -81,8 +81,13 @@ def parse_ca(text: str) -> pathinfo_pb2.NARInfo.CA:
     return _CA(type=kind, digest=decode_hash(algo, rest))
 
 
+def ca_method(ca: pathinfo_pb2.NARInfo.CA) -> tuple[str, str]:
+    """(method, algorithm) of a content address: ``("fixed:r", "sha256")``, ``("text", "sha256")``, ..."""
+    return _CA_NAMES[ca.type]
+
+
 def format_ca(ca: pathinfo_pb2.NARInfo.CA) -> str:
-    method, algo = _CA_NAMES[ca.type]
+    method, algo = ca_method(ca)
     return f"{method}:{algo}:{nixbase32.encode(ca.digest)}"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.store.contentaddress import content_address_path
+from tvixfs.store.nixtext import format_ca
 from tvixfs.store.storepath import HASH_SIZE, StorePath, check_name
 
 SHA256_SIZE = 32
@@ -25,7 +27,19 @@ def validate_pathinfo(info: pathinfo_pb2.PathInfo) -> tuple[StorePath, Node]:
             raise ValidationError(f"reference {i}: expected {HASH_SIZE} bytes, got {len(ref)}")
     if info.HasField("narinfo"):
         _validate_narinfo(info.narinfo, list(info.references))
+        if info.narinfo.HasField("ca"):
+            _check_content_address(info.narinfo, store_path)
     return store_path, node
+
+
+def _check_content_address(narinfo: pathinfo_pb2.NARInfo, store_path: StorePath) -> None:
+    """A content-addressed path must be the one its address gives (see ``contentaddress``)."""
+    ca = narinfo.ca
+    expected = content_address_path(ca, store_path.name, list(narinfo.reference_names), store_path.basename)
+    if expected != store_path:
+        raise ValidationError(f"its content address {format_ca(ca)} gives {expected}, not {store_path}")
+    if ca.type == pathinfo_pb2.NARInfo.CA.NAR_SHA256 and ca.digest != narinfo.nar_sha256:
+        raise ValidationError(f"its content address {format_ca(ca)} is not its NAR hash")
 
 
 def _validate_narinfo(narinfo: pathinfo_pb2.NARInfo, references: list[bytes]) -> None:

@@ -74,13 +74,6 @@ class StorePath:
         return self.absolute
 
 
-def split_store_path(path: str) -> tuple[StorePath, str]:
-    """``/nix/store/<hash>-<name>/sub/path`` (or the basename form) -> (store path, subpath)."""
-    rest = path.removeprefix(STORE_DIR + "/").strip("/")
-    base, _, sub = rest.partition("/")
-    return StorePath.from_basename(base), sub
-
-
 def compress_hash(digest: bytes, size: int = HASH_SIZE) -> bytes:
     """Nix's hash compression: XOR-fold a digest down to ``size`` bytes."""
     out = bytearray(size)

@@ -204,6 +204,7 @@ def test_daemon_unit_serves_the_state_directory() -> None:
     assert service["ProtectSystem"] == ["strict"]
 
 
+@pytest.mark.nix
 def test_unit_and_module_flags_exist_in_the_cli(tvixfs_cmd: list[str]) -> None:
     """Every option the units and the module pass is one the installed CLI accepts."""
     generated = evaluate(**EVERY_OPTION)["config"]["systemd"]["services"]
@@ -251,6 +252,7 @@ def test_nix_files_parse(path: Path) -> None:
     nix("--parse", str(path))
 
 
+@pytest.mark.nix
 def test_module_defaults_mount_nix_store_from_the_embedded_store() -> None:
     result = evaluate(enable=True)
     assert result["failedAssertions"] == []
@@ -281,6 +283,7 @@ EVERY_OPTION: dict[str, Any] = {
 }
 
 
+@pytest.mark.nix
 def test_module_remote_store_elsewhere_with_every_option() -> None:
     result = evaluate(**EVERY_OPTION, extraArgs=["--verbose", "--label=100% $HOME"])
     assert result["failedAssertions"] == []
@@ -298,6 +301,7 @@ def test_module_remote_store_elsewhere_with_every_option() -> None:
     assert systemd_argv(mount["serviceConfig"]["ExecStopPost"])[-1] == "/mnt/tvix store"
 
 
+@pytest.mark.nix
 def test_module_daemon_with_firewall() -> None:
     result = evaluate(
         daemon={
@@ -320,6 +324,7 @@ def test_module_daemon_with_firewall() -> None:
     assert "ReadWritePaths" not in daemon["serviceConfig"]
 
 
+@pytest.mark.nix
 def test_module_daemon_store_outside_the_state_directory_is_writable() -> None:
     result = evaluate(daemon={"enable": True, "store": "local:///srv/tvixfs"})
     assert result["config"]["systemd"]["services"]["tvixfs-daemon"]["serviceConfig"]["ReadWritePaths"] == [
@@ -327,6 +332,7 @@ def test_module_daemon_store_outside_the_state_directory_is_writable() -> None:
     ]
 
 
+@pytest.mark.nix
 def test_module_mount_through_the_local_daemon_needs_no_assertion() -> None:
     """A mount of the daemon's socket with the daemon disabled is fine: it may run elsewhere."""
     result = evaluate(enable=True, store="grpc+unix:///run/tvixfs/daemon.sock")
@@ -353,6 +359,7 @@ def test_module_rejects_contradictions(settings: dict[str, Any], message: str) -
     assert message in failed[0]
 
 
+@pytest.mark.nix
 def test_module_rejects_unknown_and_mistyped_options() -> None:
     with pytest.raises(AssertionError, match="no such option: mountpoint"):
         evaluate(enable=True, mountpoint="/x")
@@ -360,6 +367,7 @@ def test_module_rejects_unknown_and_mistyped_options() -> None:
         evaluate(enable=True, allowOther="yes")
 
 
+@pytest.mark.nix
 def test_readme_example_evaluates() -> None:
     """The NixOS example in README.md sets real options, of the right types, consistently."""
     readme = (ROOT / "README.md").read_text()
@@ -373,6 +381,7 @@ def test_readme_example_evaluates() -> None:
     assert set(result["config"]["systemd"]["services"]) == {"tvixfs", "tvixfs-daemon"}
 
 
+@pytest.mark.nix
 def test_module_options_are_documented() -> None:
     options = evaluate()["options"]
     assert len(options) == 15
@@ -389,6 +398,7 @@ def render(value: Any) -> list[str]:
     return [str(value)]
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize(
     ("unit_name", "service_name", "settings"),
     [

@@ -1,0 +1,191 @@
+"""Verified chunk fetches into a byte-bounded cache, shared by every open file of a mount.
+
+Each chunk is fetched by its own digest and checked against it before any byte of it is used:
+by the store, where it promises to (``BlobCapabilities.verifies_chunk_reads``: the embedded
+store hashes each chunk file it reads, the gRPC client all it receives), else here in the
+worker thread, so each byte is hashed once. A corrupt or missing chunk fails that read with
+EIO, never returns wrong bytes, and is never cached, so a later read asks the store again.
+Concurrent fetches of one chunk (parallel readers, the kernel's readahead, ours, a whole-blob
+stream's claims) share one fetch (``InFlight``). Several chunks are fetched in one worker
+thread call where a read or a readahead run needs them (``fetch_run``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+from cachetools import LRUCache, TTLCache
+
+from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.inflight import InFlight
+from tvixfs.services.base import BlobService, ChunkMeta
+from tvixfs.services.chunkcheck import ChunkCheck
+from tvixfs.services.errors import StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 256 << 20
+# Chunks up to this size are fetched by one thread call; larger ones, i.e. whole blobs of a
+# store that does not chunk, are streamed: the deadline then applies to each piece, not to
+# the whole blob, and the fetch stops when its reader goes away. (Figures: bench/ANALYSIS.md.)
+STREAM_ABOVE = 16 << 20
+# A chunk whose fetch waited UNAVAILABLE_SLOW or longer and then found the store hung or
+# unreachable fails again at once for UNAVAILABLE_MEMORY instead of asking the store again:
+# the kernel retries a failed readahead read straight away (for the page its reader waits on),
+# which cost a `cat` of such a file two deadlines. A failure that came fast is not remembered.
+UNAVAILABLE_SLOW = 1.0
+UNAVAILABLE_MEMORY = 1.0
+UNAVAILABLE_CHUNKS = 4096
+
+
+def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
+    """Runs in a worker thread: the pieces of one chunk; raises at the end unless they check
+    out (hashed here if ``check``, else only counted: the store hashed them)."""
+    checking = ChunkCheck(chunk.digest, chunk.size, "read", hash=check)
+    for piece in blobs.read(chunk.digest):
+        checking.update(piece)
+        yield piece
+    checking.done()
+
+
+def _read_verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> bytes:
+    pieces = list(_verified(blobs, chunk, check))
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[bytes | Exception]:
+    """Runs in a worker thread: several chunks for one thread hop, each failing on its own."""
+    outcomes: list[bytes | Exception] = []
+    for chunk in chunks:
+        try:
+            outcomes.append(_read_verified(blobs, chunk, check))
+        except Exception as e:
+            outcomes.append(e)
+    return outcomes
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    fetch_failures: int = 0
+
+
+class ChunkCache:
+    """The mount's cache of verified chunks, and the fetches that fill it."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        blobs: BlobService,
+        background: trio.Nursery,
+        cache_bytes: int,
+        readahead_bytes: int,
+    ) -> None:
+        self.bridge = bridge
+        self.blobs = blobs
+        self.background = background
+        self.readahead = readahead_bytes
+        self.cache: LRUCache[bytes, bytes] = LRUCache(cache_bytes, getsizeof=len)
+        self.inflight: InFlight[bytes, bytes] = InFlight()
+        self._unavailable: TTLCache[bytes, StoreUnavailableError] = TTLCache(
+            UNAVAILABLE_CHUNKS, UNAVAILABLE_MEMORY
+        )
+        self.stats = ReaderStats()
+
+    def wanted(self, digest: bytes) -> bool:
+        """Whether a chunk is missing from the cache."""
+        return digest not in self.cache
+
+    def busy(self, digest: bytes) -> bool:
+        """Whether a chunk is cached or being fetched."""
+        return digest in self.cache or digest in self.inflight
+
+    async def get(self, chunk: ChunkMeta, check: bool) -> bytes:
+        """The chunk from the cache, or fetched (sharing a fetch under way)."""
+        data = self.cache.get(chunk.digest)
+        if data is not None:
+            return data
+        return await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
+
+    def start_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
+        """Fetch ``chunks`` in the background; a failure is left to the read that needs them."""
+        self.background.start_soon(self._fetch_ahead, chunks, check)
+
+    async def _fetch_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
+        try:
+            if len(chunks) == 1:
+                chunk = chunks[0]
+                await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
+            else:
+                await self.fetch_run(chunks, check)
+        except Exception as e:
+            # The read that needs these chunks fetches them again and reports the error.
+            log.debug("readahead of %d chunks from %s failed: %s", len(chunks), chunks[0].digest.hex(), e)
+
+    async def fetch_run(self, chunks: list[ChunkMeta], check: bool) -> dict[bytes, bytes | Exception]:
+        """Fetch those of ``chunks`` that are neither cached nor being fetched, in one call."""
+        wanted = {
+            c.digest: c
+            for c in chunks
+            if c.size <= STREAM_ABOVE and c.digest not in self.cache and c.digest not in self._unavailable
+        }
+
+        async def fetch(digests: list[bytes]) -> list[bytes | Exception]:
+            run = [wanted[d] for d in digests]
+            started = trio.current_time()
+            try:
+                outcomes = await self.bridge.call(_read_run, self.blobs, run, check)
+            except Exception as e:
+                for chunk in run:
+                    self.fetched(chunk, e, started)
+                raise
+            for chunk, outcome in zip(run, outcomes, strict=True):
+                self.fetched(chunk, outcome, started)
+            return outcomes
+
+        return await self.inflight.run_many(list(wanted), fetch)
+
+    async def _stream_verified(self, chunk: ChunkMeta, check: bool) -> bytes:
+        pieces: list[bytes] = []
+        async with self.bridge.stream(lambda: _verified(self.blobs, chunk, check)) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+        return b"".join(pieces)
+
+    async def _fetch(self, chunk: ChunkMeta, check: bool) -> bytes:
+        if chunk.digest in self.cache:  # fetched while this task waited to start
+            return self.cache[chunk.digest]
+        if (unavailable := self._unavailable.get(chunk.digest)) is not None:
+            raise unavailable
+        started = trio.current_time()
+        try:
+            if chunk.size <= STREAM_ABOVE:
+                data = await self.bridge.call(_read_verified, self.blobs, chunk, check)
+            else:
+                data = await self._stream_verified(chunk, check)
+        except Exception as e:
+            self.fetched(chunk, e, started)
+            raise
+        self.fetched(chunk, data)
+        return data
+
+    def fetched(self, chunk: ChunkMeta, outcome: bytes | Exception, started: float | None = None) -> None:
+        """Account for (and cache) a fetch's outcome; ``started``: when this fetch began, if it
+        was one of ours rather than a whole-blob stream's."""
+        if isinstance(outcome, Exception):
+            self.stats.fetch_failures += 1
+            if (
+                isinstance(outcome, StoreUnavailableError)
+                and started is not None
+                and trio.current_time() - started >= UNAVAILABLE_SLOW
+            ):
+                self._unavailable[chunk.digest] = outcome
+            return
+        self.stats.chunks_fetched += 1
+        self.stats.bytes_fetched += len(outcome)
+        if len(outcome) <= self.cache.maxsize:
+            self.cache[chunk.digest] = outcome
