@@ -336,7 +336,7 @@ def test_tvixfs_client_retries_a_stream_refused_for_the_limits(short_tmp: Path) 
         blobs = [os.urandom(2 << 20) for _ in range(8)]
         digests = [client.blobs.put([b]) for b in blobs]
         with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(client.blobs.read_all, digests)) == blobs
+            assert list(pool.map(lambda d: b"".join(client.blobs.read(d)), digests)) == blobs
     finally:
         client.close()
         running.stop(None)
