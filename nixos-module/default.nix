@@ -78,6 +78,16 @@ let
     ) tcpListeners;
 
   localStorePath = url: if hasPrefix "local://" url then removePrefix "local://" url else null;
+
+  # The disk cache serves remote stores only (the CLI ignores it for local:// and memory://).
+  remoteMount = builtins.any (url: url != null && hasPrefix "grpc+" url) [
+    cfg.store
+    cfg.blobServiceAddr
+    cfg.directoryServiceAddr
+    cfg.pathInfoServiceAddr
+  ];
+  diskCache = cfg.diskCache;
+  defaultCacheDirectory = "/var/cache/tvixfs";
   daemonStatePath = localStorePath dcfg.store;
 
   # What both services get: no new privileges, native system calls only, no W+X memory, ...
@@ -158,6 +168,12 @@ let
     ++ optional cfg.allowOther "--allow-other"
     ++ optional cfg.listRoot "--list-root"
     ++ flagIfSet "--cache-size" cfg.cacheSize
+    ++ optionals (diskCache.enable && remoteMount) [
+      "--disk-cache"
+      diskCache.directory
+      "--disk-cache-size"
+      diskCache.size
+    ]
     ++ cfg.extraArgs
     ++ [ cfg.mountPoint ];
 
@@ -219,6 +235,34 @@ in
       default = null;
       example = "1G";
       description = "Size of the in-memory cache of file chunks; null keeps the built-in default.";
+    };
+
+    diskCache = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Whether a remote store's data (chunks, directories, path infos; all verified) is kept
+          on disk, so that a restart fetches nothing again and the mount starts and keeps
+          serving what it holds while the store is unreachable. Not used for a local store.
+        '';
+      };
+
+      directory = mkOption {
+        type = types.str;
+        default = defaultCacheDirectory;
+        description = "Where the disk cache lives; the default is the service's CacheDirectory.";
+      };
+
+      size = mkOption {
+        type = types.str;
+        default = "10G";
+        example = "50G";
+        description = ''
+          Most the disk cache may hold (plus its SQLite index); the least recently used data
+          goes first, down to half of it.
+        '';
+      };
     };
 
     extraArgs = mkOption {
@@ -317,6 +361,11 @@ in
           TimeoutStopSec = "30s";
           WatchdogSec = "30s";
           OOMScoreAdjust = -500;
+        }
+        # Only created: without DynamicUser or RootDirectory this needs no mount namespace.
+        // lib.optionalAttrs (diskCache.enable && diskCache.directory == defaultCacheDirectory) {
+          CacheDirectory = "tvixfs";
+          CacheDirectoryMode = "0700";
         };
       };
     })

@@ -279,6 +279,7 @@ EVERY_OPTION: dict[str, Any] = {
     "pathInfoServiceAddr": "grpc+http://infos:2",
     "listRoot": True,
     "cacheSize": "1G",
+    "diskCache": {"size": "2G"},
     "daemon": {"enable": True, "listen": ["unix:/run/t.sock", "[::]:8000"], "store": "memory://"},
 }
 
@@ -293,12 +294,43 @@ def test_module_remote_store_elsewhere_with_every_option() -> None:
         "--blob-service-addr", "grpc+unix:///run/blobs.sock",
         "--directory-service-addr", "grpc+http://dirs:1",
         "--path-info-service-addr", "grpc+http://infos:2",
-        "--list-root", "--cache-size", "1G", "--verbose", "--label=100% $HOME", "/mnt/tvix store",
+        "--list-root", "--cache-size", "1G", "--disk-cache", "/var/cache/tvixfs", "--disk-cache-size", "2G",
+        "--verbose", "--label=100% $HOME", "/mnt/tvix store",
     ]  # fmt: skip
     # Not /nix/store: no ordering against Nix, and only root may look inside by default.
     assert mount["before"] == []
     assert mount["unitConfig"]["RequiresMountsFor"] == ["/mnt"]
     assert systemd_argv(mount["serviceConfig"]["ExecStopPost"])[-1] == "/mnt/tvix store"
+
+
+@pytest.mark.nix
+def test_module_disk_cache_for_remote_stores_only() -> None:
+    """On by default, in the service's CacheDirectory; flags only when the store is remote."""
+    local = evaluate(enable=True)["config"]["systemd"]["services"]["tvixfs"]["serviceConfig"]
+    assert "--disk-cache" not in systemd_argv(local["ExecStart"])
+    remote = evaluate(enable=True, store="grpc+http://cache.example:8000")["config"]["systemd"]
+    service = remote["services"]["tvixfs"]["serviceConfig"]
+    argv = systemd_argv(service["ExecStart"])
+    assert argv[argv.index("--disk-cache") + 1 :][:3] == ["/var/cache/tvixfs", "--disk-cache-size", "10G"]
+    assert (service["CacheDirectory"], service["CacheDirectoryMode"]) == ("tvixfs", "0700")
+    off = evaluate(enable=True, store="grpc+http://c:1", diskCache={"enable": False})["config"]["systemd"]
+    assert "--disk-cache" not in systemd_argv(off["services"]["tvixfs"]["serviceConfig"]["ExecStart"])
+    assert "CacheDirectory" not in off["services"]["tvixfs"]["serviceConfig"]
+    elsewhere = evaluate(enable=True, store="grpc+http://c:1", diskCache={"directory": "/srv/c"})["config"]
+    service = elsewhere["systemd"]["services"]["tvixfs"]["serviceConfig"]
+    assert "/srv/c" in systemd_argv(service["ExecStart"])
+    assert "CacheDirectory" not in service
+
+
+@pytest.mark.parametrize("name", MOUNT_UNITS)
+def test_mount_units_keep_a_disk_cache_without_a_mount_namespace(name: str) -> None:
+    """CacheDirectory= sets up a namespace only with DynamicUser= or RootDirectory=."""
+    service = unit(name)["Service"]
+    assert service["CacheDirectory"] == ["tvixfs"]
+    assert not {"DynamicUser", "RootDirectory", "RootImage"} & service.keys()
+    environment = dict(e.split("=", 1) for e in service["Environment"])
+    assert environment["TVIXFS_DISK_CACHE"] == "/var/cache/tvixfs"
+    assert environment["TVIXFS_DISK_CACHE_SIZE"] == "10G"
 
 
 @pytest.mark.nix
@@ -384,7 +416,7 @@ def test_readme_example_evaluates() -> None:
 @pytest.mark.nix
 def test_module_options_are_documented() -> None:
     options = evaluate()["options"]
-    assert len(options) == 15
+    assert len(options) == 18
     for option in options:
         assert option["description"].strip(), option["name"]
 

@@ -16,6 +16,8 @@ from tvixfs.cli.app import (
     fail,
     open_store_or_fail,
 )
+from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached
+from tvixfs.cli.mount_cmd import parse_size
 from tvixfs.server.limits import (
     DEFAULT_READ_AHEAD_STREAMS,
     DEFAULT_STREAM_IDLE_TIMEOUT,
@@ -85,6 +87,8 @@ def daemon(
     grace: Annotated[
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
+    disk_cache: DiskCacheOpt = None,
+    disk_cache_size: DiskCacheSizeOpt = "10G",
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
@@ -104,7 +108,13 @@ def daemon(
     except LimitsError as e:
         fail(str(e))
     tune_malloc()
+    try:
+        disk_bytes = parse_size(disk_cache_size)
+    except ValueError as e:
+        fail(f"--disk-cache-size: {e}")
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
         run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace, limits)
     except ListenError as e:

@@ -19,6 +19,7 @@ from tvixfs.cli.app import (
     fail,
     open_store_or_fail,
 )
+from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached, probe_or_offline
 from tvixfs.fs.bridge import DEFAULT_THREADS
 from tvixfs.fs.directories import CACHE_ENTRIES
 from tvixfs.fs.inodes import DEFAULT_MAX_INODES
@@ -89,6 +90,8 @@ def mount(
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
+    disk_cache: DiskCacheOpt = None,
+    disk_cache_size: DiskCacheSizeOpt = "10G",
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
 
@@ -101,14 +104,20 @@ def mount(
     except ValueError as e:
         fail(f"--cache-size: {e}")
     try:
+        disk_bytes = parse_size(disk_cache_size)
+    except ValueError as e:
+        fail(f"--disk-cache-size: {e}")
+    try:
         check_fuse_device()
         absolute = check_mountpoint(mountpoint)
     except MountError as e:
         fail(str(e))
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
         try:
-            probe_store(opened)
+            probe_or_offline(opened, cache, probe_store)
         except (StoreError, ValidationError, OSError) as e:
             fail(f"cannot reach the store: {e}")
         options = FsOptions(
@@ -120,7 +129,13 @@ def mount(
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
         )
-        config = MountConfig(absolute, options, allow_other=allow_other, debug_fuse=debug_fuse)
+        config = MountConfig(
+            absolute,
+            options,
+            allow_other=allow_other,
+            debug_fuse=debug_fuse,
+            status_note=None if cache is None else cache.state.describe,
+        )
         try:
             run_mount(opened, config, store or default_store_url())
         except MountError as e:

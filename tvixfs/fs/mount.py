@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,11 @@ class MountConfig:
     fs: FsOptions
     allow_other: bool = False
     debug_fuse: bool = False
+    # A line put in front of STATUS= (the disk cache's online or offline state).
+    status_note: Callable[[], str] | None = None
+
+    def status(self, line: str) -> str:
+        return line if self.status_note is None else f"{self.status_note()}; {line}"
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -114,7 +119,7 @@ class _Mount:
     async def report_status(self) -> None:
         while True:
             await trio.sleep(STATUS_INTERVAL)
-            self.notifier.status(self.ops.status())
+            self.notifier.status(self.config.status(self.ops.status()))
 
     async def ping_watchdog(self, interval: float) -> None:
         while True:
@@ -153,7 +158,7 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
                         mount.terminate()
                         return failure
                     log.info("mounted %s on %s", description, mountpoint)
-                    notifier.ready(f"serving {description} on {mountpoint}")
+                    notifier.ready(config.status(f"serving {description} on {mountpoint}"))
                     nursery.start_soon(mount.stop_on_signal, signals, nursery)
                     if notifier.enabled:
                         nursery.start_soon(mount.report_status)

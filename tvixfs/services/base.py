@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +55,10 @@ class ForkedWriter:
     write: Callable[[Iterable[bytes]], tuple[bytes, int, bytes]]
     # Runs in the importing process for each blob a worker wrote: record it as if put here.
     record: Callable[[bytes, int, bytes], None]
+    # Held while workers write what is not recorded yet: keeps a garbage collector out.
+    holding: Callable[[], AbstractContextManager[None]]
+    # Whether a collector waits: the importer should record its work and let go a moment.
+    collector_waiting: Callable[[], bool]
 
 
 class BlobService(ABC):

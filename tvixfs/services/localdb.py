@@ -37,6 +37,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from typing import Any
 from tvixfs.services.base import ChunkMeta
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, StoreError, StoreUnavailableError
+from tvixfs.services.gcguard import WriteGuard, create_pin_tables, this_process
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,8 @@ class LocalBackend:
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._flusher: threading.Thread | None = None
         self._stopping = False
+        self._guard = WriteGuard(path, self._nothing_pending, self._commit_pending)
+        self._session: int | None = None  # this process's gc session (gcguard.py), once it pins
         if not (path / DB_NAME).exists():
             if not create:
                 raise NotAStoreError(f"{path}: no tvixfs store here (no {DB_NAME})")
@@ -217,6 +221,38 @@ class LocalBackend:
             if len(self._pending) == 1 or self._flush_due():
                 self._flush_wanted.notify()
 
+    def _nothing_pending(self) -> bool:
+        with self._pending_lock:
+            return not self._pending
+
+    def _commit_pending(self) -> None:
+        with self.transaction():
+            pass
+
+    def gc_waiting(self) -> bool:
+        return self._guard.gc_waiting()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around a write: keeps gc out until what it puts is committed and pinned (gcguard.py)."""
+        self._guard.enter()
+        try:
+            yield
+        finally:
+            self._guard.leave()
+
+    def pin(self, conn: sqlite3.Connection, digests: Iterable[bytes]) -> None:
+        """Pin ``digests`` for this process's session, in the caller's write transaction."""
+        if self._session is None:
+            create_pin_tables(conn)
+            self._session = conn.execute(
+                "INSERT INTO gc_sessions (owner) VALUES (?)", (this_process(),)
+            ).lastrowid
+        now = time.time()
+        conn.executemany(
+            "INSERT OR REPLACE INTO gc_pins VALUES (?, ?, ?)", ((self._session, d, now) for d in digests)
+        )
+
     def pending_chunks(self, digest: bytes) -> bytes | None:
         """The packed chunk list of a blob put through this backend and not yet committed."""
         with self._pending_lock:
@@ -263,6 +299,7 @@ class LocalBackend:
                     self.chunks.sync()
                 except OSError as e:
                     raise StoreUnavailableError(f"cannot make chunk files in {self.path} durable: {e}") from e
+            session = self._session
             with self.connection() as conn:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -271,8 +308,10 @@ class LocalBackend:
                             "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
                             [(digest, size, packed) for digest, (size, packed) in pending],
                         )
+                        self.pin(conn, (digest for digest, _ in pending))
                     yield conn
                 except BaseException:
+                    self._session = session  # a session made in this transaction is gone with it
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
@@ -280,11 +319,24 @@ class LocalBackend:
                 for digest, _ in pending:
                     if (committed := self._pending.pop(digest, None)) is not None:
                         self._pending_bytes -= committed[0]
+        self._guard.release_if_idle()
 
     def fetch_one(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         with self.connection() as conn:
             row: tuple[Any, ...] | None = conn.execute(sql, args).fetchone()
             return row
+
+    def _end_session(self) -> None:
+        """Drop this process's pins: what it wrote is referenced by now, or garbage."""
+        if self._session is None:
+            return
+        try:
+            with self.transaction() as conn:
+                conn.execute("DELETE FROM gc_pins WHERE session = ?", (self._session,))
+                conn.execute("DELETE FROM gc_sessions WHERE id = ?", (self._session,))
+        except StoreError as e:  # gc drops them once this process is gone
+            log.warning("cannot drop the gc pins of this process from %s: %s", self.path, e)
+        self._session = None
 
     def close(self) -> None:
         """Commits what is pending; the first call does it, later calls do nothing."""
@@ -300,6 +352,7 @@ class LocalBackend:
             if pending:  # a reader (a mount) closes without taking the write lock
                 with self.transaction():
                     pass
+            self._end_session()
         finally:
             with self._pending_lock, self._pool_lock:
                 self._closed = True
