@@ -18,6 +18,13 @@ from tvixfs.cli.app import (
 )
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached
 from tvixfs.cli.mount_cmd import parse_size
+from tvixfs.server.limits import (
+    DEFAULT_READ_AHEAD_STREAMS,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    DEFAULT_STREAM_TIMEOUT,
+    LimitsError,
+    StreamLimits,
+)
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
 
@@ -40,9 +47,43 @@ def daemon(
     directory_service_addr: DirAddrOpt = None,
     path_info_service_addr: PathInfoAddrOpt = None,
     listen: ListenOpt = None,
-    threads: Annotated[int, typer.Option(help="Worker threads; each open stream holds one.", min=1)] = (
-        DEFAULT_THREADS
-    ),
+    threads: Annotated[
+        int, typer.Option(help="Worker threads; each open stream holds one.", min=2)
+    ] = DEFAULT_THREADS,
+    max_streams: Annotated[
+        int | None,
+        typer.Option(
+            help="Streaming calls open at once, all clients together; must be below --threads, so "
+            "unary calls always find a thread. Over it a stream is refused (RESOURCE_EXHAUSTED). "
+            "Default: 3/4 of --threads.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    max_streams_per_client: Annotated[
+        int | None,
+        typer.Option(
+            help="Streaming calls open at once on one connection. Default: 3/4 of --max-streams.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    stream_idle_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client may leave a stream without reading (or sending) before it is cancelled."
+        ),
+    ] = DEFAULT_STREAM_IDLE_TIMEOUT,
+    stream_timeout: Annotated[
+        float, typer.Option(help="Seconds a stream may stay open before it is ended.")
+    ] = DEFAULT_STREAM_TIMEOUT,
+    read_ahead_streams: Annotated[
+        int,
+        typer.Option(
+            help="Read streams that may read chunks ahead of their client at once (8 MiB each); "
+            "0 turns read-ahead off."
+        ),
+    ] = DEFAULT_READ_AHEAD_STREAMS,
     grace: Annotated[
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
@@ -55,6 +96,17 @@ def daemon(
 
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
+    try:
+        limits = StreamLimits.for_threads(
+            threads,
+            max_streams,
+            max_streams_per_client,
+            idle_timeout=stream_idle_timeout,
+            stream_timeout=stream_timeout,
+            read_ahead_streams=read_ahead_streams,
+        )
+    except LimitsError as e:
+        fail(str(e))
     tune_malloc()
     try:
         disk_bytes = parse_size(disk_cache_size)
@@ -64,7 +116,7 @@ def daemon(
     urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
     opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
-        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
+        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace, limits)
     except ListenError as e:
         fail(str(e))
     finally:

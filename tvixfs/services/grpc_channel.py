@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 
 from tvixfs.protos import rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.services.errors import StoreError, StoreUnavailableError
-from tvixfs.services.grpc_errors import rpc_error
+from tvixfs.services.grpc_errors import retryable, rpc_error
 from tvixfs.services.grpc_methods import (
     BLOB_SERVICE,
     BLOB_STAT,
@@ -147,7 +147,8 @@ class Connection:
         what: str,
         idempotent: bool = True,
     ) -> T:
-        """``invoke`` the method's multicallable; retry UNAVAILABLE if ``idempotent``.
+        """``invoke`` the method's multicallable; retry UNAVAILABLE (or a stream the server
+        refused for its limits) if ``idempotent``.
 
         ``invoke`` must include everything that may be repeated: for a server stream that is
         receiving its first message, so a stream that fails before any data is retried.
@@ -173,7 +174,8 @@ class Connection:
                     continue
                 if code not in _UNSETTLED:
                     self._prefix.setdefault(method.service, prefix)
-                if code is grpc.StatusCode.UNAVAILABLE and idempotent and attempt < self.config.attempts:
+                details = e.details() if isinstance(e, grpc.Call) else None
+                if retryable(code, details) and idempotent and attempt < self.config.attempts:
                     log.debug("%s: %s unavailable, retry %d in %.2fs", self.target, what, attempt, delay)
                     time.sleep(delay * random.uniform(0.8, 1.2))
                     delay *= 2
