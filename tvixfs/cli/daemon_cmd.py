@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from tvixfs.allocator import tune_malloc
+from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import (
     BlobAddrOpt,
     DirAddrOpt,
@@ -18,6 +19,7 @@ from tvixfs.cli.app import (
 )
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
+from tvixfs.services.trust import load_secret_key, with_trust
 
 ListenOpt = Annotated[
     list[str] | None,
@@ -44,6 +46,12 @@ def daemon(
     grace: Annotated[
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
+    sign_key: Annotated[
+        str | None,
+        typer.Option(
+            "--sign-key", help="Sign path infos put through the daemon with this Nix secret key file."
+        ),
+    ] = None,
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
@@ -52,9 +60,13 @@ def daemon(
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
     tune_malloc()
+    try:
+        key = load_secret_key(sign_key) if sign_key is not None else None
+    except ValidationError as e:
+        fail(str(e))
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
     try:
-        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
+        run_daemon(with_trust(opened, key), listen or [DEFAULT_LISTEN], threads, grace)
     except ListenError as e:
         fail(str(e))
     finally:
