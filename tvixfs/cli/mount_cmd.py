@@ -17,6 +17,7 @@ from tvixfs.cli.app import (
     StoreOpt,
     app,
     fail,
+    log,
     open_store_or_fail,
 )
 from tvixfs.fs.bridge import DEFAULT_THREADS
@@ -26,6 +27,7 @@ from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.errors import StoreError
+from tvixfs.services.trust import load_public_keys
 from tvixfs.services.url import default_store_url
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
@@ -89,6 +91,22 @@ def mount(
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
+    trusted_public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-public-key",
+            help="Show only store paths signed by this key, NAME:BASE64 (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    trusted_public_keys_file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-public-keys-file",
+            help="A file of trusted public keys, NAME:BASE64 separated by whitespace (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
 
@@ -100,6 +118,10 @@ def mount(
         cache_bytes = parse_size(cache_size)
     except ValueError as e:
         fail(f"--cache-size: {e}")
+    try:
+        trusted_keys = load_public_keys(trusted_public_key, trusted_public_keys_file)
+    except ValidationError as e:
+        fail(str(e))
     try:
         check_fuse_device()
         absolute = check_mountpoint(mountpoint)
@@ -119,7 +141,12 @@ def mount(
             max_inodes=max_inodes,
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
+            trusted_keys=trusted_keys,
         )
+        if trusted_keys:
+            log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))
+        else:
+            log.info("signatures are not checked: every store path in the store is shown")
         config = MountConfig(absolute, options, allow_other=allow_other, debug_fuse=debug_fuse)
         try:
             run_mount(opened, config, store or default_store_url())

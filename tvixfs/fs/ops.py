@@ -16,8 +16,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -39,6 +39,7 @@ from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
 from tvixfs.fs.xattrs import xattrs_of
 from tvixfs.services.base import Store
+from tvixfs.store.nixsig import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class FsOptions:
     max_inodes: int = DEFAULT_MAX_INODES
     directory_cache_entries: int = CACHE_ENTRIES
     prefetch_references: bool = True
+    # With keys, only store paths whose root node one of them signed appear (store/signing.py).
+    trusted_keys: Mapping[str, PublicKey] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -181,7 +184,9 @@ class TvixOperations(pyfuse3.Operations):
         prefetch = background if options.prefetch_references else None
         # One bridge (so one thread limit) per service: reads hung on a broken blob service
         # must not take the threads that lookups of other store paths need.
-        self._roots = Roots(Bridge(options.threads), store.pathinfos, options.negative_ttl, prefetch)
+        self._roots = Roots(
+            Bridge(options.threads), store.pathinfos, options.negative_ttl, prefetch, options.trusted_keys
+        )
         self._directories = Directories(
             Bridge(options.threads), store.directories, options.directory_cache_entries
         )
