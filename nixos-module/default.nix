@@ -158,6 +158,10 @@ let
     ++ optional cfg.allowOther "--allow-other"
     ++ optional cfg.listRoot "--list-root"
     ++ flagIfSet "--cache-size" cfg.cacheSize
+    ++ concatMap (k: [
+      "--trusted-public-key"
+      k
+    ]) cfg.trustedPublicKeys
     ++ cfg.extraArgs
     ++ [ cfg.mountPoint ];
 
@@ -219,6 +223,17 @@ in
       default = null;
       example = "1G";
       description = "Size of the in-memory cache of file chunks; null keeps the built-in default.";
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        Public keys in Nix's `name:base64` form. When any are given, a store path appears in
+        the mount only if one of them signed it, root node included (`--sign-key` of the
+        importers and of the daemon); when none are, signatures are not checked.
+      '';
     };
 
     extraArgs = mkOption {

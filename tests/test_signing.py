@@ -221,3 +221,13 @@ def test_sign_key_signs_imports_so_nix_accepts_them(cli: CLI, tmp_path: Path) ->
     assert "cannot read secret key" in cli.fails("import", "--sign-key", tmp_path / "absent", tree)
     (tmp_path / "bad.sec").write_text("k:AAAA")
     assert "invalid secret key" in cli.fails("import", "--sign-key", tmp_path / "bad.sec", tree)
+
+
+def test_nixos_module_passes_trusted_public_keys() -> None:
+    from test_units import evaluate, systemd_argv
+
+    keys = ["one-1:" + base64.b64encode(bytes(32)).decode(), "two-1:" + base64.b64encode(bytes(32)).decode()]
+    result = evaluate(enable=True, trustedPublicKeys=keys)
+    assert result["failedAssertions"] == []
+    argv = systemd_argv(result["config"]["systemd"]["services"]["tvixfs"]["serviceConfig"]["ExecStart"])
+    assert argv[-5:] == ["--trusted-public-key", keys[0], "--trusted-public-key", keys[1], "/nix/store"]

@@ -375,7 +375,7 @@ def test_readme_example_evaluates() -> None:
 
 def test_module_options_are_documented() -> None:
     options = evaluate()["options"]
-    assert len(options) == 15
+    assert len(options) == 16
     for option in options:
         assert option["description"].strip(), option["name"]
 
