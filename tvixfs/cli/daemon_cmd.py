@@ -19,6 +19,8 @@ from tvixfs.cli.app import (
 )
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
+from tvixfs.services.errors import StoreError
+from tvixfs.services.tls import ServerTLS
 from tvixfs.services.trust import load_secret_key, with_trust
 
 ListenOpt = Annotated[
@@ -52,10 +54,23 @@ def daemon(
             "--sign-key", help="Sign path infos put through the daemon with this Nix secret key file."
         ),
     ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option("--tls-cert", help="Serve TCP addresses over TLS with this PEM certificate.")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="The PEM private key of --tls-cert.")
+    ] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-client-ca", help="Require client certificates signed by this PEM CA (mutual TLS)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
-    Unauthenticated and unencrypted: listen on loopback or a unix socket unless the network is trusted.
+    Without --tls-cert, unauthenticated and unencrypted: listen on loopback or a unix socket unless
+    the network is trusted; with --tls-client-ca, only clients with a certificate it signed get in.
 
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
@@ -64,10 +79,15 @@ def daemon(
         key = load_secret_key(sign_key) if sign_key is not None else None
     except ValidationError as e:
         fail(str(e))
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        fail("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = ServerTLS(tls_cert, tls_key, tls_client_ca or "") if tls_cert and tls_key else None
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
     try:
-        run_daemon(with_trust(opened, key), listen or [DEFAULT_LISTEN], threads, grace)
-    except ListenError as e:
+        run_daemon(with_trust(opened, key), listen or [DEFAULT_LISTEN], threads, grace, tls=tls)
+    except (ListenError, StoreError) as e:
         fail(str(e))
     finally:
         opened.close()

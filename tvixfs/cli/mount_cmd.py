@@ -28,7 +28,7 @@ from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.errors import StoreError
 from tvixfs.services.trust import load_public_keys
-from tvixfs.services.url import default_store_url
+from tvixfs.services.url import default_store_url, tls_problem
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -132,7 +132,8 @@ def mount(
         try:
             probe_store(opened)
         except (StoreError, ValidationError, OSError) as e:
-            fail(f"cannot reach the store: {e}")
+            urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+            fail(f"cannot reach the store: {tls_problem(*urls) or e}")
         options = FsOptions(
             list_root=list_root,
             show_xattr=show_xattr,

@@ -23,6 +23,7 @@ from tvixfs.server.servicers import READ_AHEAD_THREADS, READ_MESSAGE_SIZE
 from tvixfs.services.base import Store
 from tvixfs.services.grpc_channel import MAX_MESSAGE
 from tvixfs.services.grpc_methods import PREFIXES
+from tvixfs.services.tls import ServerTLS
 from tvixfs.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,15 @@ def start_server(
     threads: int = DEFAULT_THREADS,
     read_message_size: int = READ_MESSAGE_SIZE,
     prefixes: Sequence[str] = PREFIXES,
+    *,
+    tls: ServerTLS | None = None,
 ) -> RunningServer:
-    """Serve ``store`` on every address of ``listen``; raises ListenError before serving any."""
+    """Serve ``store`` on every address of ``listen``; raises ListenError before serving any.
+
+    With ``tls``, TCP addresses speak TLS (mutual TLS if it names a client CA).
+    """
     addresses = [parse_listen(text) for text in listen]
+    credentials = tls.credentials() if tls is not None else None
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tvixfs-grpc"),
         options=SERVER_OPTIONS,
@@ -77,7 +84,7 @@ def start_server(
     servicer = add_health(server, names)
     add_reflection(server, names)
     try:
-        bound = [bind(server, address) for address in addresses]
+        bound = [bind(server, address, credentials) for address in addresses]
     except BaseException:
         server.stop(None)
         read_ahead.shutdown()
@@ -87,7 +94,12 @@ def start_server(
 
 
 def run_daemon(
-    store: Store, listen: Sequence[str], threads: int = DEFAULT_THREADS, grace: float = DEFAULT_GRACE
+    store: Store,
+    listen: Sequence[str],
+    threads: int = DEFAULT_THREADS,
+    grace: float = DEFAULT_GRACE,
+    *,
+    tls: ServerTLS | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then finish calls in flight (at most ``grace`` s)."""
     stop = threading.Event()
@@ -99,7 +111,7 @@ def run_daemon(
     # Before serving: a signal that arrives during startup must still end in a clean stop.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    running = start_server(store, listen, threads)
+    running = start_server(store, listen, threads, tls=tls)
     notifier = Notifier()
     status = "serving on " + " ".join(running.addresses)
     log.info("%s", status)
