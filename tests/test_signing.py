@@ -231,3 +231,28 @@ def test_nixos_module_passes_trusted_public_keys() -> None:
     assert result["failedAssertions"] == []
     argv = systemd_argv(result["config"]["systemd"]["services"]["tvixfs"]["serviceConfig"]["ExecStart"])
     assert argv[-5:] == ["--trusted-public-key", keys[0], "--trusted-public-key", keys[1], "/nix/store"]
+
+
+def test_daemon_signs_what_its_clients_put(tvixfs_cmd: list[str], tmp_path: Path) -> None:
+    from grpcserver import running_daemon
+
+    secret, public = keypair(tmp_path, "daemon-1")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("through the daemon\n")
+    store = tmp_path / "served"
+    with running_daemon(
+        tvixfs_cmd, tmp_path, f"local://{store}", extra=["--sign-key", str(secret)]
+    ) as daemon:
+        remote = CLI(tvixfs_cmd, store)
+        remote.store = daemon.url
+        path = remote.ok("import", tree).strip()
+    local = CLI(tvixfs_cmd, store)
+    opened_info = json.loads(local.ok("info", path))[0]
+    sigs = [parse_signature(s) for s in opened_info["signatures"]]
+    assert [s.name for s in sigs] == ["daemon-1", ROOT_PREFIX + "daemon-1"]
+    key = nixsig.parse_public_key(public)
+    entry = {**opened_info, "narHash": opened_info["narHash"]}
+    assert (
+        nixsig.verify({key.name: key}, [(sigs[0].name, sigs[0].data)], nix_fingerprint_of(entry)) == key.name
+    )

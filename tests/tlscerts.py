@@ -56,7 +56,13 @@ def _ca(base: Path, name: str) -> tuple[Path, Path]:
 
 
 def _issue(
-    base: Path, name: str, ca: tuple[Path, Path], san: str, usage: str, dates: tuple[str, str] | None = None
+    base: Path,
+    name: str,
+    ca: tuple[Path, Path],
+    san: str,
+    usage: str,
+    *,
+    dates: tuple[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """A certificate signed by ``ca``, via ``openssl ca`` (which can back-date one)."""
     cert, key, csr = base / f"{name}.crt", base / f"{name}.key", base / f"{name}.csr"
@@ -86,6 +92,8 @@ def make_certs(base: Path) -> Certs:
     server = _issue(base, "server", ca, "DNS:localhost,IP:127.0.0.1,IP:::1", "serverAuth")
     wrong = _issue(base, "wrong-host", ca, "DNS:example.invalid", "serverAuth")
     client = _issue(base, "client", ca, "DNS:client", "clientAuth")
-    expired = _issue(base, "expired", ca, "DNS:client", "clientAuth", ("20000101000000Z", "20010101000000Z"))
+    expired = _issue(
+        base, "expired", ca, "DNS:client", "clientAuth", dates=("20000101000000Z", "20010101000000Z")
+    )
     stranger = _issue(base, "stranger", other, "DNS:client", "clientAuth")
     return Certs(ca[0], other[0], *server, *wrong, *client, *expired, *stranger)

@@ -114,7 +114,7 @@ def handshake_problem(target: str, tls: ClientTLS, timeout: float = 10.0) -> str
 
 def _server_certificate(e: ssl.SSLCertVerificationError, host: str, tls: ClientTLS) -> str:
     message = str(e.verify_message).rstrip(".")
-    if e.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+    if e.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
         return f"hostname mismatch: the server's certificate is not valid for {host!r}"
     if e.verify_code in (2, 19, 20, 21):  # issuer unknown, self-signed chain
         hint = f"not signed by the CA in {tls.ca}" if tls.ca else "unknown CA (a private CA? add ?ca=FILE)"

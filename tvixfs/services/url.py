@@ -59,6 +59,8 @@ class StoreURL:
             raise StoreURLError(f"{scheme} URL needs host:port: {url!r}")
         if scheme == "grpc+https":
             return cls(scheme, host=parts.netloc, tls=_client_tls(url, parts.query))
+        if parts.query:
+            raise StoreURLError(f"options (?{parts.query}) need TLS: grpc+https:// instead of {url!r}")
         return cls(scheme, host=parts.netloc)
 
 
