@@ -475,7 +475,8 @@ def test_a_hostile_store_never_yields_wrong_bytes(short_tmp: Path, tmp_path: Pat
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: genuine chunks listed in the wrong order pass every per-chunk check; "
-    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/reader.py)",
+    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/reader.py); a mount with trusted "
+    "keys does (tests/test_trust_mount.py)",
 )
 def test_a_reordered_chunk_list_is_detected(short_tmp: Path, tmp_path: Path) -> None:
     _survive([Fault("chunk_swap")], short_tmp, tmp_path)

@@ -14,13 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import make_sample_tree
+from faultstore import Fault, serve_faults
 from grpcserver import running_daemon
 from mitmproxy import MitmProxy
 from mounting import TVIXFS, mounted, needs_fuse
 from nixchroot import run
 
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
+from tvixfs.services.memory import open_memory_store
+from tvixfs.services.trust import load_secret_key, with_trust
 from tvixfs.store.storepath import StorePath
 
 pytestmark = needs_fuse
@@ -185,3 +190,25 @@ def test_a_man_in_the_middle_cannot_swap_a_root_node(
         assert _refusals(mount.stderr()) == [
             f"/nix/store/{signed.good}: the tvixfs root signature by one-1 does not match this path info"
         ]
+
+
+def test_a_reordered_chunk_list_is_detected_with_trusted_keys(short_tmp: Path, tmp_path: Path) -> None:
+    """The strict xfail of test_mount.py, passing in this mode: the store lists a file's genuine
+    chunks in reverse order; with trusted keys no byte of it is served until the list is proven."""
+    secret, public = _keypair(tmp_path, "one-1")
+    tree = make_sample_tree(tmp_path / "tree")
+    store = open_memory_store()
+    info = ingest_path(with_trust(store, load_secret_key(secret)), tree, "tree")
+    name = StorePath.from_basename(info.node.directory.name).basename
+    with (
+        serve_faults(store, chunk_size=256 * 1024) as faults,
+        mounted(TVIXFS, short_tmp, faults.url, ["--trusted-public-key", public]) as mount,
+    ):
+        faults.set(Fault("chunk_swap"))
+        with pytest.raises(OSError) as e:
+            mount.path(name, "large.bin").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert faults.stats()["fired"]["chunk_swap"] > 0
+        faults.clear()
+        assert mount.path(name, "large.bin").read_bytes() == (tree / "large.bin").read_bytes()
+        assert "its chunk list does not make up the blob" in mount.stderr()

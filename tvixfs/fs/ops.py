@@ -190,7 +190,13 @@ class TvixOperations(pyfuse3.Operations):
         self._directories = Directories(
             Bridge(options.threads), store.directories, options.directory_cache_entries
         )
-        self._reader = BlobReader(Bridge(options.threads), store.blobs, background, options.cache_bytes)
+        self._reader = BlobReader(
+            Bridge(options.threads),
+            store.blobs,
+            background,
+            options.cache_bytes,
+            prove_chunk_lists=bool(options.trusted_keys),
+        )
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}

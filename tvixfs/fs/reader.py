@@ -23,6 +23,7 @@ every chunk must match its own digest, but a store that lists genuine chunks in 
 (or chunks of another blob of the same size) is not caught, since only hashing the whole blob
 (or a bao outboard, which the protocol reserves but nobody sends) ties a chunk list to the blob
 digest, and doing that on first open would fetch every byte of a file before its first read.
+A mount with trusted keys pays that price (``prove_chunk_lists``, chunkproof.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from cachetools import LRUCache, TTLCache
 from tvixfs.castore.digest import DIGEST_SIZE, EMPTY_DIGEST, new_hasher
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.chunkproof import prove_chunk_list
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.sequential import SequentialPass
 from tvixfs.fs.wholeblob import WholeBlobStream
@@ -218,8 +220,13 @@ class BlobReader:
         background: trio.Nursery,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead_bytes: int = READAHEAD_BYTES,
+        *,
+        prove_chunk_lists: bool = False,
     ) -> None:
+        """``prove_chunk_lists``: serve no byte of a chunked blob before its chunk list has been
+        proven to make up the blob (chunkproof.py); the mount's trusted-keys mode."""
         self._bridge = bridge
+        self._prove = prove_chunk_lists
         self._blobs = blobs
         self._background = background
         self._readahead = readahead_bytes
@@ -257,6 +264,8 @@ class BlobReader:
 
     async def _fetch_map(self, node: FileNode) -> ChunkMap:
         chunk_map = await self._bridge.call(_chunk_list, self._blobs, node)
+        if self._prove and chunk_map.listed and chunk_map.size == node.size:
+            await self._bridge.call(prove_chunk_list, self._blobs, node, chunk_map.chunks)
         if chunk_map.size == node.size:
             self._maps[node.digest] = chunk_map
         return chunk_map
