@@ -19,7 +19,7 @@ from faultstore import Fault, serve_faults
 from grpcserver import running_daemon
 from mitmproxy import MitmProxy
 from mounting import TVIXFS, mounted, needs_fuse
-from nixchroot import run
+from nixchroot import make_closure, run
 
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.ingest import ingest_path
@@ -146,6 +146,7 @@ def test_bad_trusted_keys_are_one_line_before_mounting(signed: Signed, short_tmp
     for extra, message in (
         (["--trusted-public-key", "one-1:AAAA"], "invalid public key"),
         (["--trusted-public-keys-file", "/nonexistent/keys"], "cannot read public keys /nonexistent/keys"),
+        (["--verify-nar-hash"], "--verify-nar-hash needs --trusted-public-key or --trusted-public-keys-file"),
     ):
         mountpoint = short_tmp / "bad"
         mountpoint.mkdir(exist_ok=True)
@@ -212,3 +213,55 @@ def test_a_reordered_chunk_list_is_detected_with_trusted_keys(short_tmp: Path, t
         faults.clear()
         assert mount.path(name, "large.bin").read_bytes() == (tree / "large.bin").read_bytes()
         assert "its chunk list does not make up the blob" in mount.stderr()
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_verify_nar_hash_admits_paths_with_only_a_nix_signature(
+    tmp_path: Path, short_tmp: Path, tvixfs_cmd: list[str], swap: bool
+) -> None:
+    closure = make_closure(tmp_path / "nix")
+    nix_key = (tmp_path / "nix" / "work" / "key.pub").read_text().strip()
+    store = tmp_path / "store"
+    args = [
+        *TVIXFS,
+        "import-nix",
+        "--store",
+        f"local://{store}",
+        "--nix-store",
+        closure.uri,
+        "-r",
+        closure.built,
+    ]
+    subprocess.run(args, check=True, capture_output=True)
+    built, text = (StorePath.from_absolute(p).basename for p in (closure.built, closure.text))
+    opened = open_local_store(store)
+    try:
+        donor = opened.pathinfos.get(StorePath.from_basename(text).digest)
+    finally:
+        opened.close()
+    assert donor is not None
+
+    def rewrite(info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
+        if swap and info.node.file.name == built.encode():
+            info.node.file.digest, info.node.file.size = donor.node.file.digest, donor.node.file.size
+        return info
+
+    trusted = ["--trusted-public-key", nix_key]
+    with (
+        running_daemon(tvixfs_cmd, tmp_path, f"local://{store}") as daemon,
+        MitmProxy(daemon.tcp, rewrite) as proxy,
+    ):
+        # Nix's signature alone does not cover the root node: not shown without --verify-nar-hash.
+        with mounted(TVIXFS, short_tmp, proxy.url, trusted) as mount:
+            assert not _visible(mount.mountpoint, built)
+        with mounted(TVIXFS, short_tmp, proxy.url, [*trusted, "--verify-nar-hash"]) as mount:
+            if swap:
+                assert not _visible(mount.mountpoint, built)
+                assert _refusals(mount.stderr()) == [
+                    f"/nix/store/{built}: its tree does not render to the NAR hash and size its Nix "
+                    "signature covers"
+                ]
+            else:
+                content = (mount.mountpoint / built).read_text()
+                assert content.startswith("/nix/store/") and content.endswith("\n")
+                assert "NAR hash verified against its Nix signature" in mount.stderr()

@@ -107,6 +107,14 @@ def mount(
             show_default=False,
         ),
     ] = None,
+    verify_nar_hash: Annotated[
+        bool,
+        typer.Option(
+            "--verify-nar-hash",
+            help="Also show paths with only a Nix signature by a trusted key, once their NAR "
+            "hash is checked (reads each such path once, at its first lookup).",
+        ),
+    ] = False,
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
 
@@ -122,6 +130,8 @@ def mount(
         trusted_keys = load_public_keys(trusted_public_key, trusted_public_keys_file)
     except ValidationError as e:
         fail(str(e))
+    if verify_nar_hash and not trusted_keys:
+        fail("--verify-nar-hash needs --trusted-public-key or --trusted-public-keys-file")
     try:
         check_fuse_device()
         absolute = check_mountpoint(mountpoint)
@@ -143,6 +153,7 @@ def mount(
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
             trusted_keys=trusted_keys,
+            verify_nar_hash=verify_nar_hash,
         )
         if trusted_keys:
             log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))

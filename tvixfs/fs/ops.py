@@ -39,6 +39,7 @@ from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
 from tvixfs.fs.xattrs import xattrs_of
 from tvixfs.services.base import Store
+from tvixfs.services.checks import calculate_nar
 from tvixfs.store.nixsig import PublicKey
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class FsOptions:
     prefetch_references: bool = True
     # With keys, only store paths whose root node one of them signed appear (store/signing.py).
     trusted_keys: Mapping[str, PublicKey] = field(default_factory=dict)
+    # With trusted keys: also show paths with only a Nix signature, once their NAR checks out.
+    verify_nar_hash: bool = False
 
 
 @dataclass(slots=True)
@@ -184,8 +187,18 @@ class TvixOperations(pyfuse3.Operations):
         prefetch = background if options.prefetch_references else None
         # One bridge (so one thread limit) per service: reads hung on a broken blob service
         # must not take the threads that lookups of other store paths need.
+        nar_check = (
+            functools.partial(calculate_nar, blobs=store.blobs, directories=store.directories)
+            if options.verify_nar_hash
+            else None
+        )
         self._roots = Roots(
-            Bridge(options.threads), store.pathinfos, options.negative_ttl, prefetch, options.trusted_keys
+            Bridge(options.threads),
+            store.pathinfos,
+            options.negative_ttl,
+            prefetch,
+            trusted_keys=options.trusted_keys,
+            nar_check=nar_check,
         )
         self._directories = Directories(
             Bridge(options.threads), store.directories, options.directory_cache_entries

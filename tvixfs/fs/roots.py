@@ -18,12 +18,15 @@ the lookup that needs the path asks again.
 With trusted keys, a path info counts only if one of them signed its store path together with
 its root node (store/signing.py): one signature check per store path, in the worker thread that
 fetched it; everything below the root is covered by the digests the reader already checks.
+A path that carries only Nix's signature (say, from cache.nixos.org) has no signed root node;
+with ``nar_check`` it is admitted once the NAR its tree renders to has the signed hash and
+size (reading the whole path once, at its first lookup; remembered with the positive cache).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -38,7 +41,7 @@ from tvixfs.services.base import PathInfoService
 from tvixfs.services.errors import CorruptDataError
 from tvixfs.store.nixsig import PublicKey
 from tvixfs.store.pathinfo import validate_pathinfo
-from tvixfs.store.signing import check_root_signature
+from tvixfs.store.signing import check_nix_signature, check_root_signature
 from tvixfs.store.storepath import StorePath
 
 log = logging.getLogger(__name__)
@@ -98,11 +101,15 @@ class Roots:
         pathinfos: PathInfoService,
         negative_ttl: float = NEGATIVE_TTL,
         prefetch: trio.Nursery | None = None,
+        *,
         trusted_keys: Mapping[str, PublicKey] | None = None,
+        nar_check: Callable[[Node], tuple[int, bytes]] | None = None,
     ) -> None:
         """``prefetch``: where reference prefetches run; None turns prefetching off.
 
         ``trusted_keys``: if any, only store paths signed by one of them are shown.
+        ``nar_check``: (size, sha256) of a root node's NAR, rendered here, not by the store;
+        given, paths with only a Nix signature are shown once their NAR matches it.
         """
         self._bridge = bridge
         self._pathinfos = pathinfos
@@ -115,6 +122,7 @@ class Roots:
         self._unexpanded: LRUCache[bytes, tuple[bytes, ...]] = LRUCache(UNEXPANDED_ENTRIES)
         self._trusted = dict(trusted_keys or {})
         self._refused: LRUCache[bytes, bool] = LRUCache(REFUSED_ENTRIES)
+        self._nar_check = nar_check
 
     async def lookup(self, name: bytes) -> StorePathRoot | None:
         """The store path named ``name``, or None if it is not a store path or not in the store."""
@@ -153,7 +161,27 @@ class Roots:
     def _get_checked(self, digest: bytes) -> tuple[pathinfo_pb2.PathInfo | None, str | None]:
         """The path info (in a worker thread) and, with trusted keys, why it is not trusted."""
         info = self._pathinfos.get(digest)
-        return info, self._untrusted(info)
+        why = self._untrusted(info)
+        if why is not None and info is not None and self._nar_check is not None:
+            why = self._nar_matches(info, why, self._nar_check)
+        return info, why
+
+    def _nar_matches(
+        self, info: pathinfo_pb2.PathInfo, why: str, nar_check: Callable[[Node], tuple[int, bytes]]
+    ) -> str | None:
+        """For a path without a trusted root signature: None if a trusted key signed it the
+        Nix way and its tree renders to the NAR signed for; else why not."""
+        if check_nix_signature(info, self._trusted) is not None:
+            return why
+        try:
+            _, node = validate_pathinfo(info)
+        except ValidationError as e:
+            return str(e)
+        size, sha256 = nar_check(node)
+        if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):
+            return "its tree does not render to the NAR hash and size its Nix signature covers"
+        log.info("%s: NAR hash verified against its Nix signature", node.name.decode(errors="replace"))
+        return None
 
     def _list_checked(self) -> Iterator[tuple[pathinfo_pb2.PathInfo, str | None]]:
         for info in self._pathinfos.list():
@@ -206,8 +234,9 @@ class Roots:
                 except CorruptDataError as e:
                     log.warning("listing the root: skipping %s", e)
                     continue
-                if untrusted is not None:
-                    self._refuse(root, untrusted)
+                if untrusted is not None and root.name not in self._positive:
+                    if self._nar_check is None:  # else a lookup may still verify its NAR
+                        self._refuse(root, untrusted)
                     continue
                 roots[root.name] = root
         for root in roots.values():
