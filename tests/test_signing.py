@@ -256,3 +256,16 @@ def test_daemon_signs_what_its_clients_put(tvixfs_cmd: list[str], tmp_path: Path
     assert (
         nixsig.verify({key.name: key}, [(sigs[0].name, sigs[0].data)], nix_fingerprint_of(entry)) == key.name
     )
+
+
+def test_the_documented_example_fingerprint_is_what_the_code_signs(tmp_path: Path) -> None:
+    from tvixfs.services.ingest import ingest_path
+    from tvixfs.services.memory import open_memory_store
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "a").write_text("hi\n")
+    info = ingest_path(open_memory_store(), tree, "t")
+    doc = (Path(__file__).parent.parent / "docs" / "SIGNATURES.md").read_text()
+    documented = next(line.strip() for line in doc.splitlines() if line.startswith("    tvixfs-root-1;1;"))
+    assert root_fingerprint(info).decode() == documented
