@@ -23,7 +23,7 @@ every chunk must match its own digest, but a store that lists genuine chunks in 
 (or chunks of another blob of the same size) is not caught, since only hashing the whole blob
 (or a bao outboard, which the protocol reserves but nobody sends) ties a chunk list to the blob
 digest, and doing that on first open would fetch every byte of a file before its first read.
-A mount with trusted keys pays that price (``prove_chunk_lists``, chunkproof.py).
+A mount with trusted keys pays that price, one whole-blob read at first open (chunkproof.py).
 """
 
 from __future__ import annotations

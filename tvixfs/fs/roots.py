@@ -234,10 +234,14 @@ class Roots:
                 except CorruptDataError as e:
                     log.warning("listing the root: skipping %s", e)
                     continue
-                if untrusted is not None and root.name not in self._positive:
-                    if self._nar_check is None:  # else a lookup may still verify its NAR
-                        self._refuse(root, untrusted)
-                    continue
+                if untrusted is not None:
+                    # A path a lookup admitted (its NAR verified) is listed as it was admitted.
+                    admitted = self._positive.get(root.name)
+                    if admitted is None:
+                        if self._nar_check is None:  # else a lookup may still verify its NAR
+                            self._refuse(root, untrusted)
+                        continue
+                    root = admitted
                 roots[root.name] = root
         for root in roots.values():
             self._negative.pop(root.name, None)
