@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -44,6 +45,13 @@ def main() -> None:
     parser.add_argument("--big-mib", type=int, default=128)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tvixfs-trust-"))
+    try:
+        _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path) -> None:
     trees = WORK / "trees"
     trees.mkdir(parents=True, exist_ok=True)
     python, big = python_tree(trees), big_file_tree(trees, args.big_mib)
