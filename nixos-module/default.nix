@@ -177,6 +177,10 @@ let
       "--disk-cache-size"
       diskCache.size
     ]
+    ++ concatMap (k: [
+      "--trusted-public-key"
+      k
+    ]) cfg.trustedPublicKeys
     ++ cfg.extraArgs
     ++ [ cfg.mountPoint ];
 
@@ -266,6 +270,17 @@ in
           goes first, down to half of it.
         '';
       };
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        Public keys in Nix's `name:base64` form. When any are given, a store path appears in
+        the mount only if one of them signed it, root node included (`--sign-key` of the
+        importers and of the daemon); when none are, signatures are not checked.
+      '';
     };
 
     extraArgs = mkOption {

@@ -212,7 +212,6 @@ def test_gc_during_an_import_through_the_daemon(short_tmp: Path) -> None:
 
 
 @needs_fuse
-@pytest.mark.fuse
 def test_gc_while_a_mount_reads(short_tmp: Path, sample_tree: Path) -> None:
     store_dir = short_tmp / "store"
     live = tvixfs(store_dir, "import", str(sample_tree)).stdout.strip()

@@ -41,7 +41,7 @@ ROOTS_ONLY_OPTIONS = ["--directory-cache", "1024"]
 # Real trees with thousands of entries: every kind of file Debian ships, symlinks included.
 SYSTEM_TREES = {"python-lib": Path("/usr/lib/python3.11"), "doc": Path("/usr/share/doc")}
 
-pytestmark = [needs_fuse, pytest.mark.fuse]
+pytestmark = needs_fuse
 
 
 @dataclass
@@ -496,7 +496,8 @@ def test_a_hostile_store_never_yields_wrong_bytes(short_tmp: Path, tmp_path: Pat
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: genuine chunks listed in the wrong order pass every per-chunk check; "
-    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/chunkmap.py)",
+    "only a whole-blob hash (or bao) detects it (see tvixfs/fs/chunkmap.py); a mount with trusted "
+    "keys does (tests/test_trust_mount.py)",
 )
 def test_a_reordered_chunk_list_is_detected(short_tmp: Path, tmp_path: Path) -> None:
     _survive([Fault("chunk_swap")], short_tmp, tmp_path)

@@ -165,7 +165,6 @@ def test_read_only_bridge_refuses_nix_copy(tvixfs_cmd: list[str], tmp_path: Path
 
 
 @needs_fuse
-@pytest.mark.fuse
 def test_over_grpc_store_and_mounted(
     tvixfs_cmd: list[str], tmp_path: Path, closure: Closure, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,7 @@ from grpcserver import start_daemon
 from mounting import TVIXFS, import_tree, mounted, needs_fuse
 from uniquetrees import CHUNK, dump_nar, unique_tree
 
-pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [needs_fuse, pytest.mark.slow]
 
 # A caller still waiting after this is hung: a hang detector, not a speed requirement.
 HUNG = 30.0

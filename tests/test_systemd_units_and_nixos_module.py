@@ -421,7 +421,7 @@ def test_readme_example_evaluates() -> None:
 @pytest.mark.nix
 def test_module_options_are_documented() -> None:
     options = evaluate()["options"]
-    assert len(options) == 27
+    assert len(options) == 28
     for option in options:
         assert option["description"].strip(), option["name"]
 

@@ -5,7 +5,12 @@ modules are registered only when one of them (or no command, as for ``--help``) 
 the store commands, which scripts run often (``import``, ``cat``, ...), start without them.
 """
 
+import os
 import sys
+
+# Before grpc is imported: its C core would print each failed TLS handshake on stderr; the
+# commands report failures themselves, in one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from tvixfs.cli import cache_cmds, fsck_cmd, gc_cmd, store_cmds  # noqa: F401  (register commands)
 from tvixfs.cli.app import app

@@ -31,7 +31,8 @@ StoreOpt = Annotated[
         "--store",
         envvar="TVIXFS_STORE",
         help="Store URL: local:///path (default: the embedded store), memory://, "
-        "grpc+http://host:port, grpc+unix:///path.sock, s3://bucket/prefix?endpoint=URL.",
+        "grpc+http://host:port, grpc+https://host:port[?ca=FILE&cert=FILE&key=FILE], "
+        "grpc+unix:///path.sock, s3://bucket/prefix?endpoint=URL.",
         show_default=False,
     ),
 ]

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from tvixfs.allocator import tune_malloc
+from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import (
     BlobAddrOpt,
     DirAddrOpt,
@@ -27,6 +28,9 @@ from tvixfs.server.limits import (
 )
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
+from tvixfs.services.errors import StoreError
+from tvixfs.services.tls import ServerTLS
+from tvixfs.services.trust import load_secret_key, with_trust
 
 ListenOpt = Annotated[
     list[str] | None,
@@ -89,10 +93,29 @@ def daemon(
     ] = DEFAULT_GRACE,
     disk_cache: DiskCacheOpt = None,
     disk_cache_size: DiskCacheSizeOpt = "10G",
+    sign_key: Annotated[
+        str | None,
+        typer.Option(
+            "--sign-key", help="Sign path infos put through the daemon with this Nix secret key file."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option("--tls-cert", help="Serve TCP addresses over TLS with this PEM certificate.")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="The PEM private key of --tls-cert.")
+    ] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-client-ca", help="Require client certificates signed by this PEM CA (mutual TLS)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
-    Unauthenticated and unencrypted: listen on loopback or a unix socket unless the network is trusted.
+    Without --tls-cert, unauthenticated and unencrypted: listen on loopback or a unix socket unless
+    the network is trusted; with --tls-client-ca, only clients with a certificate it signed get in.
 
     Also serves gRPC health and reflection; runs as a systemd Type=notify service.
     """
@@ -112,12 +135,21 @@ def daemon(
         disk_bytes = parse_size(disk_cache_size)
     except ValueError as e:
         fail(f"--disk-cache-size: {e}")
+    try:
+        key = load_secret_key(sign_key) if sign_key is not None else None
+    except ValidationError as e:
+        fail(str(e))
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        fail("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = ServerTLS(tls_cert, tls_key, tls_client_ca or "") if tls_cert and tls_key else None
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
     urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
     opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
-        run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace, limits)
-    except ListenError as e:
+        run_daemon(with_trust(opened, key), listen or [DEFAULT_LISTEN], threads, grace, limits, tls=tls)
+    except (ListenError, StoreError) as e:
         fail(str(e))
     finally:
         opened.close()

@@ -17,6 +17,7 @@ from tvixfs.cli.app import (
     StoreOpt,
     app,
     fail,
+    log,
     open_store_or_fail,
 )
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached, probe_or_offline
@@ -28,7 +29,8 @@ from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.errors import StoreError
 from tvixfs.services.s3url import redacted
-from tvixfs.services.url import default_store_url
+from tvixfs.services.trust import load_public_keys
+from tvixfs.services.url import default_store_url, tls_problem
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -93,6 +95,30 @@ def mount(
     ] = False,
     disk_cache: DiskCacheOpt = None,
     disk_cache_size: DiskCacheSizeOpt = "10G",
+    trusted_public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-public-key",
+            help="Show only store paths signed by this key, NAME:BASE64 (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    trusted_public_keys_file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-public-keys-file",
+            help="A file of trusted public keys, NAME:BASE64 separated by whitespace (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    verify_nar_hash: Annotated[
+        bool,
+        typer.Option(
+            "--verify-nar-hash",
+            help="Also show paths with only a Nix signature by a trusted key, once their NAR "
+            "hash is checked (reads each such path once, at its first lookup).",
+        ),
+    ] = False,
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
 
@@ -109,6 +135,12 @@ def mount(
     except ValueError as e:
         fail(f"--disk-cache-size: {e}")
     try:
+        trusted_keys = load_public_keys(trusted_public_key, trusted_public_keys_file)
+    except ValidationError as e:
+        fail(str(e))
+    if verify_nar_hash and not trusted_keys:
+        fail("--verify-nar-hash needs --trusted-public-key or --trusted-public-keys-file")
+    try:
         check_fuse_device()
         absolute = check_mountpoint(mountpoint)
     except MountError as e:
@@ -120,7 +152,8 @@ def mount(
         try:
             probe_or_offline(opened, cache, probe_store)
         except (StoreError, ValidationError, OSError) as e:
-            fail(f"cannot reach the store: {e}")
+            urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+            fail(f"cannot reach the store: {tls_problem(*urls) or e}")
         options = FsOptions(
             list_root=list_root,
             show_xattr=show_xattr,
@@ -129,7 +162,13 @@ def mount(
             max_inodes=max_inodes,
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
+            trusted_keys=trusted_keys,
+            verify_nar_hash=verify_nar_hash,
         )
+        if trusted_keys:
+            log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))
+        else:
+            log.info("signatures are not checked: every store path in the store is shown")
         config = MountConfig(
             absolute,
             options,

@@ -34,8 +34,9 @@ from tvixfs.services.errors import NotFoundError
 from tvixfs.services.ingest import ingest_nar, ingest_path
 from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
 from tvixfs.store.nar import ReadBlob, file_contents, write_nar
-from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri
+from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri, parse_signature
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
 
@@ -46,14 +47,39 @@ _PROGRESS_AFTER = 1.0
 _PROGRESS_EVERY = 0.2
 
 
+SignKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sign-key", help="Sign what is imported with this Nix secret key file.", show_default=False
+    ),
+]
+TrustedKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trusted-public-key",
+        help="Refuse paths without a valid Nix signature of this key (NAME:BASE64, repeatable).",
+        show_default=False,
+    ),
+]
+
+
 @contextmanager
 def _store(
-    store: str | None, blob: str | None, directory: str | None, pathinfo: str | None
+    store: str | None,
+    blob: str | None,
+    directory: str | None,
+    pathinfo: str | None,
+    *,
+    sign_key: str | None = None,
+    trusted: list[str] | None = None,
 ) -> Iterator[Store]:
+    with user_errors():
+        key = load_secret_key(sign_key) if sign_key is not None else None
+        keys = load_public_keys(trusted)
     opened = open_store_or_fail(store, blob, directory, pathinfo)
     try:
         with user_errors():
-            yield opened
+            yield with_trust(opened, key, keys)
     finally:
         opened.close()
 
@@ -93,11 +119,14 @@ def import_(
     blob_service_addr: BlobAddrOpt = None,
     directory_service_addr: DirAddrOpt = None,
     path_info_service_addr: PathInfoAddrOpt = None,
+    sign_key: SignKeyOpt = None,
 ) -> None:
     """Import trees as `nix-store --add` does; prints each resulting store path."""
     if name is not None and len(paths) > 1:
         fail("--name applies to a single path")
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with _store(
+        store, blob_service_addr, directory_service_addr, path_info_service_addr, sign_key=sign_key
+    ) as opened:
         for path in paths:
             if not os.path.lexists(path):
                 fail(f"{path}: no such file or directory")
@@ -127,13 +156,29 @@ def import_nar(
     blob_service_addr: BlobAddrOpt = None,
     directory_service_addr: DirAddrOpt = None,
     path_info_service_addr: PathInfoAddrOpt = None,
+    signature: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--signature", help="A Nix signature of the path, NAME:BASE64 (repeatable).", show_default=False
+        ),
+    ] = None,
+    sign_key: SignKeyOpt = None,
+    trusted_public_key: TrustedKeyOpt = None,
 ) -> None:
     """Import a NAR as the store path given by --path; prints it."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with _store(
+        store,
+        blob_service_addr,
+        directory_service_addr,
+        path_info_service_addr,
+        sign_key=sign_key,
+        trusted=trusted_public_key,
+    ) as opened:
         store_path = StorePath.from_absolute(path)
         references = [StorePath.from_absolute(r) for r in reference or []]
+        narinfo = pathinfo_pb2.NARInfo(signatures=[parse_signature(s) for s in signature or []])
         with _input(file) as stream:
-            info = ingest_nar(opened, stream, store_path, references)
+            info = ingest_nar(opened, stream, store_path, references, narinfo)
         print(_store_path(info))
 
 
@@ -160,9 +205,18 @@ def import_nix(
     blob_service_addr: BlobAddrOpt = None,
     directory_service_addr: DirAddrOpt = None,
     path_info_service_addr: PathInfoAddrOpt = None,
+    sign_key: SignKeyOpt = None,
+    trusted_public_key: TrustedKeyOpt = None,
 ) -> None:
     """Copy store paths from a Nix store, verified against Nix's narHash; prints each one."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with _store(
+        store,
+        blob_service_addr,
+        directory_service_addr,
+        path_info_service_addr,
+        sign_key=sign_key,
+        trusted=trusted_public_key,
+    ) as opened:
         wanted = [parse_nix_path(p) for p in paths]
         import_from_nix(
             opened,

@@ -68,13 +68,21 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(text, host=parts.hostname, port=port)
 
 
-def bind(server: grpc.Server, address: ListenAddress) -> str:
-    """Add ``address`` to ``server``; returns it as bound (with the port chosen for port 0)."""
+def bind(server: grpc.Server, address: ListenAddress, tls: grpc.ServerCredentials | None = None) -> str:
+    """Add ``address`` to ``server``; returns it as bound (with the port chosen for port 0).
+
+    ``tls`` applies to TCP addresses; unix sockets are guarded by their file mode instead.
+    """
     if address.path is not None:
         return _bind_unix(server, address.path)
-    warn_if_exposed(address)
+    if tls is None:
+        warn_if_exposed(address)
     try:
-        port = server.add_insecure_port(address.grpc_address())
+        port = (
+            server.add_insecure_port(address.grpc_address())
+            if tls is None
+            else server.add_secure_port(address.grpc_address(), tls)
+        )
     except RuntimeError as e:
         raise ListenError(f"cannot listen on {address.text}: {e}") from None
     return address.grpc_address(port)

@@ -24,6 +24,7 @@ from tvixfs.server.servicers import READ_AHEAD_THREADS, READ_MESSAGE_SIZE
 from tvixfs.services.base import Store
 from tvixfs.services.grpc_channel import MAX_MESSAGE
 from tvixfs.services.grpc_methods import PREFIXES
+from tvixfs.services.tls import ServerTLS
 from tvixfs.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,16 @@ def start_server(
     prefixes: Sequence[str] = PREFIXES,
     *,
     limits: StreamLimits | None = None,
+    tls: ServerTLS | None = None,
 ) -> RunningServer:
     """Serve ``store`` on every address of ``listen``; raises ListenError before serving any.
 
-    ``limits`` bound the streaming calls (default: ``StreamLimits.for_threads(threads)``).
+    ``limits`` bound the streaming calls (default: ``StreamLimits.for_threads(threads)``). With
+    ``tls``, TCP addresses speak TLS (mutual TLS if it names a client CA).
     """
     addresses = [parse_listen(text) for text in listen]
     gate = StreamGate(limits or StreamLimits.for_threads(threads))
+    credentials = tls.credentials() if tls is not None else None
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tvixfs-grpc"),
         options=SERVER_OPTIONS,
@@ -86,7 +90,7 @@ def start_server(
     servicer = add_health(server, names)
     add_reflection(server, names, gate)
     try:
-        bound = [bind(server, address) for address in addresses]
+        bound = [bind(server, address, credentials) for address in addresses]
     except BaseException:
         server.stop(None)
         read_ahead.shutdown()
@@ -102,6 +106,8 @@ def run_daemon(
     threads: int = DEFAULT_THREADS,
     grace: float = DEFAULT_GRACE,
     limits: StreamLimits | None = None,
+    *,
+    tls: ServerTLS | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then finish calls in flight (at most ``grace`` s)."""
     stop = threading.Event()
@@ -113,7 +119,7 @@ def run_daemon(
     # Before serving: a signal that arrives during startup must still end in a clean stop.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    running = start_server(store, listen, threads, limits=limits)
+    running = start_server(store, listen, threads, limits=limits, tls=tls)
     notifier = Notifier()
     status = "serving on " + " ".join(running.addresses)
     log.info("%s", status)

@@ -391,13 +391,15 @@ def _store_path(info: pathinfo_pb2.PathInfo, what: str) -> StorePath:
     return store_path
 
 
-def open_grpc_store(target: str, config: ClientConfig | None = None) -> Store:
+def open_grpc_store(
+    target: str, config: ClientConfig | None = None, credentials: grpc.ChannelCredentials | None = None
+) -> Store:
     """The three services of the store at ``target`` (``host:port`` or ``unix:/abs/path``).
 
     They share one channel, which connects on first use: opening never blocks, and an
     unreachable store shows as StoreUnavailableError on the first call.
     """
-    conn = Connection(target, config or ClientConfig.from_env())
+    conn = Connection(target, config or ClientConfig.from_env(), credentials)
     return Store(GrpcBlobService(conn), GrpcDirectoryService(conn), GrpcPathInfoService(conn))
 
 

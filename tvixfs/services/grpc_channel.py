@@ -111,10 +111,17 @@ class ClientConfig:
 class Connection:
     """A channel shared by the three services of one address. Thread-safe."""
 
-    def __init__(self, target: str, config: ClientConfig) -> None:
+    def __init__(
+        self, target: str, config: ClientConfig, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        """``credentials``: TLS (grpc+https); None for a plaintext channel."""
         self.target = target
         self.config = config
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        )
         self._callables: dict[tuple[Method, str], Any] = {}
         # Which prefix each service answered to; absent until a call settles it.
         self._prefix: dict[str, str] = {}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from tvixfs.services.base import Store
 from tvixfs.services.errors import StoreError
 from tvixfs.services.s3url import SCHEMES as S3_SCHEMES
 from tvixfs.services.s3url import S3URLError, parse_s3_url
+from tvixfs.services.tls import ClientTLS, handshake_problem
 
-SCHEMES = ("local", "memory", "grpc+http", "grpc+unix", *S3_SCHEMES)
+SCHEMES = ("local", "memory", "grpc+http", "grpc+https", "grpc+unix", *S3_SCHEMES)
+_TLS_OPTIONS = ("ca", "cert", "key")
 
 
 class StoreURLError(StoreError, ValueError):
@@ -31,7 +33,8 @@ def default_store_url() -> str:
 class StoreURL:
     scheme: str
     path: str = ""  # local: directory; grpc+unix: socket path; s3: the whole URL
-    host: str = ""  # grpc+http: host:port as grpcio takes it
+    host: str = ""  # grpc+http(s): host:port as grpcio takes it
+    tls: ClientTLS | None = None  # grpc+https
 
     @classmethod
     def parse(cls, url: str) -> StoreURL:
@@ -40,8 +43,8 @@ class StoreURL:
         if scheme not in SCHEMES:
             raise StoreURLError(
                 f"unknown store URL {url!r}: expected one of "
-                "local:///path, memory://, grpc+http://host:port, grpc+unix:///path.sock, "
-                "s3://bucket[/prefix]"
+                "local:///path, memory://, grpc+http://host:port, grpc+https://host:port, "
+                "grpc+unix:///path.sock, s3://bucket/prefix"
             )
         if scheme in S3_SCHEMES:
             try:
@@ -61,8 +64,28 @@ class StoreURL:
                 raise StoreURLError(f"grpc+unix URL needs an absolute socket path: {url!r}")
             return cls(scheme, path=parts.path)
         if not parts.netloc or parts.port is None:
-            raise StoreURLError(f"grpc+http URL needs host:port: {url!r}")
+            raise StoreURLError(f"{scheme} URL needs host:port: {url!r}")
+        if scheme == "grpc+https":
+            return cls(scheme, host=parts.netloc, tls=_client_tls(url, parts.query))
+        if parts.query:
+            raise StoreURLError(f"options (?{parts.query}) need TLS: grpc+https:// instead of {url!r}")
         return cls(scheme, host=parts.netloc)
+
+
+def _client_tls(url: str, query: str) -> ClientTLS:
+    """``?ca=FILE&cert=FILE&key=FILE``, each at most once; a certificate needs its key."""
+    options = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(options) - set(_TLS_OPTIONS))
+    if unknown:
+        raise StoreURLError(f"unknown option {unknown[0]!r} in {url!r}: expected ca=, cert=, key=")
+    values = {}
+    for name, given in options.items():
+        if len(given) != 1 or not given[0]:
+            raise StoreURLError(f"option {name!r} needs exactly one file in {url!r}")
+        values[name] = given[0]
+    if ("cert" in values) != ("key" in values):
+        raise StoreURLError(f"a client certificate needs both cert= and key=: {url!r}")
+    return ClientTLS(**values)
 
 
 def open_url(url: StoreURL) -> Store:
@@ -82,7 +105,7 @@ def open_url(url: StoreURL) -> Store:
     from tvixfs.services.grpc import open_grpc_store
 
     target = f"unix:{url.path}" if url.scheme == "grpc+unix" else url.host
-    return open_grpc_store(target)
+    return open_grpc_store(target, credentials=url.tls.credentials() if url.tls is not None else None)
 
 
 def open_store(
@@ -101,3 +124,16 @@ def open_store(
         if url not in opened:
             opened[url] = open_url(url)
     return Store(opened[urls[0]].blobs, opened[urls[1]].directories, opened[urls[2]].pathinfos)
+
+
+def tls_problem(*urls: str | None) -> str | None:
+    """For a store that cannot be reached: what is wrong with the TLS of one of its
+    ``grpc+https://`` URLs (``URL: reason``), or None if TLS is not the problem."""
+    for text in dict.fromkeys(u for u in urls if u):
+        try:
+            url = StoreURL.parse(text)
+        except StoreURLError:
+            continue
+        if url.tls is not None and (problem := handshake_problem(url.host, url.tls)) is not None:
+            return f"{text}: {problem}"
+    return None
