@@ -8,7 +8,7 @@ the store commands, which scripts run often (``import``, ``cat``, ...), start wi
 import sys
 
 from tvixfs.cli import fsck_cmd, store_cmds  # noqa: F401  (register commands)
-from tvixfs.cli.app import app
+from tvixfs.cli.app import run
 
 _SERVING_COMMANDS = {"mount", "daemon"}
 
@@ -18,4 +18,4 @@ def main() -> None:
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command is None or command in _SERVING_COMMANDS:
         from tvixfs.cli import daemon_cmd, mount_cmd  # noqa: F401  (register commands)
-    app()
+    run()

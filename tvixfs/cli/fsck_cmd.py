@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import StoreOpt, app, fail
-from tvixfs.services.errors import StoreError
+from tvixfs.cli.app import StoreOpt, app, describe, fail
+from tvixfs.errors import UserError
 from tvixfs.services.fsck import fsck_local_store
 from tvixfs.services.url import StoreURL, default_store_url
 
@@ -42,15 +41,15 @@ def fsck(
     Exit status: 0 consistent (or all repaired), 1 problems remain, 2 store not checkable.
     """
     try:
-        url = StoreURL.parse(store or default_store_url())
-    except (StoreError, ValidationError) as e:
+        url = StoreURL.parse(default_store_url() if store is None else store)
+    except UserError as e:
         fail(str(e), code=2)
     if url.scheme != "local":
         fail(f"fsck checks the embedded store only (local:///path), not {url.scheme}://", code=2)
     try:
         result = fsck_local_store(Path(url.path), report=print, repair=repair, check_contents=check_contents)
-    except (StoreError, ValidationError, OSError) as e:
-        fail(f"cannot check {url.path}: {e}", code=2)
+    except (UserError, OSError) as e:
+        fail(f"cannot check {url.path}: {describe(e)}", code=2)
     print(result.summary())
     if result.problems and not result.repaired:
         raise typer.Exit(1)

@@ -9,23 +9,14 @@ from typing import Annotated
 import typer
 
 from tvixfs.allocator import tune_malloc
-from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import (
-    BlobAddrOpt,
-    DirAddrOpt,
-    PathInfoAddrOpt,
-    StoreOpt,
-    app,
-    fail,
-    open_store_or_fail,
-)
+from tvixfs.cli.app import StoreOptions, app, describe, fail, store_options
+from tvixfs.errors import UserError
 from tvixfs.fs.bridge import DEFAULT_THREADS
 from tvixfs.fs.directories import CACHE_ENTRIES
 from tvixfs.fs.inodes import DEFAULT_MAX_INODES
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
-from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
-from tvixfs.services.errors import StoreError
+from tvixfs.fs.preflight import check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.url import default_store_url
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
@@ -41,13 +32,13 @@ def parse_size(text: str) -> int:
 
 
 @app.command()
+@store_options()
 def mount(
-    mountpoint: Annotated[Path, typer.Argument(help="An empty directory to mount on.", show_default=False)],
+    mountpoint: Annotated[
+        Path, typer.Argument(help="An empty directory to mount on.", show_default=False, metavar="MOUNTPOINT")
+    ],
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
     list_root: Annotated[
         bool, typer.Option("--list-root", help="Let readdir of the mount root list every store path.")
     ] = False,
@@ -100,17 +91,16 @@ def mount(
         cache_bytes = parse_size(cache_size)
     except ValueError as e:
         fail(f"--cache-size: {e}")
-    try:
-        check_fuse_device()
-        absolute = check_mountpoint(mountpoint)
-    except MountError as e:
-        fail(str(e))
-    opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    if cache_bytes == 0:
+        fail("--cache-size 0: the chunk cache needs room for at least one chunk")
+    check_fuse_device()
+    absolute = check_mountpoint(mountpoint)
+    opened = where.open_store(create=False)
     try:
         try:
             probe_store(opened)
-        except (StoreError, ValidationError, OSError) as e:
-            fail(f"cannot reach the store: {e}")
+        except (UserError, OSError) as e:
+            fail(f"cannot reach the store: {describe(e)}")
         options = FsOptions(
             list_root=list_root,
             show_xattr=show_xattr,
@@ -121,9 +111,6 @@ def mount(
             prefetch_references=prefetch_references,
         )
         config = MountConfig(absolute, options, allow_other=allow_other, debug_fuse=debug_fuse)
-        try:
-            run_mount(opened, config, store or default_store_url())
-        except MountError as e:
-            fail(str(e))
+        run_mount(opened, config, where.store or default_store_url())
     finally:
         opened.close()

@@ -19,6 +19,7 @@ block writers or each other.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,7 +41,7 @@ from tvixfs.services.base import (
 from tvixfs.services.checks import calculate_nar, check_closure, check_pathinfo
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
-from tvixfs.services.localdb import LocalBackend, pack_chunks, unpack_chunks
+from tvixfs.services.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
 from tvixfs.store.pathinfo import validate_pathinfo
 
 _LIST_PAGE = 256
@@ -312,9 +313,14 @@ def _parse_pathinfo(data: bytes) -> pathinfo_pb2.PathInfo:
     return info
 
 
-def open_local_store(path: Path) -> Store:
-    """Open (creating it if missing) the embedded store at ``path``."""
-    backend = LocalBackend(path)
+def open_local_store(path: Path, create: bool = True) -> Store:
+    """Open the embedded store at ``path``; if missing, create it only when ``create``.
+
+    Without ``create`` (the commands that only read or serve), a store whose directory is not
+    writable, as on a snapshot or read-only media, is opened read-only instead of refused.
+    """
+    read_only = not create and (path / DB_NAME).exists() and not os.access(path, os.W_OK | os.X_OK)
+    backend = LocalBackend(path, create=create, read_only=read_only)
     blobs = LocalBlobService(backend)
     directories = LocalDirectoryService(backend)
     return Store(blobs, directories, LocalPathInfoService(backend, blobs, directories))
