@@ -9,6 +9,7 @@ the daemon dies without cleaning up, so a crash leaves no dead mount behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -61,6 +62,10 @@ def run_mount(store: Store, config: MountConfig, description: str) -> None:
 def reachability(target: str, reachable: bool) -> str:
     """STATUS= when a remote store goes away or comes back."""
     return f"store {target} reachable again" if reachable else f"store {target} unreachable: failing fast"
+
+
+def _report_reachability(notifier: Notifier, target: str, reachable: bool) -> None:
+    notifier.status(reachability(target, reachable))
 
 
 def _answering(mountpoint: Path) -> os.stat_result:
@@ -169,7 +174,7 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
                     log.info("mounted %s on %s", description, mountpoint)
                     notifier.ready(f"serving {description} on {mountpoint}")
                     for breaker in store.breakers:
-                        breaker.watch(lambda up, b=breaker: notifier.status(reachability(b.target, up)))
+                        breaker.watch(functools.partial(_report_reachability, notifier, breaker.target))
                     nursery.start_soon(mount.stop_on_signal, signals, nursery)
                     if notifier.enabled:
                         nursery.start_soon(mount.report_status)
