@@ -243,7 +243,6 @@ def test_stop_post_detaches_a_dead_mount_and_nothing_else(
         teardown(mount)
 
 
-
 def test_external_umount_sends_stopping(tvixfs_cmd: list[str], short_tmp: Path) -> None:
     """An administrator's ``umount`` ends the service too: STOPPING=1 first, then exit 0."""
     with mounted(tvixfs_cmd, short_tmp, "memory://") as mount:

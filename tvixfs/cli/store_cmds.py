@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, cast
 
 import typer
 
@@ -17,6 +16,7 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.cli.app import StoreOptions, app, fail, log, store_options
+from tvixfs.cli.progress import CountingReader, Progress
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
@@ -29,33 +29,6 @@ from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
 
 # Symlinks followed while resolving one path, as Linux allows (ELOOP beyond).
 MAX_SYMLINKS = 40
-# Import progress appears only for imports that take longer than this, then at this interval.
-_PROGRESS_AFTER = 1.0
-_PROGRESS_EVERY = 0.2
-
-
-class _Progress:
-    """Files and bytes imported so far, on one rewritten stderr line (terminals only)."""
-
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._shown = False
-
-    def __call__(self, files: int, nbytes: int) -> None:
-        now = time.monotonic()
-        if now - self._start < _PROGRESS_AFTER or now - self._last < _PROGRESS_EVERY:
-            return
-        self._last = now
-        self._shown = True
-        sys.stderr.write(f"\r\x1b[K{self._label}: {files} files, {nbytes / 2**20:.1f} MiB")
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
 
 
 @app.command("import")
@@ -80,7 +53,7 @@ def import_(
                 check_name(path_name)
             except ValidationError as e:
                 fail(f"{path}: {e} (choose another with --name)")
-            progress = _Progress(path) if sys.stderr.isatty() else None
+            progress = Progress.on_terminal(path)
             try:
                 info = ingest_path(opened, path, path_name, progress)
             finally:
@@ -105,7 +78,13 @@ def import_nar(
         store_path = StorePath.from_absolute(path)
         references = [StorePath.from_absolute(r) for r in reference or []]
         with _input(file) as stream:
-            info = ingest_nar(opened, stream, store_path, references)
+            progress = Progress.on_terminal(file)
+            counted = stream if progress is None else cast(IO[bytes], CountingReader(stream, progress))
+            try:
+                info = ingest_nar(opened, counted, store_path, references)
+            finally:
+                if progress is not None:
+                    progress.clear()
         print(_store_path(info))
 
 
