@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from grpcserver import running_daemon
 
 from tvixfs.fs.preflight import check_mountpoint
 from tvixfs.services.url import StoreURL, StoreURLError
@@ -81,11 +82,16 @@ def test_reading_commands_never_create_a_store(
     assert not typo.exists()
 
 
-def test_daemon_never_creates_a_store(tvixfs_cmd: list[str], tmp_path: Path) -> None:
-    typo = tmp_path / "typo"
+def test_daemon_creates_a_store_only_in_an_existing_directory(tvixfs_cmd: list[str], short_tmp: Path) -> None:
+    typo = short_tmp / "typo"
     line = one_line(run(tvixfs_cmd, "daemon", "--store", f"local://{typo}", "--listen", "[::1]:0"))
     assert "no tvixfs store here" in line
     assert not typo.exists()
+    state = short_tmp / "state"  # as systemd's StateDirectory= makes it: empty
+    state.mkdir()
+    with running_daemon(tvixfs_cmd, short_tmp, f"local://{state}") as daemon:
+        assert run(tvixfs_cmd, "ls", "--store", daemon.url).returncode == 0
+    assert (state / "db.sqlite").exists()
 
 
 def test_a_store_on_read_only_media_is_readable(tvixfs_cmd: list[str], tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ Adding a command: put it in the module of its area (``store_cmds``, ``mount_cmd`
     @app.command("frobnicate")
     @store_options()                      # adds --store and the three per-service overrides
     def frobnicate(path: ..., *, where: StoreOptions, limit: Annotated[int, typer.Option(...)] = 3):
-        with where.open() as store:       # where.open(create=False) if it only reads
+        with where.open() as store:       # where.open(create="never") if it only reads
             ...
 
 Errors: raise a ``tvixfs.errors.UserError`` subclass (StoreError, ValidationError, ...) or call
@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -33,6 +33,9 @@ from tvixfs.errors import UserError
 from tvixfs.services.base import Store
 from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.url import open_store
+
+if TYPE_CHECKING:
+    from tvixfs.services.local import Creation
 
 app = typer.Typer(
     name="tvixfs",
@@ -130,8 +133,8 @@ class StoreOptions:
     directory_service_addr: str | None = None
     path_info_service_addr: str | None = None
 
-    def open_store(self, create: bool = True) -> Store:
-        """The store; ``create=False`` for commands that only read or serve."""
+    def open_store(self, create: Creation = "always") -> Store:
+        """The store; ``create="never"`` for commands that only read (see ``open_store``)."""
         if self.store is None and os.environ.get("TVIXFS_STORE") == "":
             fail("TVIXFS_STORE is set but empty: unset it for the default store, or name one")
         try:
@@ -147,7 +150,7 @@ class StoreOptions:
             fail(f"cannot open store: {describe(e)}")
 
     @contextmanager
-    def open(self, create: bool = True) -> Iterator[Store]:
+    def open(self, create: Creation = "always") -> Iterator[Store]:
         """``open_store`` for the length of a ``with`` block."""
         opened = self.open_store(create)
         try:

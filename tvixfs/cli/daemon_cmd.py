@@ -46,7 +46,7 @@ def daemon(
     tune_malloc()
     addresses = listen or [DEFAULT_LISTEN]
     refuse_serving_itself(where, addresses)
-    opened = where.open_store(create=False)
+    opened = where.open_store(create="in-existing-directory")
     try:
         run_daemon(opened, addresses, threads, grace)
     finally:

@@ -95,7 +95,7 @@ def mount(
         fail("--cache-size 0: the chunk cache needs room for at least one chunk")
     check_fuse_device()
     absolute = check_mountpoint(mountpoint)
-    opened = where.open_store(create=False)
+    opened = where.open_store(create="never")
     try:
         try:
             probe_store(opened)

@@ -134,7 +134,7 @@ def export_nar(
     where: StoreOptions,
 ) -> None:
     """Write the NAR of a path to standard output, byte for byte what `nix-store --dump` gives."""
-    with where.open(create=False) as opened:
+    with where.open(create="never") as opened:
         node = _resolve(opened, path, follow_last=False)
         directories: dict[bytes, Directory] = {}
         if isinstance(node, DirectoryNode):  # one request for the whole tree, not one per directory
@@ -173,7 +173,7 @@ def info(
     where: StoreOptions,
 ) -> None:
     """Print path infos as JSON, shaped like `nix path-info --json`."""
-    with where.open(create=False) as opened:
+    with where.open(create="never") as opened:
         found = [_info_json(_pathinfo(opened, StorePath.from_absolute(p))) for p in paths]
         print(json.dumps(found, indent=2))
 
@@ -206,7 +206,7 @@ def ls(
     where: StoreOptions,
 ) -> None:
     """List the store paths, or a directory inside one."""
-    with where.open(create=False) as opened:
+    with where.open(create="never") as opened:
         if path is None or path.rstrip("/") == STORE_DIR:
             for store_path in sorted(_store_path(i) for i in opened.pathinfos.list()):
                 print(store_path)
@@ -243,7 +243,7 @@ def cat(
     where: StoreOptions,
 ) -> None:
     """Write a file of a store path to standard output (symlinks are followed)."""
-    with where.open(create=False) as opened:
+    with where.open(create="never") as opened:
         node = _resolve(opened, path, follow_last=True)
         if not isinstance(node, FileNode):
             fail(f"{path}: not a regular file")

@@ -24,6 +24,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 from tvixfs.castore.chunking import chunk_stream
 from tvixfs.castore.digest import b3digest, check_digest, new_hasher
@@ -313,14 +314,22 @@ def _parse_pathinfo(data: bytes) -> pathinfo_pb2.PathInfo:
     return info
 
 
-def open_local_store(path: Path, create: bool = True) -> Store:
-    """Open the embedded store at ``path``; if missing, create it only when ``create``.
+# When opening may create a store where there is none (see open_local_store).
+Creation = Literal["always", "never", "in-existing-directory"]
 
-    Without ``create`` (the commands that only read or serve), a store whose directory is not
-    writable, as on a snapshot or read-only media, is opened read-only instead of refused.
+
+def open_local_store(path: Path, create: Creation = "always") -> Store:
+    """Open the embedded store at ``path``; a missing one is created as ``create`` says.
+
+    ``"never"`` (the commands that only read) refuses a path with no store, so that a typo
+    does not become a new empty store; ``"in-existing-directory"`` (the daemon) creates one
+    only in a directory that exists, as systemd's StateDirectory= makes it. Unless it may
+    always create, a store whose directory is not writable, as on a snapshot or read-only
+    media, is opened read-only instead of refused.
     """
-    read_only = not create and (path / DB_NAME).exists() and not os.access(path, os.W_OK | os.X_OK)
-    backend = LocalBackend(path, create=create, read_only=read_only)
+    may_create = create == "always" or (create == "in-existing-directory" and path.is_dir())
+    read_only = create != "always" and (path / DB_NAME).exists() and not os.access(path, os.W_OK | os.X_OK)
+    backend = LocalBackend(path, create=may_create, read_only=read_only)
     blobs = LocalBlobService(backend)
     directories = LocalDirectoryService(backend)
     return Store(blobs, directories, LocalPathInfoService(backend, blobs, directories))

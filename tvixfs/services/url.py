@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tvixfs.services.base import Store
 from tvixfs.services.clientconfig import ClientConfig
+
+if TYPE_CHECKING:  # local.py imports sqlite: only when a local store is opened
+    from tvixfs.services.local import Creation
 from tvixfs.services.errors import StoreError
 
 SCHEMES = ("local", "memory", "grpc+http", "grpc+unix")
@@ -70,8 +74,8 @@ class StoreURL:
         return cls(scheme, host=parts.netloc)
 
 
-def open_url(url: StoreURL, create: bool = True, config: ClientConfig | None = None) -> Store:
-    """Open all three services of one URL; a missing local store is created only if ``create``.
+def open_url(url: StoreURL, create: Creation = "always", config: ClientConfig | None = None) -> Store:
+    """Open all three services of one URL; whether a missing local store is created: ``create``.
 
     ``config`` sets the deadlines of a gRPC client (default: ClientConfig's).
     """
@@ -95,14 +99,14 @@ def open_store(
     directory_service_addr: str | None = None,
     path_info_service_addr: str | None = None,
     *,
-    create: bool = True,
+    create: Creation = "always",
     config: ClientConfig | None = None,
 ) -> Store:
     """One store from ``--store`` plus per-service overrides; each distinct URL opened once.
 
     None means the default (the embedded store, or ``--store`` for an override); an empty
-    string is an error, not the default. Commands that only read or serve pass
-    ``create=False``, so that a mistyped local path is refused instead of becoming a new store.
+    string is an error, not the default. Commands that only read pass ``create="never"``, so
+    that a mistyped local path is refused instead of becoming a new store.
     """
     base = default_store_url() if store is None else store
     urls = [
