@@ -8,12 +8,10 @@ from typing import Annotated
 
 import typer
 
+from tvixfs import defaults
 from tvixfs.allocator import tune_malloc
 from tvixfs.cli.app import StoreOptions, app, describe, fail, store_options
 from tvixfs.errors import UserError
-from tvixfs.fs.bridge import DEFAULT_THREADS
-from tvixfs.fs.directories import CACHE_ENTRIES
-from tvixfs.fs.inodes import DEFAULT_MAX_INODES
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import check_fuse_device, check_mountpoint, probe_store
@@ -54,10 +52,10 @@ def mount(
     ] = True,
     cache_size: Annotated[
         str, typer.Option("--cache-size", help="Memory for file content chunks, e.g. 256M, 1G.")
-    ] = "256M",
+    ] = defaults.CACHE_SIZE,
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Concurrent requests to the store.")
-    ] = DEFAULT_THREADS,
+    ] = defaults.THREADS,
     max_inodes: Annotated[
         int,
         typer.Option(
@@ -65,11 +63,19 @@ def mount(
             min=1,
             help="Inodes the kernel may hold before the least recently used are dropped.",
         ),
-    ] = DEFAULT_MAX_INODES,
+    ] = defaults.MAX_INODES,
     directory_cache: Annotated[
         int,
         typer.Option("--directory-cache", min=1, help="Directory entries kept in memory (all directories)."),
-    ] = CACHE_ENTRIES,
+    ] = defaults.DIRECTORY_CACHE_ENTRIES,
+    deadline: Annotated[
+        float,
+        typer.Option(
+            "--deadline",
+            min=0.001,
+            help="Seconds a request may wait on the store before it fails with EIO.",
+        ),
+    ] = defaults.DEADLINE,
     prefetch_references: Annotated[
         bool,
         typer.Option(
@@ -109,6 +115,7 @@ def mount(
             max_inodes=max_inodes,
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
+            deadline=deadline,
         )
         config = MountConfig(absolute, options, allow_other=allow_other, debug_fuse=debug_fuse)
         run_mount(opened, config, where.store or default_store_url())

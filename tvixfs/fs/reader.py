@@ -37,6 +37,7 @@ from typing import cast
 import trio
 from cachetools import LRUCache, TTLCache
 
+from tvixfs import defaults
 from tvixfs.castore.digest import DIGEST_SIZE, EMPTY_DIGEST, new_hasher
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs.bridge import Bridge
@@ -48,7 +49,6 @@ from tvixfs.services.errors import CorruptDataError, NotFoundError, StoreUnavail
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_BYTES = 256 << 20
 READAHEAD_BYTES = 4 << 20
 # Chunks fetched ahead by one worker thread call. A hop costs the event loop ~0.1-0.5 ms, about
 # what reading and hashing an average chunk (256 KiB) costs the worker: a cold 256 MiB read
@@ -216,7 +216,7 @@ class BlobReader:
         bridge: Bridge,
         blobs: BlobService,
         background: trio.Nursery,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = defaults.CACHE_BYTES,
         readahead_bytes: int = READAHEAD_BYTES,
     ) -> None:
         self._bridge = bridge
