@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from tvixfs.errors import UserError
+from tvixfs.services import breaker
 from tvixfs.services.base import Store
 from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.url import open_store
@@ -151,7 +152,12 @@ class StoreOptions:
 
     @contextmanager
     def open(self, create: Creation = "always") -> Iterator[Store]:
-        """``open_store`` for the length of a ``with`` block."""
+        """``open_store`` for the length of a ``with`` block, for a command that runs once.
+
+        Such a command reports a dead store in its one error line: the circuit breaker's
+        state changes, which a long-running mount or daemon logs, would only repeat it.
+        """
+        breaker.log.setLevel(logging.ERROR)
         opened = self.open_store(create)
         try:
             yield opened
