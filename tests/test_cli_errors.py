@@ -66,7 +66,8 @@ def test_bad_urls_are_refused(tvixfs_cmd: list[str], url: str, message: str) -> 
 
 
 def test_empty_store_variable_is_an_error(tvixfs_cmd: list[str]) -> None:
-    assert "TVIXFS_STORE is set but empty" in one_line(run(tvixfs_cmd, "ls", env={"TVIXFS_STORE": ""}))
+    for command in ("ls", "fsck"):
+        assert "TVIXFS_STORE is set but empty" in one_line(run(tvixfs_cmd, command, env={"TVIXFS_STORE": ""}))
 
 
 @pytest.mark.parametrize(

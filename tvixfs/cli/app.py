@@ -125,6 +125,12 @@ def _env_seconds(name: str, default: float) -> float:
     return seconds
 
 
+def refuse_empty_store_variable(store: str | None, code: int = 1) -> None:
+    """click takes an empty ``$TVIXFS_STORE`` for an unset one; it is a mistake, not the default."""
+    if store is None and os.environ.get("TVIXFS_STORE") == "":
+        fail("TVIXFS_STORE is set but empty: unset it for the default store, or name one", code)
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     """``--store`` and the per-service overrides, as a command received them."""
@@ -136,8 +142,7 @@ class StoreOptions:
 
     def open_store(self, create: Creation = "always") -> Store:
         """The store; ``create="never"`` for commands that only read (see ``open_store``)."""
-        if self.store is None and os.environ.get("TVIXFS_STORE") == "":
-            fail("TVIXFS_STORE is set but empty: unset it for the default store, or name one")
+        refuse_empty_store_variable(self.store)
         try:
             return open_store(
                 self.store,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tvixfs.cli.app import StoreOpt, app, describe, fail
+from tvixfs.cli.app import StoreOpt, app, describe, fail, refuse_empty_store_variable
 from tvixfs.errors import UserError
 from tvixfs.services.fsck import fsck_local_store
 from tvixfs.services.url import StoreURL, default_store_url
@@ -40,6 +40,7 @@ def fsck(
 
     Exit status: 0 consistent (or all repaired), 1 problems remain, 2 store not checkable.
     """
+    refuse_empty_store_variable(store, code=2)
     try:
         url = StoreURL.parse(default_store_url() if store is None else store)
     except UserError as e:
