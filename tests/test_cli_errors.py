@@ -95,14 +95,14 @@ def test_daemon_creates_a_store_only_in_an_existing_directory(tvixfs_cmd: list[s
     assert (state / "db.sqlite").exists()
 
 
-def test_a_store_on_read_only_media_is_readable(tvixfs_cmd: list[str], tmp_path: Path) -> None:
-    media = tmp_path / "media"
+def test_a_store_on_read_only_media_is_readable(tvixfs_cmd: list[str], short_tmp: Path) -> None:
+    media = short_tmp / "media"
     media.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(media)], check=True)
     try:
-        (tmp_path / "hello").write_text("hello\n")
+        (short_tmp / "hello").write_text("hello\n")
         url = f"local://{media / 'store'}"
-        path = run(tvixfs_cmd, "import", "--store", url, str(tmp_path / "hello")).stdout.strip()
+        path = run(tvixfs_cmd, "import", "--store", url, str(short_tmp / "hello")).stdout.strip()
         subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
         assert run(tvixfs_cmd, "ls", "--store", url).stdout == path + "\n"
         assert run(tvixfs_cmd, "cat", "--store", url, path).stdout == "hello\n"
@@ -112,7 +112,7 @@ def test_a_store_on_read_only_media_is_readable(tvixfs_cmd: list[str], tmp_path:
         )
         assert nar.stdout.startswith(b"\r\x00\x00\x00\x00\x00\x00\x00nix-archive-1")
         # Importing is what needs a writable store, and says so in one line.
-        assert "not writable" in one_line(run(tvixfs_cmd, "import", "--store", url, str(tmp_path / "hello")))
+        assert "not writable" in one_line(run(tvixfs_cmd, "import", "--store", url, str(short_tmp / "hello")))
         assert sorted(os.listdir(media / "store")) == ["chunks", "db.sqlite"]  # nothing left behind
     finally:
         subprocess.run(["umount", str(media)], check=False)
