@@ -1,8 +1,9 @@
 """One gRPC channel to a store: deadlines, retries, error mapping and the tvix/snix names.
 
 Every call of the gRPC client goes through ``Connection.call``, so that no call lacks a deadline,
-every idempotent call survives a restarting server, and every failure surfaces as a service
-error rather than a ``grpc.RpcError``.
+every idempotent call survives a restarting server, a store that stopped answering fails
+further calls at once (``breaker.py``), and every failure surfaces as a service error rather
+than a ``grpc.RpcError``.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class Connection:
         try:
             _drain(self._callable(method, prefix)(request, timeout=self.config.timeout))
         except grpc.RpcError as e:
-            return not isinstance(e, grpc.Call) or e.code() not in _SILENT
+            return isinstance(e, grpc.Call) and e.code() not in _SILENT
         except ValueError:  # the channel was closed meanwhile
             return False
         return True
