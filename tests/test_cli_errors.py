@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from grpcserver import running_daemon
+from mounting import TVIXFS, mounted
 
 from tvixfs.fs.preflight import check_mountpoint
 from tvixfs.services.url import StoreURL, StoreURLError
@@ -113,6 +114,13 @@ def test_a_store_on_read_only_media_is_readable(tvixfs_cmd: list[str], short_tmp
         assert nar.stdout.startswith(b"\r\x00\x00\x00\x00\x00\x00\x00nix-archive-1")
         # Importing is what needs a writable store, and says so in one line.
         assert "not writable" in one_line(run(tvixfs_cmd, "import", "--store", url, str(short_tmp / "hello")))
+        # A daemon serves it, and refuses puts in one line; a mount serves it too.
+        with running_daemon(tvixfs_cmd, short_tmp, url) as daemon:
+            assert run(tvixfs_cmd, "cat", "--store", daemon.url, path).stdout == "hello\n"
+            line = one_line(run(tvixfs_cmd, "import", "--store", daemon.url, str(short_tmp / "hello")))
+            assert "is read-only" in line
+        with mounted(TVIXFS, short_tmp, url) as mount:
+            assert mount.path(Path(path).name).read_text() == "hello\n"
         assert sorted(os.listdir(media / "store")) == ["chunks", "db.sqlite"]  # nothing left behind
     finally:
         subprocess.run(["umount", str(media)], check=False)

@@ -108,6 +108,7 @@ class LocalBlobService(BlobService):
 
     def put(self, data: Iterable[bytes]) -> bytes:
         """Chunk, hash and write; the blob's row is committed by the backend's next commit."""
+        self._backend.check_writable()
         digest, size, packed = write_blob(self._chunks, data)
         self._backend.add_blob(digest, size, packed)
         return digest

@@ -45,7 +45,12 @@ from typing import Any
 
 from tvixfs.services.base import ChunkMeta
 from tvixfs.services.chunkfiles import ChunkFiles
-from tvixfs.services.errors import CorruptDataError, StoreError, StoreUnavailableError
+from tvixfs.services.errors import (
+    CorruptDataError,
+    FailedPreconditionError,
+    StoreError,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +284,13 @@ class LocalBackend:
                 with self._pending_lock:
                     self._flush_wanted.wait_for(lambda: self._stopping, FLUSH_AFTER)
 
+    def check_writable(self) -> None:
+        """Refuse a write to a store opened read-only, before anything is written."""
+        if self.read_only:
+            raise FailedPreconditionError(
+                f"local store {self.path} is read-only (its directory is not writable)"
+            )
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, all of it committed or none; it commits pending blobs first.
@@ -286,6 +298,7 @@ class LocalBackend:
         The barrier comes before ``BEGIN IMMEDIATE``, so other processes' writers are not held
         up while the disk catches up.
         """
+        self.check_writable()
         with self._write_lock:
             with self._pending_lock:
                 pending = list(self._pending.items())
