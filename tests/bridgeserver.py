@@ -24,6 +24,8 @@ from tvixfs.store import nixbase32
 def running_bridge(
     tvixfs_cmd: Sequence[str], tmp: Path, store: str, extra: Sequence[str] = ()
 ) -> Iterator[Daemon]:
+    if store.startswith("local://"):  # as systemd's StateDirectory= would make it
+        Path(store.removeprefix("local://")).mkdir(parents=True, exist_ok=True)
     notify_path = tmp / f"bridge-notify-{len(list(tmp.glob('bridge-notify-*')))}"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from tvixfs.cli import cache_cmds, fsck_cmd, gc_cmd, store_cmds  # noqa: F401  (register commands)
-from tvixfs.cli.app import app
+from tvixfs.cli.app import run
 
 _SERVING_COMMANDS = {"mount", "daemon", "nar-bridge"}
 
@@ -23,4 +23,4 @@ def main() -> None:
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command is None or command in _SERVING_COMMANDS:
         from tvixfs.cli import daemon_cmd, mount_cmd, narbridge_cmd  # noqa: F401  (register commands)
-    app()
+    run()

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
 
 from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import (
-    BlobAddrOpt,
-    DirAddrOpt,
-    PathInfoAddrOpt,
-    StoreOpt,
-    app,
-    fail,
-    open_store_or_fail,
-)
+from tvixfs.cli.app import StoreOptions, app, fail, store_options
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached
 from tvixfs.cli.mount_cmd import parse_size
 from tvixfs.server.limits import (
@@ -26,11 +19,11 @@ from tvixfs.server.limits import (
     LimitsError,
     StreamLimits,
 )
-from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
+from tvixfs.server.listen import DEFAULT_LISTEN, parse_listen
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
-from tvixfs.services.errors import StoreError
 from tvixfs.services.tls import ServerTLS
 from tvixfs.services.trust import load_secret_key, with_trust
+from tvixfs.services.url import StoreURL
 
 ListenOpt = Annotated[
     list[str] | None,
@@ -44,12 +37,10 @@ ListenOpt = Annotated[
 
 
 @app.command()
+@store_options()
 def daemon(
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
     listen: ListenOpt = None,
     threads: Annotated[
         int, typer.Option(help="Worker threads; each open stream holds one.", min=2)
@@ -144,12 +135,45 @@ def daemon(
     if tls_client_ca is not None and tls_cert is None:
         fail("--tls-client-ca needs --tls-cert and --tls-key")
     tls = ServerTLS(tls_cert, tls_key, tls_client_ca or "") if tls_cert and tls_key else None
-    opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
-    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    addresses = listen or [DEFAULT_LISTEN]
+    refuse_serving_itself(where, addresses)
+    opened = where.open_store(create="in-existing-directory")
+    urls = (where.store, where.blob_service_addr, where.directory_service_addr, where.path_info_service_addr)
     opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
-        run_daemon(with_trust(opened, key), listen or [DEFAULT_LISTEN], threads, grace, limits, tls=tls)
-    except (ListenError, StoreError) as e:
-        fail(str(e))
+        run_daemon(with_trust(opened, key), addresses, threads, grace, limits, tls=tls)
     finally:
         opened.close()
+
+
+_WILDCARDS = {"0.0.0.0", "::"}
+
+
+def refuse_serving_itself(where: StoreOptions, listen: list[str]) -> None:
+    """Refuse a store URL that is one of our own listen addresses.
+
+    Such a daemon would forward every request to itself, recursively, until its threads are
+    exhausted and its clients hang. Same unix socket, or same port on the same, a wildcard or
+    two loopback hosts.
+    """
+    urls = [where.store, where.blob_service_addr, where.directory_service_addr, where.path_info_service_addr]
+    remote = [u for u in (StoreURL.parse(url) for url in urls if url) if u.scheme.startswith("grpc+")]
+    for address in (parse_listen(text) for text in listen):
+        for url in remote:
+            if url.scheme == "grpc+unix":
+                own = address.path
+                same = own is not None and os.path.realpath(url.path) == os.path.realpath(own)
+            else:
+                target = parse_listen(url.host)
+                same = (
+                    address.path is None
+                    and address.port == target.port
+                    and (
+                        address.host == target.host
+                        or address.host in _WILDCARDS
+                        or (address.loopback and target.loopback)
+                    )
+                )
+            if same:
+                store = f"{url.scheme}://{url.path or url.host}"
+                fail(f"the store {store} is this daemon's own --listen {address.text}: it would call itself")

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import StoreOpt, app, fail
-from tvixfs.services.errors import StoreError
+from tvixfs.cli.app import StoreOpt, app, describe, fail, refuse_empty_store_variable
+from tvixfs.errors import UserError
 from tvixfs.services.fsck import fsck_local_store
 from tvixfs.services.s3url import SCHEMES as S3_SCHEMES
 from tvixfs.services.url import StoreURL, default_store_url
@@ -45,9 +44,10 @@ def fsck(
 
     Exit status: 0 consistent (or all repaired), 1 problems remain, 2 store not checkable.
     """
+    refuse_empty_store_variable(store, code=2)
     try:
-        url = StoreURL.parse(store or default_store_url())
-    except (StoreError, ValidationError) as e:
+        url = StoreURL.parse(default_store_url() if store is None else store)
+    except UserError as e:
         fail(str(e), code=2)
     if url.scheme in S3_SCHEMES:
         _fsck_s3(url, repair, check_contents)
@@ -56,8 +56,8 @@ def fsck(
         fail(f"fsck checks the embedded store only (local:///path), not {url.scheme}://", code=2)
     try:
         result = fsck_local_store(Path(url.path), report=print, repair=repair, check_contents=check_contents)
-    except (StoreError, ValidationError, OSError) as e:
-        fail(f"cannot check {url.path}: {e}", code=2)
+    except (UserError, OSError) as e:
+        fail(f"cannot check {url.path}: {describe(e)}", code=2)
     print(result.summary())
     if result.problems and not result.repaired:
         raise typer.Exit(1)
@@ -72,8 +72,8 @@ def _fsck_s3(url: StoreURL, repair: bool, check_contents: bool) -> None:
     try:
         objects = S3Objects(location)
         result = fsck_s3_store(objects, report=print, repair=repair, check_contents=check_contents)
-    except (StoreError, ValidationError) as e:
-        fail(f"cannot check {location.describe()}: {e}", code=2)
+    except (UserError, OSError) as e:
+        fail(f"cannot check {location.describe()}: {describe(e)}", code=2)
     print(result.summary())
     if result.problems and not result.repaired:
         raise typer.Exit(1)

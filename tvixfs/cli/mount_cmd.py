@@ -8,26 +8,15 @@ from typing import Annotated
 
 import typer
 
+from tvixfs import defaults
 from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import (
-    BlobAddrOpt,
-    DirAddrOpt,
-    PathInfoAddrOpt,
-    StoreOpt,
-    app,
-    fail,
-    log,
-    open_store_or_fail,
-)
+from tvixfs.cli.app import StoreOptions, app, describe, fail, log, store_options
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached, probe_or_offline
-from tvixfs.fs.bridge import DEFAULT_THREADS
-from tvixfs.fs.directories import CACHE_ENTRIES
-from tvixfs.fs.inodes import DEFAULT_MAX_INODES
+from tvixfs.errors import UserError
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
-from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
-from tvixfs.services.errors import StoreError
+from tvixfs.fs.preflight import check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.s3url import redacted
 from tvixfs.services.trust import load_public_keys
 from tvixfs.services.url import default_store_url, tls_problem
@@ -45,13 +34,13 @@ def parse_size(text: str) -> int:
 
 
 @app.command()
+@store_options()
 def mount(
-    mountpoint: Annotated[Path, typer.Argument(help="An empty directory to mount on.", show_default=False)],
+    mountpoint: Annotated[
+        Path, typer.Argument(help="An empty directory to mount on.", show_default=False, metavar="MOUNTPOINT")
+    ],
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
     list_root: Annotated[
         bool, typer.Option("--list-root", help="Let readdir of the mount root list every store path.")
     ] = False,
@@ -67,10 +56,10 @@ def mount(
     ] = True,
     cache_size: Annotated[
         str, typer.Option("--cache-size", help="Memory for file content chunks, e.g. 256M, 1G.")
-    ] = "256M",
+    ] = defaults.CACHE_SIZE,
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Concurrent requests to the store.")
-    ] = DEFAULT_THREADS,
+    ] = defaults.THREADS,
     max_inodes: Annotated[
         int,
         typer.Option(
@@ -78,11 +67,19 @@ def mount(
             min=1,
             help="Inodes the kernel may hold before the least recently used are dropped.",
         ),
-    ] = DEFAULT_MAX_INODES,
+    ] = defaults.MAX_INODES,
     directory_cache: Annotated[
         int,
         typer.Option("--directory-cache", min=1, help="Directory entries kept in memory (all directories)."),
-    ] = CACHE_ENTRIES,
+    ] = defaults.DIRECTORY_CACHE_ENTRIES,
+    deadline: Annotated[
+        float,
+        typer.Option(
+            "--deadline",
+            min=0.001,
+            help="Seconds a request may wait on the store before it fails with EIO.",
+        ),
+    ] = defaults.DEADLINE,
     prefetch_references: Annotated[
         bool,
         typer.Option(
@@ -130,6 +127,8 @@ def mount(
         cache_bytes = parse_size(cache_size)
     except ValueError as e:
         fail(f"--cache-size: {e}")
+    if cache_bytes == 0:
+        fail("--cache-size 0: the chunk cache needs room for at least one chunk")
     try:
         disk_bytes = parse_size(disk_cache_size)
     except ValueError as e:
@@ -140,20 +139,16 @@ def mount(
         fail(str(e))
     if verify_nar_hash and not trusted_keys:
         fail("--verify-nar-hash needs --trusted-public-key or --trusted-public-keys-file")
-    try:
-        check_fuse_device()
-        absolute = check_mountpoint(mountpoint)
-    except MountError as e:
-        fail(str(e))
-    opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
-    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    check_fuse_device()
+    absolute = check_mountpoint(mountpoint)
+    opened = where.open_store(create="never")
+    urls = (where.store, where.blob_service_addr, where.directory_service_addr, where.path_info_service_addr)
     opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
     try:
         try:
             probe_or_offline(opened, cache, probe_store)
-        except (StoreError, ValidationError, OSError) as e:
-            urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
-            fail(f"cannot reach the store: {tls_problem(*urls) or e}")
+        except (UserError, OSError) as e:
+            fail(f"cannot reach the store: {tls_problem(*urls) or describe(e)}")
         options = FsOptions(
             list_root=list_root,
             show_xattr=show_xattr,
@@ -164,6 +159,7 @@ def mount(
             prefetch_references=prefetch_references,
             trusted_keys=trusted_keys,
             verify_nar_hash=verify_nar_hash,
+            deadline=deadline,
         )
         if trusted_keys:
             log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))
@@ -176,9 +172,6 @@ def mount(
             debug_fuse=debug_fuse,
             status_note=None if cache is None else cache.state.describe,
         )
-        try:
-            run_mount(opened, config, redacted(store or default_store_url()))
-        except MountError as e:
-            fail(str(e))
+        run_mount(opened, config, redacted(where.store or default_store_url()))
     finally:
         opened.close()

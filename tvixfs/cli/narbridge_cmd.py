@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import StoreOpt, app, fail, open_store_or_fail
+from tvixfs.cli.app import StoreOptions, app, fail, store_options
 from tvixfs.narbridge.pending import PendingTable
 from tvixfs.narbridge.server import Bridge, BridgeServer, make_server
 from tvixfs.narbridge.signatures import parse_public_key, parse_secret_key
@@ -58,9 +58,10 @@ def _read(path: Path, what: str) -> str:
 
 
 @app.command("nar-bridge")
+@store_options()
 def nar_bridge(
     *,
-    store: StoreOpt = None,
+    where: StoreOptions,
     listen: Annotated[
         str, typer.Option(help="HOST:PORT, [IPV6]:PORT or unix:/abs/path.sock (mode 0660).")
     ] = DEFAULT_LISTEN,
@@ -107,8 +108,8 @@ def nar_bridge(
         trusted = [parse_public_key(k) for k in trusted_public_key or []]
     except (ListenError, ValidationError) as e:
         fail(str(e))
-    pending_path = _pending_path(store, pending_db)
-    opened = open_store_or_fail(store)
+    pending_path = _pending_path(where.store, pending_db)
+    opened = where.open_store(create="always" if allow_upload else "in-existing-directory")
     try:
         pending = PendingTable(pending_path)
     except (sqlite3.Error, OSError) as e:
@@ -124,12 +125,12 @@ def nar_bridge(
         limits=Limits(max_nar_size, spool_dir=pending_path.parent),
     )
     try:
-        server, where = _listen(bridge, address, max_connections, timeout)
+        server, serving_on = _listen(bridge, address, max_connections, timeout)
     except (ListenError, OSError) as e:
         pending.close()
         opened.close()
         fail(f"cannot listen on {listen}: {e}")
-    _serve(server, where, allow_upload)
+    _serve(server, serving_on, allow_upload)
     pending.close()
     opened.close()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
+from tvixfs import defaults
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, Node
 from tvixfs.fs.bridge import Bridge
@@ -28,9 +29,6 @@ from tvixfs.fs.inflight import InFlight
 from tvixfs.services.base import DirectoryService
 from tvixfs.services.errors import CorruptDataError, NotFoundError
 
-# Entries (of all cached directories together) the cache holds; about 200 bytes each. With
-# the inode table's limit this bounds the daemon's metadata memory whatever is walked.
-CACHE_ENTRIES = 1 << 17
 # Directories of a recursive Get handed from the pump thread to the event loop at once: a hop
 # per directory cost more than checking it (a 2 000-directory tree took ~2 000 hops).
 BATCH = 256
@@ -97,7 +95,9 @@ def _checked_one(service: DirectoryService, digest: bytes) -> Listing:
 
 
 class Directories:
-    def __init__(self, bridge: Bridge, service: DirectoryService, entries: int = CACHE_ENTRIES) -> None:
+    def __init__(
+        self, bridge: Bridge, service: DirectoryService, entries: int = defaults.DIRECTORY_CACHE_ENTRIES
+    ) -> None:
         self._bridge = bridge
         self._service = service
         self._cache: LRUCache[bytes, Listing] = LRUCache(entries, getsizeof=_listing_size)

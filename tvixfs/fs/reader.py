@@ -23,6 +23,7 @@ from typing import cast
 import trio
 from cachetools import LRUCache
 
+from tvixfs import defaults
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.chunkcache import DEFAULT_CACHE_BYTES, ChunkCache, ReaderStats
@@ -60,7 +61,7 @@ class BlobReader:
         bridge: Bridge,
         blobs: BlobService,
         background: trio.Nursery,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = defaults.CACHE_BYTES,
         readahead_bytes: int = READAHEAD_BYTES,
         *,
         prove_chunk_lists: bool = False,

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from tvixfs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "[::1]:8000"
@@ -22,7 +24,7 @@ UNIX_SOCKET_MODE = 0o660
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 
 
-class ListenError(Exception):
+class ListenError(UserError):
     """An address that cannot be served; the message says what to change."""
 
 

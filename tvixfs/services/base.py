@@ -16,6 +16,7 @@ from typing import NamedTuple
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import Node
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.breaker import CircuitBreaker
 from tvixfs.services.chunkcheck import verified
 from tvixfs.services.regroup import exact_pieces, fill
 
@@ -169,6 +170,8 @@ class Store:
     blobs: BlobService
     directories: DirectoryService
     pathinfos: PathInfoService
+    # Whether the remote stores behind these services answer (none for an embedded store).
+    breakers: tuple[CircuitBreaker, ...] = ()
 
     def close(self) -> None:
         for service in (self.pathinfos, self.directories, self.blobs):

@@ -31,13 +31,14 @@ from tvixfs.services.base import (
     Store,
 )
 from tvixfs.services.chunkcheck import verified
+from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.errors import (
     CorruptDataError,
     InvalidArgumentError,
     NotFoundError,
     StoreUnavailableError,
 )
-from tvixfs.services.grpc_channel import ClientConfig, Connection, first_message, receive
+from tvixfs.services.grpc_channel import Connection, first_message, receive
 from tvixfs.services.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
@@ -399,8 +400,10 @@ def open_grpc_store(
     They share one channel, which connects on first use: opening never blocks, and an
     unreachable store shows as StoreUnavailableError on the first call.
     """
-    conn = Connection(target, config or ClientConfig.from_env(), credentials)
-    return Store(GrpcBlobService(conn), GrpcDirectoryService(conn), GrpcPathInfoService(conn))
+    conn = Connection(target, config or ClientConfig(), credentials)
+    return Store(
+        GrpcBlobService(conn), GrpcDirectoryService(conn), GrpcPathInfoService(conn), breakers=(conn.breaker,)
+    )
 
 
 __all__ = ["ClientConfig", "open_grpc_store"]

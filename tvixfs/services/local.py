@@ -21,12 +21,13 @@ block writers or each other.
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from tvixfs.castore.chunking import chunk_stream
 from tvixfs.castore.digest import b3digest, check_digest, new_hasher
@@ -46,7 +47,7 @@ from tvixfs.services.base import (
 from tvixfs.services.checks import check_closure, check_pathinfo, settle_put
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
-from tvixfs.services.localdb import LocalBackend, pack_chunks, unpack_chunks
+from tvixfs.services.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 
@@ -135,6 +136,7 @@ class LocalBlobService(BlobService):
     @_guarded
     def put(self, data: Iterable[bytes]) -> bytes:
         """Chunk, hash and write; the blob's row is committed by the backend's next commit."""
+        self._backend.check_writable()
         digest, size, packed = write_blob(self._chunks, data)
         self._backend.add_blob(digest, size, packed)
         return digest
@@ -360,9 +362,22 @@ def _parse_pathinfo(data: bytes) -> pathinfo_pb2.PathInfo:
     return info
 
 
-def open_local_store(path: Path) -> Store:
-    """Open (creating it if missing) the embedded store at ``path``."""
-    backend = LocalBackend(path)
+# When opening may create a store where there is none (see open_local_store).
+Creation = Literal["always", "never", "in-existing-directory"]
+
+
+def open_local_store(path: Path, create: Creation = "always") -> Store:
+    """Open the embedded store at ``path``; a missing one is created as ``create`` says.
+
+    ``"never"`` (the commands that only read) refuses a path with no store, so that a typo
+    does not become a new empty store; ``"in-existing-directory"`` (the daemon) creates one
+    only in a directory that exists, as systemd's StateDirectory= makes it. Unless it may
+    always create, a store whose directory is not writable, as on a snapshot or read-only
+    media, is opened read-only instead of refused.
+    """
+    may_create = create == "always" or (create == "in-existing-directory" and path.is_dir())
+    read_only = create != "always" and (path / DB_NAME).exists() and not os.access(path, os.W_OK | os.X_OK)
+    backend = LocalBackend(path, create=may_create, read_only=read_only)
     blobs = LocalBlobService(backend)
     directories = LocalDirectoryService(backend)
     return Store(blobs, directories, LocalPathInfoService(backend, blobs, directories))

@@ -46,7 +46,12 @@ from typing import Any
 
 from tvixfs.services.base import ChunkMeta
 from tvixfs.services.chunkfiles import ChunkFiles
-from tvixfs.services.errors import CorruptDataError, StoreError, StoreUnavailableError
+from tvixfs.services.errors import (
+    CorruptDataError,
+    FailedPreconditionError,
+    StoreError,
+    StoreUnavailableError,
+)
 from tvixfs.services.gcguard import WriteGuard, create_pin_tables, this_process
 
 log = logging.getLogger(__name__)
@@ -104,8 +109,9 @@ def unpack_chunks(packed: bytes) -> list[ChunkMeta]:
 class LocalBackend:
     """One open store directory: the connection pool and the chunk files, shared by services."""
 
-    def __init__(self, path: Path, create: bool = True) -> None:
+    def __init__(self, path: Path, create: bool = True, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self.chunks = ChunkFiles(path / CHUNKS_DIR)
         self._idle: deque[sqlite3.Connection] = deque()
         self._pool_lock = threading.Lock()
@@ -124,6 +130,9 @@ class LocalBackend:
             if not create:
                 raise NotAStoreError(f"{path}: no tvixfs store here (no {DB_NAME})")
             self._prepare_directory()
+        if read_only:
+            self._check_schema()
+            return
         if not os.access(path, os.W_OK | os.X_OK):
             raise StoreUnavailableError(f"store directory {path} is not writable")
         self._open_schema()
@@ -158,10 +167,21 @@ class LocalBackend:
                     "INSERT INTO meta VALUES (?, ?)",
                     [("kind", STORE_KIND), ("schema_version", str(SCHEMA_VERSION))],
                 )
-            try:
-                rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            except sqlite3.Error as e:
-                raise NotAStoreError(f"{self.path}: not a tvixfs store: {e}") from None
+            rows = self._meta(conn)
+        self._check_meta(rows)
+
+    def _check_schema(self) -> None:
+        """``_open_schema`` for a store opened read-only: check, never create."""
+        with self.connection() as conn:
+            self._check_meta(self._meta(conn))
+
+    def _meta(self, conn: sqlite3.Connection) -> dict[str, str]:
+        try:
+            return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as e:
+            raise NotAStoreError(f"{self.path}: not a tvixfs store: {e}") from None
+
+    def _check_meta(self, rows: dict[str, str]) -> None:
         if rows.get("kind") != STORE_KIND:
             raise NotAStoreError(f"{self.path}: {DB_NAME} is not a tvixfs store database")
         version = int(rows.get("schema_version", "0"))
@@ -173,17 +193,33 @@ class LocalBackend:
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path / DB_NAME,
+                self._read_only_uri() if self.read_only else self.path / DB_NAME,
                 timeout=BUSY_TIMEOUT_MS / 1000,
                 isolation_level=None,
                 check_same_thread=False,
+                uri=self.read_only,
             )
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            if not self.read_only:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as e:
             raise NotAStoreError(f"{self.path}: cannot open {DB_NAME}: {e}") from None
         return conn
+
+    def _read_only_uri(self) -> str:
+        """A read-only database URI; ``immutable`` where SQLite could not read WAL otherwise.
+
+        A WAL reader needs to create (or write) the ``-shm`` file, which a directory on
+        read-only media does not allow. With no ``-wal`` content left (the store was closed
+        cleanly, as a snapshot or read-only medium normally is), the database file alone is
+        the whole store, and ``immutable=1`` reads it without any lock or shared memory.
+        """
+        db = self.path / DB_NAME
+        wal = db.with_name(DB_NAME + "-wal")
+        settled = not wal.exists() or wal.stat().st_size == 0
+        immutable = settled and not os.access(self.path, os.W_OK)
+        return f"{db.as_uri()}?mode=ro{'&immutable=1' if immutable else ''}"
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
@@ -235,6 +271,7 @@ class LocalBackend:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Around a write: keeps gc out until what it puts is committed and pinned (gcguard.py)."""
+        self.check_writable()  # before the lock file: read-only media cannot take one
         self._guard.enter()
         try:
             yield
@@ -284,6 +321,13 @@ class LocalBackend:
                 with self._pending_lock:
                     self._flush_wanted.wait_for(lambda: self._stopping, FLUSH_AFTER)
 
+    def check_writable(self) -> None:
+        """Refuse a write to a store opened read-only, before anything is written."""
+        if self.read_only:
+            raise FailedPreconditionError(
+                f"local store {self.path} is read-only (its directory is not writable)"
+            )
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, all of it committed or none; it commits pending blobs first.
@@ -291,6 +335,7 @@ class LocalBackend:
         The barrier comes before ``BEGIN IMMEDIATE``, so other processes' writers are not held
         up while the disk catches up.
         """
+        self.check_writable()
         with self._write_lock:
             with self._pending_lock:
                 pending = list(self._pending.items())
