@@ -31,7 +31,12 @@ WORK = BENCH / "work"
 # changing the store format's sources can benchmark side by side without rebuilding each other's.
 STORES = Path(os.environ.get("TVIXFS_BENCH_STORES") or WORK / "stores")
 # The embedded store's format follows these files: a cached store is rebuilt when they change.
-STORE_SOURCES = ("tvixfs/services/local.py", "tvixfs/services/ingest.py", "tvixfs/castore", "tvixfs/store")
+STORE_SOURCES = (
+    "tvixfs/services/backends/local.py",
+    "tvixfs/importers/ingest.py",
+    "tvixfs/castore",
+    "tvixfs/store",
+)
 
 
 @dataclass(frozen=True)

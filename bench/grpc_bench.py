@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from grpcserver import running_daemon  # noqa: E402
 
+from tvixfs.importers.ingest import ingest_path  # noqa: E402
 from tvixfs.protos import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc  # noqa: E402
+from tvixfs.services.backends.grpc import open_grpc_store  # noqa: E402
 from tvixfs.services.base import Store  # noqa: E402
-from tvixfs.services.grpc import open_grpc_store  # noqa: E402
-from tvixfs.services.ingest import ingest_path  # noqa: E402
 from tvixfs.services.url import open_store  # noqa: E402
 
 MIB = 1 << 20
@@ -85,7 +85,7 @@ def store_read(store: Store, digest: bytes) -> Callable[[], int]:
 def serve_memory(message_size: int, size: int) -> None:
     """Child mode: serve a memory store holding one SIZE-byte blob; print target and digest."""
     from tvixfs.server.serve import start_server
-    from tvixfs.services.memory import open_memory_store
+    from tvixfs.services.backends.memory import open_memory_store
 
     store = open_memory_store()
     digest = store.blobs.put([os.urandom(size)])

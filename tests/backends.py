@@ -15,10 +15,10 @@ from pathlib import Path
 from s3server import shared_moto
 
 from tvixfs.server.serve import start_server
+from tvixfs.services.backends.grpc import open_grpc_store
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import Store
-from tvixfs.services.grpc import open_grpc_store
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import open_memory_store
 from tvixfs.services.url import StoreURL, open_url
 
 BackendFactory = Callable[[Path], AbstractContextManager[Store]]

@@ -54,6 +54,7 @@ from tvixfs.castore.digest import b3digest, check_digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, SymlinkNode, node_from_proto, node_to_proto, rename
+from tvixfs.importers.ingest import ingest_nar
 from tvixfs.protos import (
     castore_pb2,
     pathinfo_pb2,
@@ -64,6 +65,7 @@ from tvixfs.protos import (
     rpc_pathinfo_pb2,
     rpc_pathinfo_pb2_grpc,
 )
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.errors import (
     FailedPreconditionError,
@@ -71,8 +73,6 @@ from tvixfs.services.errors import (
     NotFoundError,
     StoreError,
 )
-from tvixfs.services.ingest import ingest_nar
-from tvixfs.services.memory import open_memory_store
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import HASH_CHARS, HASH_SIZE, StorePath, source_store_path
 

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.grpc_methods import METHODS, PATHINFO_SERVICE, PREFIXES
+from tvixfs.services.wire.grpc_methods import METHODS, PATHINFO_SERVICE, PREFIXES
 
 Rewrite = Callable[[pathinfo_pb2.PathInfo], pathinfo_pb2.PathInfo]
 

@@ -15,8 +15,8 @@ from tvixfs.castore.digest import EMPTY_DIGEST, b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, SymlinkNode, node_to_proto
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.base import Store
-from tvixfs.services.local import open_local_store
 from tvixfs.store.storepath import StorePath
 
 SHARED = b"the same file in every path\n" * 4000

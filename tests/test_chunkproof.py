@@ -12,9 +12,9 @@ import pytest
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs.chunkproof import prove_chunk_list
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import BlobService, ChunkMeta
 from tvixfs.services.errors import CorruptDataError
-from tvixfs.services.memory import open_memory_store
 
 DATA = random.Random(3).randbytes(100_000)
 CUTS = [0, 30_000, 30_000, 64_000, 100_000]  # one empty chunk in the middle

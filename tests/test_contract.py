@@ -15,6 +15,7 @@ from tvixfs.castore.digest import EMPTY_DIGEST, b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, node_from_proto, node_to_proto
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import (
@@ -23,7 +24,6 @@ from tvixfs.services.errors import (
     NotFoundError,
     PathExistsError,
 )
-from tvixfs.services.ingest import ingest_path
 from tvixfs.store.storepath import StorePath
 
 HELLO = b"Hello World!"

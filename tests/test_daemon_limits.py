@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpcserver import Daemon, running_daemon
 
 from tvixfs.castore.digest import b3digest
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import (
     rpc_blobstore_pb2,
     rpc_blobstore_pb2_grpc,
@@ -33,10 +34,9 @@ from tvixfs.protos import (
 )
 from tvixfs.server.limits import LimitsError, StreamLimits
 from tvixfs.server.serve import start_server
-from tvixfs.services.grpc import open_grpc_store
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import open_memory_store
+from tvixfs.services.backends.grpc import open_grpc_store
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import StorePath
 

@@ -14,14 +14,14 @@ import pytest
 from conftest import make_sample_tree
 
 from tvixfs.castore.digest import b3digest
+from tvixfs.importers.ingest import ingest_path
+from tvixfs.maintenance.cachefsck import check_cache
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import Store
-from tvixfs.services.cachefsck import check_cache
-from tvixfs.services.cacheindex import CHUNK, STALE_AFTER, CacheIndex
-from tvixfs.services.diskcache import DiskCache, with_disk_cache
+from tvixfs.services.cache.cacheindex import CHUNK, STALE_AFTER, CacheIndex
+from tvixfs.services.cache.diskcache import DiskCache, with_disk_cache
 from tvixfs.services.errors import StoreUnavailableError
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.memory import open_memory_store
 from tvixfs.store.storepath import StorePath
 
 

@@ -22,6 +22,7 @@ from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import SymlinkNode
 from tvixfs.protos import castore_pb2, pathinfo_pb2
+from tvixfs.services.backends.grpc import ClientConfig, open_grpc_store
 from tvixfs.services.base import Store
 from tvixfs.services.errors import (
     CorruptDataError,
@@ -29,7 +30,6 @@ from tvixfs.services.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from tvixfs.services.grpc import ClientConfig, open_grpc_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -414,7 +414,7 @@ def test_pathinfo_list_skips_an_invalid_entry(
 ) -> None:
     """One invalid PathInfo must not hide the valid ones (the mount lists the root from this)."""
     faults.put_raw_pathinfo(bytes(20), pathinfo_pb2.PathInfo())
-    with caplog.at_level(logging.WARNING, logger="tvixfs.services.grpc"):
+    with caplog.at_level(logging.WARNING, logger="tvixfs.services.backends.grpc"):
         listed = list(client.pathinfos.list())
     assert len(listed) == 2
     assert "invalid PathInfo" in caplog.text

@@ -24,12 +24,12 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import FileNode, Node
 from tvixfs.cli.mount_cmd import parse_size
 from tvixfs.fs.ops import FsOptions, TvixOperations
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import BlobService, ChunkMeta, DirectoryService, PathInfoService, Store
 from tvixfs.services.errors import StoreUnavailableError
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import open_memory_store
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, source_store_path
 

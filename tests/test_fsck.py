@@ -12,9 +12,9 @@ import pytest
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, node_from_proto
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.local import open_local_store
+from tvixfs.services.backends.local import open_local_store
 
 
 def run_fsck(cmd: list[str], store_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:

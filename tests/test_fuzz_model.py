@@ -26,10 +26,10 @@ from tvixfs.castore.digest import EMPTY_DIGEST, b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, check_name, rename
+from tvixfs.importers.ingest import ingest_nar
 from tvixfs.protos import castore_pb2, pathinfo_pb2
+from tvixfs.services.backends.memory import MemoryBlobService, MemoryDirectoryService, MemoryPathInfoService
 from tvixfs.services.base import Store
-from tvixfs.services.ingest import ingest_nar
-from tvixfs.services.memory import MemoryBlobService, MemoryDirectoryService, MemoryPathInfoService
 from tvixfs.store import nixbase32
 from tvixfs.store.nar import nar_hash, read_nar, write_nar
 from tvixfs.store.pathinfo import validate_pathinfo

@@ -19,7 +19,7 @@ from nixchroot import nix_dump
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import FileNode
-from tvixfs.services.local import open_local_store
+from tvixfs.services.backends.local import open_local_store
 
 _FSCK_LEFTOVERS = re.compile(r"(\d+) unreferenced blobs, (\d+) unreferenced directories")
 _GC = re.compile(r"^(freed|would free) (\d+) blobs, (\d+) directories, (\d+) chunk files \((\S+) MiB\)$")

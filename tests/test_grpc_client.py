@@ -1,4 +1,4 @@
-"""The gRPC client (services/grpc.py) against tvixfs's own server: big blobs, errors as service
+"""The gRPC client (services/backends/grpc.py) against tvixfs's own server: big blobs, errors as service
 errors, restarts, snix-only servers, concurrency.
 
 A server that lies is tests/test_fault_client.py's subject; the shared contract of all backends
@@ -19,8 +19,12 @@ from grpcserver import running_daemon
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2, rpc_blobstore_pb2
 from tvixfs.server.serve import RunningServer, start_server
+from tvixfs.services.backends.grpc import WHOLE_READ_LIMIT, ClientConfig, GrpcBlobService, open_grpc_store
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.errors import (
     CorruptDataError,
@@ -29,12 +33,8 @@ from tvixfs.services.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
-from tvixfs.services.grpc import WHOLE_READ_LIMIT, ClientConfig, GrpcBlobService, open_grpc_store
-from tvixfs.services.grpc_methods import decode_blob_chunk, encode_blob_chunk
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import open_memory_store
 from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.services.wire.grpc_methods import decode_blob_chunk, encode_blob_chunk
 from tvixfs.store.nar import write_nar
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath

@@ -25,6 +25,7 @@ from grpcserver import DaemonError, running_daemon, start_daemon
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, SymlinkNode, node_to_proto
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import (
     castore_pb2,
     pathinfo_pb2,
@@ -38,11 +39,10 @@ from tvixfs.protos import (
 from tvixfs.server.listen import ListenError, parse_listen, warn_if_exposed
 from tvixfs.server.serve import RunningServer, start_server
 from tvixfs.server.servicers import READ_MESSAGE_SIZE
+from tvixfs.services.backends.grpc import ClientConfig, open_grpc_store
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import MemoryBlobService, open_memory_store
 from tvixfs.services.base import ChunkMeta, Store
-from tvixfs.services.grpc import ClientConfig, open_grpc_store
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import MemoryBlobService, open_memory_store
 from tvixfs.services.readahead import chunks_read_ahead
 from tvixfs.services.regroup import in_messages
 from tvixfs.store.nar import nar_hash

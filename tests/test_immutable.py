@@ -12,10 +12,10 @@ import pytest
 from grpcserver import running_daemon
 from nixchroot import chroot_uri, nix_dump, run
 
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.errors import InvalidArgumentError
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.memory import open_memory_store
 from tvixfs.store.storepath import StorePath
 
 pytestmark = pytest.mark.nix

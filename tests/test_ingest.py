@@ -28,12 +28,8 @@ from tvixfs.castore.chunking import MAX_CHUNK, MIN_CHUNK, chunk_stream
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, node_from_proto
-from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.base import Store
-from tvixfs.services.chunkworkers import ChunkWorkers, WorkerError, Written
-from tvixfs.services.errors import CorruptDataError, FailedPreconditionError
-from tvixfs.services.fsck import fsck_local_store
-from tvixfs.services.ingest import (
+from tvixfs.importers.chunkworkers import ChunkWorkers, WorkerError, Written
+from tvixfs.importers.ingest import (
     PARALLEL_FILES,
     WHOLE_FILE_MAX,
     IngestError,
@@ -41,9 +37,13 @@ from tvixfs.services.ingest import (
     ingest_nar,
     ingest_path,
 )
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import open_memory_store
-from tvixfs.services.nixsource import NixError, NixSource, import_from_nix, parse_nix_path
+from tvixfs.importers.nixsource import NixError, NixSource, import_from_nix, parse_nix_path
+from tvixfs.maintenance.fsck import fsck_local_store
+from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import open_memory_store
+from tvixfs.services.base import Store
+from tvixfs.services.errors import CorruptDataError, FailedPreconditionError
 from tvixfs.store.nar import NARError, write_nar
 from tvixfs.store.nixtext import format_ca, format_hash, format_signature
 from tvixfs.store.pathinfo import validate_pathinfo

@@ -1,5 +1,6 @@
 """The package's import graph, read from the source with ``ast``: no cycles, and each layer
-imports only the layers below it (cli -> fs, server, narbridge -> services -> castore, store -> protos).
+imports only the layers below it (cli -> fs, server, narbridge, importers, maintenance -> services
+-> castore, store -> protos).
 
 Imports under ``if TYPE_CHECKING:`` count too: a cycle hidden there is still two modules
 that each need the other. Pure, fast, no imports of the package itself, so a cycle fails here
@@ -23,8 +24,20 @@ ALLOWED = {
     "services": {"castore", "store", "protos"},
     "fs": {"services", "castore", "store", "protos"},
     "server": {"services", "castore", "store", "protos"},
-    "narbridge": {"services", "castore", "store", "protos"},  # a server too: Nix's HTTP protocol
-    "cli": {"fs", "server", "narbridge", "services", "castore", "store", "protos"},
+    "importers": {"services", "castore", "store", "protos"},  # directory, NAR and Nix imports
+    "maintenance": {"services", "castore", "store", "protos"},  # fsck, gc: offline jobs over a store
+    "narbridge": {"importers", "services", "castore", "store", "protos"},  # a server too: Nix's HTTP
+    "cli": {
+        "fs",
+        "server",
+        "narbridge",
+        "importers",
+        "maintenance",
+        "services",
+        "castore",
+        "store",
+        "protos",
+    },
 }
 # The pure model does no I/O and starts no threads: these modules have no business there.
 IMPURE = {"threading", "concurrent", "multiprocessing", "subprocess", "socket", "sqlite3", "grpc", "trio"}
@@ -114,6 +127,14 @@ def test_layers_import_only_downwards(module: str) -> None:
         if (other := _layer(target)) is not None and other != layer and other not in ALLOWED[layer]
     }
     assert not wrong, f"{module} ({layer}) imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "server"))
+def test_the_server_shares_the_wire_not_the_client(module: str) -> None:
+    """The server speaks the same protocol as the gRPC client through ``services.wire``; it
+    serves any store it is handed and so has no business with a particular backend."""
+    backends = {target for target in GRAPH[module] if target.startswith("tvixfs.services.backends")}
+    assert not backends, f"{module} imports {sorted(backends)}"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) in ("castore", "store")))

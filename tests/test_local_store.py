@@ -21,17 +21,17 @@ from tvixfs.castore.chunking import MAX_CHUNK, MIN_CHUNK
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, node_from_proto, node_to_proto
+from tvixfs.maintenance.fsck import FsckResult, fsck_local_store
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services import localdb
+from tvixfs.services.backends import localdb
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.localdb import NotAStoreError
 from tvixfs.services.base import Store
 from tvixfs.services.errors import (
     CorruptDataError,
     FailedPreconditionError,
     StoreUnavailableError,
 )
-from tvixfs.services.fsck import FsckResult, fsck_local_store
-from tvixfs.services.local import open_local_store
-from tvixfs.services.localdb import NotAStoreError
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import StorePath
 
@@ -329,8 +329,8 @@ def test_kill_9_before_any_commit_leaves_only_unreferenced_chunks(store_dir: Pat
     writer = (
         "import sys, os\n"
         "from pathlib import Path\n"
-        "from tvixfs.services import localdb\n"
-        "from tvixfs.services.local import open_local_store\n"
+        "from tvixfs.services.backends import localdb\n"
+        "from tvixfs.services.backends.local import open_local_store\n"
         "localdb.FLUSH_AFTER = 3600.0\n"
         "store = open_local_store(Path(sys.argv[1]))\n"
         "for i in range(50):\n"

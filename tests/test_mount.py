@@ -30,7 +30,7 @@ from mounting import TVIXFS, Mount, import_tree, mounted, needs_fuse, spawn_moun
 
 from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY
 from tvixfs.fs.roots import NEGATIVE_TTL
-from tvixfs.services.local import open_local_store
+from tvixfs.services.backends.local import open_local_store
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import StorePath
 

@@ -15,8 +15,8 @@ from nixchroot import nix_dump, run
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import Store
-from tvixfs.services.memory import open_memory_store
 from tvixfs.store import nar, nixbase32
 from tvixfs.store.nar import NARError, nar_hash, read_nar, write_nar
 

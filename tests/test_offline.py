@@ -24,7 +24,7 @@ from loghygiene import ExpectedErrors
 from mounting import TVIXFS, Mount, import_tree, mounted, needs_fuse, spawn_mount, teardown
 from uniquetrees import dump_nar, unique_tree
 
-from tvixfs.services.offline import RETRY_INTERVAL
+from tvixfs.services.cache.offline import RETRY_INTERVAL
 
 pytestmark = [needs_fuse, pytest.mark.slow]
 

@@ -19,9 +19,9 @@ from tvixfs.fs import reader as reader_module
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.reader import BlobReader
+from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.base import BlobCapabilities, BlobService, ChunkMeta, Store
 from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
-from tvixfs.services.local import open_local_store
 
 KERNEL_READ = 128 * 1024
 SIZE = 3 * 1024 * 1024 + 17

@@ -31,10 +31,10 @@ from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixfs.protos import pathinfo_pb2, rpc_blobstore_pb2
-from tvixfs.services import s3layout
+from tvixfs.services.backends import s3layout
+from tvixfs.services.backends.s3 import open_s3_store
 from tvixfs.services.base import Store
 from tvixfs.services.errors import CorruptDataError
-from tvixfs.services.s3 import open_s3_store
 from tvixfs.services.s3url import parse_s3_url
 from tvixfs.store import nixbase32
 from tvixfs.store.storepath import StorePath

@@ -13,8 +13,8 @@ from mounting import TVIXFS
 from s3server import shared_moto
 from test_s3 import PREFIX, import_tree, put_raw, raw
 
-from tvixfs.services import s3layout
-from tvixfs.services.s3 import open_s3_store
+from tvixfs.services.backends import s3layout
+from tvixfs.services.backends.s3 import open_s3_store
 from tvixfs.services.s3url import parse_s3_url
 from tvixfs.store.storepath import StorePath
 

@@ -266,8 +266,8 @@ def test_daemon_signs_what_its_clients_put(tvixfs_cmd: list[str], tmp_path: Path
 
 
 def test_the_documented_example_fingerprint_is_what_the_code_signs(tmp_path: Path) -> None:
-    from tvixfs.services.ingest import ingest_path
-    from tvixfs.services.memory import open_memory_store
+    from tvixfs.importers.ingest import ingest_path
+    from tvixfs.services.backends.memory import open_memory_store
 
     tree = tmp_path / "t"
     tree.mkdir()

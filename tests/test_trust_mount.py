@@ -21,10 +21,10 @@ from mitmproxy import MitmProxy
 from mounting import TVIXFS, mounted, needs_fuse
 from nixchroot import make_closure, run
 
+from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.ingest import ingest_path
-from tvixfs.services.local import open_local_store
-from tvixfs.services.memory import open_memory_store
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.trust import load_secret_key, with_trust
 from tvixfs.store.storepath import StorePath
 

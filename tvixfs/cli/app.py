@@ -36,7 +36,7 @@ from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.url import open_store
 
 if TYPE_CHECKING:
-    from tvixfs.services.local import Creation
+    from tvixfs.services.backends.local import Creation
 
 app = typer.Typer(
     name="tvixfs",

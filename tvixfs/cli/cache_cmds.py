@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 
 from tvixfs.cli.app import app, fail
+from tvixfs.maintenance.cachefsck import check_cache
 from tvixfs.services.base import Store
-from tvixfs.services.cachefsck import check_cache
-from tvixfs.services.diskcache import INDEX_NAME, DiskCache, with_disk_cache
+from tvixfs.services.cache.diskcache import INDEX_NAME, DiskCache, with_disk_cache
 from tvixfs.services.errors import StoreUnavailableError
 from tvixfs.services.url import default_store_url
 from tvixfs.systemd import Notifier

@@ -9,7 +9,7 @@ import typer
 
 from tvixfs.cli.app import StoreOpt, app, describe, fail, refuse_empty_store_variable
 from tvixfs.errors import UserError
-from tvixfs.services.fsck import fsck_local_store
+from tvixfs.maintenance.fsck import fsck_local_store
 from tvixfs.services.s3url import SCHEMES as S3_SCHEMES
 from tvixfs.services.url import StoreURL, default_store_url
 
@@ -64,8 +64,8 @@ def fsck(
 
 
 def _fsck_s3(url: StoreURL, repair: bool, check_contents: bool) -> None:
-    from tvixfs.services.s3 import S3Objects
-    from tvixfs.services.s3fsck import fsck_s3_store
+    from tvixfs.maintenance.s3fsck import fsck_s3_store
+    from tvixfs.services.backends.s3 import S3Objects
     from tvixfs.services.s3url import parse_s3_url
 
     location = parse_s3_url(url.path)

@@ -10,8 +10,8 @@ import typer
 
 from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import StoreOpt, app, fail
+from tvixfs.maintenance.gc import DeleteRefusedError, collect_garbage, delete_paths
 from tvixfs.services.errors import StoreError
-from tvixfs.services.gc import DeleteRefusedError, collect_garbage, delete_paths
 from tvixfs.services.url import StoreURL, default_store_url
 from tvixfs.store.storepath import StorePath
 

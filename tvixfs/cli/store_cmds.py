@@ -18,11 +18,11 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.cli.app import StoreOptions, app, fail, log, store_options
 from tvixfs.cli.progress import CountingReader, Progress
+from tvixfs.importers.ingest import ingest_nar, ingest_path
+from tvixfs.importers.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
-from tvixfs.services.ingest import ingest_nar, ingest_path
-from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.services.readahead import blobs_read_ahead
 from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
 from tvixfs.store.nar import ReadBlob, file_contents, write_nar

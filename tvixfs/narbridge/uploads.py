@@ -26,11 +26,11 @@ from typing import IO, cast
 import zstandard
 
 from tvixfs.castore.errors import ValidationError
+from tvixfs.importers.ingest import commit_stored, read_nar_blobs
 from tvixfs.narbridge.pending import PendingNar, PendingTable
 from tvixfs.narbridge.signatures import PublicKey, nix_fingerprint, verify
 from tvixfs.services.base import Store
 from tvixfs.services.errors import StoreError
-from tvixfs.services.ingest import commit_stored, read_nar_blobs
 from tvixfs.store import nixbase32
 from tvixfs.store.narinfo import NarInfo, parse_narinfo, pathinfo_narinfo
 from tvixfs.store.nixtext import format_hash

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from tvixfs.services.grpc_errors import status_for
+from tvixfs.services.wire.grpc_errors import status_for
 
 log = logging.getLogger(__name__)
 

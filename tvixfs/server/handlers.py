@@ -24,7 +24,7 @@ from tvixfs.server.servicers import (
 )
 from tvixfs.services.base import Store
 from tvixfs.services.errors import InvalidArgumentError
-from tvixfs.services.grpc_methods import METHODS, PREFIXES, SERVICES, Method, service_name
+from tvixfs.services.wire.grpc_methods import METHODS, PREFIXES, SERVICES, Method, service_name
 
 
 def add_store_services(

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from tvixfs.server.guard import GrpcHandler
-from tvixfs.services.grpc_errors import STREAM_LIMIT
+from tvixfs.services.wire.grpc_errors import STREAM_LIMIT
 
 log = logging.getLogger(__name__)
 

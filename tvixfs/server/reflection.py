@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.server.limits import StreamGate
-from tvixfs.services.grpc_methods import PREFIXES
+from tvixfs.services.wire.grpc_methods import PREFIXES
 
 # Dependencies before dependents: a pool accepts a file only once its imports are in.
 _STORE_FILES = (castore_pb2, rpc_blobstore_pb2, rpc_directory_pb2, pathinfo_pb2, rpc_pathinfo_pb2)

@@ -22,9 +22,9 @@ from tvixfs.server.listen import bind, parse_listen
 from tvixfs.server.reflection import add_health, add_reflection
 from tvixfs.server.servicers import READ_AHEAD_THREADS, READ_MESSAGE_SIZE
 from tvixfs.services.base import Store
-from tvixfs.services.grpc_channel import MAX_MESSAGE
-from tvixfs.services.grpc_methods import PREFIXES
 from tvixfs.services.tls import ServerTLS
+from tvixfs.services.wire.grpc_methods import PREFIXES
+from tvixfs.services.wire.messages import MAX_MESSAGE
 from tvixfs.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)

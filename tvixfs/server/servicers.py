@@ -19,7 +19,9 @@ from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_dire
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from tvixfs.services.grpc_methods import (
+from tvixfs.services.readahead import chunks_read_ahead
+from tvixfs.services.regroup import in_messages
+from tvixfs.services.wire.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
     BLOB_STAT,
@@ -31,8 +33,6 @@ from tvixfs.services.grpc_methods import (
     PATHINFO_PUT,
     Method,
 )
-from tvixfs.services.readahead import chunks_read_ahead
-from tvixfs.services.regroup import in_messages
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE

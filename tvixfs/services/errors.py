@@ -1,4 +1,4 @@
-"""Errors a service raises; each maps onto one gRPC status code (see server/ and services/grpc.py)."""
+"""Errors a service raises; each maps onto one gRPC status code (see server/ and backends/grpc.py)."""
 
 from tvixfs.castore.errors import ValidationError
 from tvixfs.errors import UserError

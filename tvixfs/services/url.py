@@ -12,7 +12,7 @@ from tvixfs.services.base import Store
 from tvixfs.services.clientconfig import ClientConfig
 
 if TYPE_CHECKING:  # local.py imports sqlite: only when a local store is opened
-    from tvixfs.services.local import Creation
+    from tvixfs.services.backends.local import Creation
 from tvixfs.services.errors import StoreError
 from tvixfs.services.s3url import SCHEMES as S3_SCHEMES
 from tvixfs.services.s3url import S3URLError, parse_s3_url
@@ -115,18 +115,18 @@ def open_url(url: StoreURL, create: Creation = "always", config: ClientConfig | 
     ``config`` sets the deadlines of a gRPC client (default: ClientConfig's).
     """
     if url.scheme == "memory":
-        from tvixfs.services.memory import open_memory_store
+        from tvixfs.services.backends.memory import open_memory_store
 
         return open_memory_store()
     if url.scheme == "local":
-        from tvixfs.services.local import open_local_store
+        from tvixfs.services.backends.local import open_local_store
 
         return open_local_store(Path(url.path), create=create)
     if url.scheme in S3_SCHEMES:
-        from tvixfs.services.s3 import open_s3_store
+        from tvixfs.services.backends.s3 import open_s3_store
 
         return open_s3_store(parse_s3_url(url.path))
-    from tvixfs.services.grpc import open_grpc_store
+    from tvixfs.services.backends.grpc import open_grpc_store
 
     target = f"unix:{url.path}" if url.scheme == "grpc+unix" else url.host
     return open_grpc_store(target, config, url.tls.credentials() if url.tls is not None else None)

@@ -24,8 +24,8 @@ from tvixfs.protos import rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.services.breaker import CircuitBreaker
 from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.errors import StoreError, StoreUnavailableError
-from tvixfs.services.grpc_errors import retryable, rpc_error
-from tvixfs.services.grpc_methods import (
+from tvixfs.services.wire.grpc_errors import retryable, rpc_error
+from tvixfs.services.wire.grpc_methods import (
     BLOB_SERVICE,
     BLOB_STAT,
     DIRECTORY_GET,
@@ -35,13 +35,11 @@ from tvixfs.services.grpc_methods import (
     PREFIXES,
     Method,
 )
+from tvixfs.services.wire.messages import MAX_MESSAGE
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Far above the 4 MiB default: one Directory of a huge store path (100k entries) is ~10 MiB.
-MAX_MESSAGE = 64 << 20
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),

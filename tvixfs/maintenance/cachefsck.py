@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tvixfs.castore.errors import ValidationError
-from tvixfs.services.cacheindex import CHUNK, CHUNK_LIST, DIRECTORY, PATH_INFO
-from tvixfs.services.chunkfiles import TEMP_MARK
-from tvixfs.services.diskcache import DiskCache, decode_chunks, directory_from, pathinfo_from
+from tvixfs.services.backends.chunkfiles import TEMP_MARK
+from tvixfs.services.cache.cacheindex import CHUNK, CHUNK_LIST, DIRECTORY, PATH_INFO
+from tvixfs.services.cache.diskcache import DiskCache, decode_chunks, directory_from, pathinfo_from
 from tvixfs.services.errors import CorruptDataError
 
 

@@ -24,10 +24,10 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, node_from_proto
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.chunkfiles import TEMP_MARK, ChunkFiles
+from tvixfs.services.backends.chunkfiles import TEMP_MARK, ChunkFiles
+from tvixfs.services.backends.gcguard import PIN_LEASE, has_pin_tables, lock_exclusive, owner_alive
+from tvixfs.services.backends.localdb import LocalBackend, unpack_chunks
 from tvixfs.services.errors import CorruptDataError, StoreError
-from tvixfs.services.gcguard import PIN_LEASE, has_pin_tables, lock_exclusive, owner_alive
-from tvixfs.services.localdb import LocalBackend, unpack_chunks
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
 

@@ -22,6 +22,7 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_to_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.services.backends.grpc_channel import Connection, first_message, receive
 from tvixfs.services.base import (
     BlobCapabilities,
     BlobService,
@@ -38,8 +39,8 @@ from tvixfs.services.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
-from tvixfs.services.grpc_channel import Connection, first_message, receive
-from tvixfs.services.grpc_methods import (
+from tvixfs.services.regroup import exact_pieces
+from tvixfs.services.wire.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
     BLOB_STAT,
@@ -50,7 +51,6 @@ from tvixfs.services.grpc_methods import (
     PATHINFO_LIST,
     PATHINFO_PUT,
 )
-from tvixfs.services.regroup import exact_pieces
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import SHA256_SIZE, validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE, StorePath

@@ -34,6 +34,7 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.chunkfiles import TEMP_MARK, ChunkFiles
 from tvixfs.services.base import (
     BlobCapabilities,
     BlobService,
@@ -42,7 +43,7 @@ from tvixfs.services.base import (
     PathInfoService,
     Store,
 )
-from tvixfs.services.cacheindex import (
+from tvixfs.services.cache.cacheindex import (
     CHUNK,
     CHUNK_LIST,
     DIRECTORY,
@@ -51,11 +52,10 @@ from tvixfs.services.cacheindex import (
     STALE_AFTER,
     CacheIndex,
 )
-from tvixfs.services.cachewriter import BATCH_BYTES, Batch, CacheWriter
-from tvixfs.services.chunkfiles import TEMP_MARK, ChunkFiles
+from tvixfs.services.cache.cachewriter import BATCH_BYTES, Batch, CacheWriter
+from tvixfs.services.cache.offline import OnlineState
 from tvixfs.services.errors import CorruptDataError, NotFoundError, StoreUnavailableError
 from tvixfs.services.narhash import store_nar_hash
-from tvixfs.services.offline import OnlineState
 from tvixfs.store.pathinfo import validate_pathinfo
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from tvixfs.castore.digest import EMPTY_DIGEST, b3digest, check_digest, new_hash
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import Node
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services import s3layout
+from tvixfs.services.backends import s3layout
 from tvixfs.services.base import (
     BlobCapabilities,
     BlobService,

@@ -44,15 +44,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tvixfs.services.backends.chunkfiles import ChunkFiles
+from tvixfs.services.backends.gcguard import WriteGuard, create_pin_tables, this_process
 from tvixfs.services.base import ChunkMeta
-from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import (
     CorruptDataError,
     FailedPreconditionError,
     StoreError,
     StoreUnavailableError,
 )
-from tvixfs.services.gcguard import WriteGuard, create_pin_tables, this_process
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from tvixfs.castore.errors import ValidationError
+from tvixfs.importers.ingest import ingest_nar
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import StoreError
-from tvixfs.services.ingest import ingest_nar
 from tvixfs.store.nixtext import parse_ca, parse_hash, parse_signature
 from tvixfs.store.storepath import STORE_DIR, StorePath
 

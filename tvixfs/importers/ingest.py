@@ -22,9 +22,9 @@ from typing import IO
 from tvixfs.castore.digest import b3digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import FileNode, Node, SymlinkNode, node_to_proto, rename
+from tvixfs.importers.chunkworkers import ChunkWorkers, WorkerError
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import BlobService, ForkedWriter, Store
-from tvixfs.services.chunkworkers import ChunkWorkers, WorkerError
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, StoreError
 from tvixfs.store import nar
 from tvixfs.store.nixtext import format_hash

@@ -35,6 +35,8 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.backends.chunkfiles import ChunkFiles
+from tvixfs.services.backends.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
 from tvixfs.services.base import (
     BlobCapabilities,
     BlobService,
@@ -45,9 +47,7 @@ from tvixfs.services.base import (
     Store,
 )
 from tvixfs.services.checks import check_closure, check_pathinfo, settle_put
-from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
-from tvixfs.services.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 

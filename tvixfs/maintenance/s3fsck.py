@@ -22,9 +22,9 @@ from tvixfs.castore.digest import EMPTY_DIGEST
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, node_from_proto
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services import s3layout
+from tvixfs.services.backends import s3layout
+from tvixfs.services.backends.s3 import S3Objects
 from tvixfs.services.errors import CorruptDataError
-from tvixfs.services.s3 import S3Objects
 from tvixfs.store.pathinfo import validate_pathinfo
 
 Report = Callable[[str], None]

@@ -25,12 +25,12 @@ from tvixfs.castore.digest import new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
+from tvixfs.maintenance.gc import plan_collection
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.chunkfiles import TEMP_MARK
+from tvixfs.services.backends.chunkfiles import TEMP_MARK
+from tvixfs.services.backends.local import LocalBlobService, LocalDirectoryService
+from tvixfs.services.backends.localdb import LocalBackend, unpack_chunks
 from tvixfs.services.errors import StoreError
-from tvixfs.services.gc import plan_collection
-from tvixfs.services.local import LocalBlobService, LocalDirectoryService
-from tvixfs.services.localdb import LocalBackend, unpack_chunks
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.nixtext import format_hash
 from tvixfs.store.pathinfo import validate_pathinfo

@@ -1,0 +1,1 @@
+"""Offline jobs over a store: fsck (local, S3, disk cache) and garbage collection."""
