@@ -129,6 +129,14 @@ def test_layers_import_only_downwards(module: str) -> None:
     assert not wrong, f"{module} ({layer}) imports {sorted(wrong)}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) in ("fs", "cli")))
+def test_the_filesystem_and_cli_see_no_protobuf(module: str) -> None:
+    """The mount gets validated root nodes (``services/rootnodes.py``), the CLI validated
+    records and helpers: neither handles wire messages itself."""
+    protos = {target for target in GRAPH[module] if _layer(target) == "protos"}
+    assert not protos, f"{module} imports {sorted(protos)}"
+
+
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "server"))
 def test_the_server_shares_the_wire_not_the_client(module: str) -> None:
     """The server speaks the same protocol as the gRPC client through ``services.wire``; it

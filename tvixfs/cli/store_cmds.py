@@ -20,14 +20,15 @@ from tvixfs.cli.app import StoreOptions, app, fail, log, store_options
 from tvixfs.cli.progress import CountingReader, Progress
 from tvixfs.importers.ingest import ingest_nar, ingest_path
 from tvixfs.importers.nixsource import NixSource, import_from_nix, parse_nix_path
-from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
 from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.services.rootnodes import RootNodes, StorePathRoot
 from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
 from tvixfs.store.nar import ReadBlob, file_contents, write_nar
-from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri, parse_signature
+from tvixfs.store.nixtext import format_hash, signatures_narinfo
 from tvixfs.store.pathinfo import validate_pathinfo
+from tvixfs.store.pathinfojson import pathinfo_json
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
 
 # Symlinks followed while resolving one path, as Linux allows (ELOOP beyond).
@@ -89,7 +90,7 @@ def import_(
             finally:
                 if progress is not None:
                     progress.clear()
-            print(_store_path(info))
+            print(validate_pathinfo(info)[0])
 
 
 @app.command("import-nar")
@@ -115,7 +116,7 @@ def import_nar(
     with _opened(where, sign_key=sign_key, trusted=trusted_public_key) as opened:
         store_path = StorePath.from_absolute(path)
         references = [StorePath.from_absolute(r) for r in reference or []]
-        narinfo = pathinfo_pb2.NARInfo(signatures=[parse_signature(s) for s in signature or []])
+        narinfo = signatures_narinfo(signature or [])
         with _input(file) as stream:
             progress = Progress.on_terminal(file)
             counted = stream if progress is None else cast(IO[bytes], CountingReader(stream, progress))
@@ -124,7 +125,7 @@ def import_nar(
             finally:
                 if progress is not None:
                     progress.clear()
-        print(_store_path(info))
+        print(validate_pathinfo(info)[0])
 
 
 @contextmanager
@@ -222,10 +223,10 @@ def _recorded_nar(store: Store, path: str) -> tuple[int, bytes] | None:
         store_path = StorePath.from_absolute(path) if path.startswith("/") else StorePath.from_basename(path)
     except ValidationError:
         return None  # a path inside a store path: Nix records no hash for it
-    info = store.pathinfos.get(store_path.digest)
-    if info is None or not info.HasField("narinfo"):
+    root = _stored(store, store_path)
+    if root.nar_size is None or root.nar_sha256 is None:
         return None
-    return info.narinfo.nar_size, info.narinfo.nar_sha256
+    return root.nar_size, root.nar_sha256
 
 
 def _write_stdout(pieces: Iterable[bytes]) -> None:
@@ -253,25 +254,16 @@ def info(
 ) -> None:
     """Print path infos as JSON, shaped like `nix path-info --json`."""
     with where.open(create="never") as opened:
-        found = [_info_json(_pathinfo(opened, StorePath.from_absolute(p))) for p in paths]
+        found = [_info_json(opened, StorePath.from_absolute(p)) for p in paths]
         print(json.dumps(found, indent=2))
 
 
-def _info_json(info: pathinfo_pb2.PathInfo) -> dict[str, Any]:
-    narinfo = info.narinfo
-    out: dict[str, Any] = {
-        "path": _store_path(info),
-        "narHash": format_sri(narinfo.nar_sha256),
-        "narSize": narinfo.nar_size,
-        "references": sorted(f"{STORE_DIR}/{name}" for name in narinfo.reference_names),
-    }
-    if narinfo.HasField("ca"):
-        out["ca"] = format_ca(narinfo.ca)
-    if narinfo.HasField("deriver"):
-        out["deriver"] = str(StorePath(narinfo.deriver.digest, narinfo.deriver.name))
-    if narinfo.signatures:
-        out["signatures"] = [format_signature(s) for s in narinfo.signatures]
-    return out
+def _info_json(store: Store, store_path: StorePath) -> dict[str, Any]:
+    """``store_path``'s path info as ``nix path-info --json`` shows it."""
+    info = store.pathinfos.get(store_path.digest)
+    if info is None or validate_pathinfo(info)[0] != store_path:
+        raise NotFoundError(f"{store_path} is not in the store")
+    return pathinfo_json(info)
 
 
 @app.command("ls")
@@ -287,7 +279,7 @@ def ls(
     """List the store paths, or a directory inside one."""
     with where.open(create="never") as opened:
         if path is None or path.rstrip("/") == STORE_DIR:
-            for store_path in sorted(_store_path(i) for i in opened.pathinfos.list()):
+            for store_path in sorted(str(validate_pathinfo(i)[0]) for i in opened.pathinfos.list()):
                 print(store_path)
             return
         node = _resolve(opened, path, follow_last=False)
@@ -332,17 +324,12 @@ def cat(
 # --- reading paths out of a store ------------------------------------------------------------
 
 
-def _store_path(info: pathinfo_pb2.PathInfo) -> str:
-    store_path, _ = validate_pathinfo(info)
-    return str(store_path)
-
-
-def _pathinfo(store: Store, store_path: StorePath) -> pathinfo_pb2.PathInfo:
-    """The PathInfo of ``store_path``; its root must carry the name asked for."""
-    info = store.pathinfos.get(store_path.digest)
-    if info is None or validate_pathinfo(info)[0] != store_path:
+def _stored(store: Store, store_path: StorePath) -> StorePathRoot:
+    """``store_path``'s validated root; its root node must carry the name asked for."""
+    root, _ = RootNodes(store.pathinfos).get(store_path.digest)
+    if root is None or root.store_path != store_path:
         raise NotFoundError(f"{store_path} is not in the store")
-    return info
+    return root
 
 
 def _directory(store: Store, node: DirectoryNode) -> Directory:
@@ -391,9 +378,7 @@ def _resolve(store: Store, path: str, follow_last: bool) -> Node:
 
 
 def _root(store: Store, basename: bytes) -> Node:
-    store_path = StorePath.from_basename(basename)
-    _, node = validate_pathinfo(_pathinfo(store, store_path))
-    return node
+    return _stored(store, StorePath.from_basename(basename)).node
 
 
 def _child(store: Store, parent: Node, name: bytes, path: str) -> Node:

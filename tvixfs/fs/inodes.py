@@ -33,7 +33,7 @@ import pyfuse3
 
 from tvixfs import defaults
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
-from tvixfs.fs.roots import StorePathRoot
+from tvixfs.services.rootnodes import StorePathRoot
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 

@@ -37,10 +37,11 @@ from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.directories import Directories
 from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import BlobReader, OpenFile
-from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
+from tvixfs.fs.roots import NEGATIVE_TTL, Roots
 from tvixfs.fs.xattrs import xattrs_of
 from tvixfs.services.base import Store
 from tvixfs.services.narhash import store_nar_hash
+from tvixfs.services.rootnodes import StorePathRoot
 from tvixfs.store.nixsig import PublicKey
 
 log = logging.getLogger(__name__)

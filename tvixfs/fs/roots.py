@@ -26,8 +26,7 @@ size (reading the whole path once, at its first lookup; remembered with the posi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import trio
 from cachetools import LRUCache, TTLCache
@@ -36,12 +35,9 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
-from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import PathInfoService
-from tvixfs.services.errors import CorruptDataError
+from tvixfs.services.rootnodes import RootNodes, StorePathRoot
 from tvixfs.store.nixsig import PublicKey
-from tvixfs.store.pathinfo import validate_pathinfo
-from tvixfs.store.signing import check_nix_signature, check_root_signature
 from tvixfs.store.storepath import StorePath
 
 log = logging.getLogger(__name__)
@@ -56,42 +52,6 @@ PREFETCH_QUEUE = 256
 UNEXPANDED_ENTRIES = 4096
 # Store paths refused for their signature and already logged (each is logged once).
 REFUSED_ENTRIES = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class StorePathRoot:
-    """One store path as the mount shows it: its root node is named by the basename."""
-
-    store_path: StorePath
-    node: Node
-    nar_size: int | None
-    nar_sha256: bytes | None
-
-    @property
-    def name(self) -> bytes:
-        return self.node.name
-
-
-def root_from_pathinfo(info: pathinfo_pb2.PathInfo) -> StorePathRoot:
-    """Validate a PathInfo from the store; CorruptDataError if it breaks a rule."""
-    try:
-        store_path, node = validate_pathinfo(info)
-    except ValidationError as e:
-        raise CorruptDataError(f"store returned an invalid PathInfo: {e}") from None
-    narinfo = info.narinfo if info.HasField("narinfo") else None
-    return StorePathRoot(
-        store_path,
-        node,
-        narinfo.nar_size if narinfo is not None else None,
-        narinfo.nar_sha256 if narinfo is not None else None,
-    )
-
-
-def _reference_names(info: pathinfo_pb2.PathInfo) -> tuple[bytes, ...]:
-    """The basenames of the paths ``info`` refers to (validated), if the store named them."""
-    if not info.HasField("narinfo"):
-        return ()
-    return tuple(name.encode("ascii") for name in info.narinfo.reference_names)
 
 
 class Roots:
@@ -112,7 +72,7 @@ class Roots:
         given, paths with only a Nix signature are shown once their NAR matches it.
         """
         self._bridge = bridge
-        self._pathinfos = pathinfos
+        self._nodes = RootNodes(pathinfos, trusted_keys=trusted_keys, nar_check=nar_check)
         self._positive: LRUCache[bytes, StorePathRoot] = LRUCache(POSITIVE_ENTRIES)
         self._negative: TTLCache[bytes, bool] = TTLCache(NEGATIVE_ENTRIES, negative_ttl)
         self._inflight: InFlight[bytes, StorePathRoot | None] = InFlight()
@@ -120,9 +80,8 @@ class Roots:
         self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_CONCURRENCY)
         self._prefetches = 0
         self._unexpanded: LRUCache[bytes, tuple[bytes, ...]] = LRUCache(UNEXPANDED_ENTRIES)
-        self._trusted = dict(trusted_keys or {})
         self._refused: LRUCache[bytes, bool] = LRUCache(REFUSED_ENTRIES)
-        self._nar_check = nar_check
+        self._verifies_nar = nar_check is not None
 
     async def lookup(self, name: bytes) -> StorePathRoot | None:
         """The store path named ``name``, or None if it is not a store path or not in the store."""
@@ -140,8 +99,7 @@ class Roots:
         return found
 
     async def _fetch(self, name: bytes, store_path: StorePath) -> StorePathRoot | None:
-        info, untrusted = await self._bridge.call(self._get_checked, store_path.digest)
-        root = None if info is None else root_from_pathinfo(info)
+        root, untrusted = await self._bridge.call(self._nodes.get, store_path.digest)
         if root is not None and root.name != name:
             # Same hash, other name: the requested path does not exist. tvix-store does not
             # check this; without the check ``<hash>-anything`` would show the content.
@@ -154,43 +112,9 @@ class Roots:
             self._negative[name] = True
         else:
             self._positive[name] = root
-            if self._prefetch is not None and info is not None:
-                self._unexpanded[name] = _reference_names(info)
+            if self._prefetch is not None:
+                self._unexpanded[name] = root.references
         return root
-
-    def _get_checked(self, digest: bytes) -> tuple[pathinfo_pb2.PathInfo | None, str | None]:
-        """The path info (in a worker thread) and, with trusted keys, why it is not trusted."""
-        info = self._pathinfos.get(digest)
-        why = self._untrusted(info)
-        if why is not None and info is not None and self._nar_check is not None:
-            why = self._nar_matches(info, why, self._nar_check)
-        return info, why
-
-    def _nar_matches(
-        self, info: pathinfo_pb2.PathInfo, why: str, nar_check: Callable[[Node], tuple[int, bytes]]
-    ) -> str | None:
-        """For a path without a trusted root signature: None if a trusted key signed it the
-        Nix way and its tree renders to the NAR signed for; else why not."""
-        if check_nix_signature(info, self._trusted) is not None:
-            return why
-        try:
-            _, node = validate_pathinfo(info)
-        except ValidationError as e:
-            return str(e)
-        size, sha256 = nar_check(node)
-        if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):
-            return "its tree does not render to the NAR hash and size its Nix signature covers"
-        log.info("%s: NAR hash verified against its Nix signature", node.name.decode(errors="replace"))
-        return None
-
-    def _list_checked(self) -> Iterator[tuple[pathinfo_pb2.PathInfo, str | None]]:
-        for info in self._pathinfos.list():
-            yield info, self._untrusted(info)
-
-    def _untrusted(self, info: pathinfo_pb2.PathInfo | None) -> str | None:
-        if info is None or not self._trusted:
-            return None
-        return check_root_signature(info, self._trusted)
 
     def _refuse(self, root: StorePathRoot, why: str) -> None:
         if root.name not in self._refused:
@@ -227,18 +151,17 @@ class Roots:
     async def list(self) -> list[StorePathRoot]:
         """Every store path, sorted by name (one snapshot, for one listing of the root)."""
         roots: dict[bytes, StorePathRoot] = {}
-        async with self._bridge.stream(self._list_checked) as infos:
-            async for info, untrusted in infos:
-                try:
-                    root = root_from_pathinfo(info)
-                except CorruptDataError as e:
-                    log.warning("listing the root: skipping %s", e)
+        async with self._bridge.stream(self._nodes.list) as listed:
+            async for entry, untrusted in listed:
+                if isinstance(entry, Exception):
+                    log.warning("listing the root: skipping %s", entry)
                     continue
+                root = entry
                 if untrusted is not None:
                     # A path a lookup admitted (its NAR verified) is listed as it was admitted.
                     admitted = self._positive.get(root.name)
                     if admitted is None:
-                        if self._nar_check is None:  # else a lookup may still verify its NAR
+                        if not self._verifies_nar:  # else a lookup may still verify its NAR
                             self._refuse(root, untrusted)
                         continue
                     root = admitted

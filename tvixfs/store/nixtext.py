@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 
 from tvixfs.castore.errors import ValidationError
 from tvixfs.protos import pathinfo_pb2
@@ -105,3 +106,9 @@ def parse_signature(text: str) -> pathinfo_pb2.NARInfo.Signature:
 
 def format_signature(sig: pathinfo_pb2.NARInfo.Signature) -> str:
     return f"{sig.name}:{base64.b64encode(sig.data).decode()}"
+
+
+def signatures_narinfo(texts: Iterable[str]) -> pathinfo_pb2.NARInfo:
+    """A NARInfo holding only these signatures (each ``parse_signature``'d): what an importer is
+    told about a path before it reads the NAR."""
+    return pathinfo_pb2.NARInfo(signatures=[parse_signature(text) for text in texts])
