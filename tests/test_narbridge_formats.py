@@ -13,8 +13,9 @@ import pytest
 from nixchroot import NIX_COMMAND, Closure, make_closure, nix_path_info, run
 
 from tvixfs.castore.errors import ValidationError
-from tvixfs.narbridge.signatures import nix_fingerprint, parse_public_key, parse_secret_key, sign, verify
 from tvixfs.store.narinfo import parse_narinfo, render_narinfo
+from tvixfs.store.narinfosig import add_signatures, narinfo_fingerprint, signed_by
+from tvixfs.store.nixsig import parse_public_key, parse_secret_key
 from tvixfs.store.nixtext import parse_signature
 
 
@@ -47,14 +48,19 @@ def test_signature_is_nix_s_own(closure: Closure, nix_cache: Path) -> None:
     entry = nix_path_info(closure.root, [closure.built])[closure.built]
     (nix_sig,) = [parse_signature(s) for s in entry["signatures"]]
     info = parse_narinfo((nix_cache / f"{closure.built[11:43]}.narinfo").read_text())
-    fingerprint = nix_fingerprint(info.store_path, info.nar_sha256, info.nar_size, info.references)
-    assert sign(secret, fingerprint) == nix_sig
-    assert verify([public], fingerprint, [nix_sig])
-    assert not verify([public], fingerprint.replace(b";1;", b";2;") + b"x", [nix_sig])
+    fingerprint = narinfo_fingerprint(info)
+    assert secret.sign(fingerprint) == nix_sig.data
+    assert signed_by(info, {public.name: public}) == nix_sig.name
+    unsigned = parse_narinfo((nix_cache / f"{closure.built[11:43]}.narinfo").read_text())
+    del unsigned.signatures[:]
+    add_signatures(unsigned, [secret])
+    assert unsigned.signatures == [nix_sig]
+    unsigned.nar_size += 1  # another NAR: the same signature no longer holds
+    assert signed_by(unsigned, {public.name: public}) is None
     other = run("nix-store", "--generate-binary-cache-key", "tvixfs-test-1", work / "o.sec", work / "o.pub")
     assert other == ""
     impostor = parse_public_key((work / "o.pub").read_text())  # same name, different key
-    assert not verify([impostor], fingerprint, [nix_sig])
+    assert signed_by(info, {impostor.name: impostor}) is None
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import StoreOptions, app, fail, store_options
 from tvixfs.narbridge.pending import PendingTable
 from tvixfs.narbridge.server import Bridge, BridgeServer, make_server
-from tvixfs.narbridge.signatures import parse_public_key, parse_secret_key
 from tvixfs.narbridge.uploads import Limits
 from tvixfs.server.listen import (
     UNIX_SOCKET_MODE,
@@ -28,6 +27,7 @@ from tvixfs.server.listen import (
     warn_if_exposed,
 )
 from tvixfs.services.url import StoreURL, default_store_url
+from tvixfs.store.nixsig import parse_public_keys, parse_secret_key
 from tvixfs.systemd import Notifier
 
 log = logging.getLogger("tvixfs")
@@ -105,7 +105,7 @@ def nar_bridge(
     try:
         address = parse_listen(listen)
         sign_keys = [parse_secret_key(_read(sign_key, "signing key"))] if sign_key is not None else []
-        trusted = [parse_public_key(k) for k in trusted_public_key or []]
+        trusted = parse_public_keys(trusted_public_key or [])
     except (ListenError, ValidationError) as e:
         fail(str(e))
     pending_path = _pending_path(where.store, pending_db)

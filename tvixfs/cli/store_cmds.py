@@ -8,7 +8,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import IO, Annotated, Any, cast
 
 import typer
@@ -22,10 +22,10 @@ from tvixfs.importers.ingest import ingest_nar, ingest_path
 from tvixfs.importers.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
-from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.services.narrender import rendered_nar
 from tvixfs.services.rootnodes import RootNodes, StorePathRoot
 from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
-from tvixfs.store.nar import ReadBlob, file_contents, write_nar
+from tvixfs.store.nar import file_contents
 from tvixfs.store.nixtext import format_hash, signatures_narinfo
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.pathinfojson import pathinfo_json
@@ -178,19 +178,10 @@ def export_nar(
     """Write the NAR of a path to standard output, byte for byte what `nix-store --dump` gives."""
     with where.open(create="never") as opened:
         node = _resolve(opened, path, follow_last=False)
-        directories: dict[bytes, Directory] = {}
-        if isinstance(node, DirectoryNode):  # one request for the whole tree, not one per directory
-            directories = {d.digest(): d for d in opened.directories.get_recursive(node.digest)}
-        # Over a remote store, a round trip per file would dominate a tree of small files.
-        reads: AbstractContextManager[ReadBlob] = (
-            blobs_read_ahead(node, directories.__getitem__, opened.blobs.read)
-            if opened.blobs.capabilities.calls_are_remote
-            else nullcontext(opened.blobs.read)
-        )
         recorded = _recorded_nar(opened, path)
         rendered = _NarCheck()
-        with reads as read_blob:
-            _write_stdout(rendered.count(write_nar(node, directories.__getitem__, read_blob)))
+        with rendered_nar(opened, node) as pieces:
+            _write_stdout(rendered.count(pieces))
         if recorded is not None and rendered.facts() != recorded:
             size, sha256 = rendered.facts()
             fail(

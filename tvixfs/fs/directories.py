@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from tvixfs import defaults
+from tvixfs.castore.closure import ClosureError, RootFirst
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, Node
 from tvixfs.fs.bridge import Bridge
@@ -67,16 +68,13 @@ def _listing_size(listing: Listing) -> int:
 def _checked_tree(service: DirectoryService, root: bytes) -> Iterator[list[tuple[bytes, Listing]]]:
     """Runs in the pump thread: digest, check and index each directory of a recursive Get;
     hands them on in batches."""
-    expected = {root}
+    order = RootFirst(root)
     batch: list[tuple[bytes, Listing]] = []
     for directory in service.get_recursive(root):
-        digest = directory.digest()
-        if digest not in expected:
-            raise CorruptDataError(
-                f"recursive get of {root.hex()}: got directory {digest.hex()}, "
-                "which no directory before it refers to"
-            )
-        expected.update(child.digest for child in directory.directories)
+        try:
+            digest = order.admit(directory)
+        except ClosureError as e:
+            raise CorruptDataError(f"recursive get of {root.hex()}: {e}") from None
         batch.append((digest, Listing.of(directory)))
         if len(batch) == BATCH:
             yield batch

@@ -20,18 +20,14 @@ import re
 import socket
 import socketserver
 import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import IO, Any, cast
 
-from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
-from tvixfs.castore.nodes import DirectoryNode, Node, node_from_proto
+from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.narbridge.pending import PendingTable
-from tvixfs.narbridge.signatures import PublicKey, SecretKey, nix_fingerprint, sign
 from tvixfs.narbridge.uploads import (
     Limits,
     UploadError,
@@ -42,10 +38,11 @@ from tvixfs.narbridge.uploads import (
 )
 from tvixfs.services.base import Store
 from tvixfs.services.errors import StoreError
-from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.services.narrender import rendered_nar
 from tvixfs.store import nixbase32
-from tvixfs.store.nar import ReadBlob, write_nar
 from tvixfs.store.narinfo import MAX_NARINFO_BYTES, narinfo_from_pathinfo, render_narinfo
+from tvixfs.store.narinfosig import add_signatures
+from tvixfs.store.nixsig import PublicKey, SecretKey
 from tvixfs.store.storepath import StorePath
 
 log = logging.getLogger(__name__)
@@ -70,27 +67,12 @@ class Bridge:
     priority: int = DEFAULT_PRIORITY
     allow_upload: bool = False
     sign_keys: list[SecretKey] = field(default_factory=list)
-    trusted_keys: list[PublicKey] = field(default_factory=list)
+    trusted_keys: dict[str, PublicKey] = field(default_factory=dict)
     limits: Limits = field(default_factory=lambda: Limits(DEFAULT_MAX_NAR_SIZE))
 
 
 def served_nar_url(store_path: StorePath, nar_sha256: bytes) -> str:
     return f"nar/{store_path.hash_part}-{nixbase32.encode(nar_sha256)}.nar"
-
-
-@contextmanager
-def rendered_nar(store: Store, node: Node) -> Iterator[Iterator[bytes]]:
-    """The NAR of ``node`` in pieces; a directory tree is fetched in one request first."""
-    directories: dict[bytes, Directory] = {}
-    if isinstance(node, DirectoryNode):
-        directories = {d.digest(): d for d in store.directories.get_recursive(node.digest)}
-    reads: AbstractContextManager[ReadBlob] = (
-        blobs_read_ahead(node, directories.__getitem__, store.blobs.read)
-        if store.blobs.capabilities.calls_are_remote
-        else nullcontext(store.blobs.read)
-    )
-    with reads as read_blob:
-        yield write_nar(node, directories.__getitem__, read_blob)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -191,12 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "no such path")
         store_path, info = found
         narinfo = narinfo_from_pathinfo(info, store_path, served_nar_url(store_path, info.narinfo.nar_sha256))
-        if self.bridge.sign_keys:
-            fingerprint = nix_fingerprint(
-                store_path, narinfo.nar_sha256, narinfo.nar_size, narinfo.references
-            )
-            names = {s.name for s in narinfo.signatures}
-            narinfo.signatures += [sign(k, fingerprint) for k in self.bridge.sign_keys if k.name not in names]
+        add_signatures(narinfo, self.bridge.sign_keys)
         self._reply(200, render_narinfo(narinfo).encode(), "text/x-nix-narinfo")
 
     def _get_nar(self, hash_part: str, nar_hash: str) -> None:

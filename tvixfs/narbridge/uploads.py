@@ -17,7 +17,7 @@ import io
 import lzma
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +28,12 @@ import zstandard
 from tvixfs.castore.errors import ValidationError
 from tvixfs.importers.ingest import commit_stored, read_nar_blobs
 from tvixfs.narbridge.pending import PendingNar, PendingTable
-from tvixfs.narbridge.signatures import PublicKey, nix_fingerprint, verify
 from tvixfs.services.base import Store
 from tvixfs.services.errors import StoreError
 from tvixfs.store import nixbase32
 from tvixfs.store.narinfo import NarInfo, parse_narinfo, pathinfo_narinfo
+from tvixfs.store.narinfosig import signed_by
+from tvixfs.store.nixsig import PublicKey
 from tvixfs.store.nixtext import format_hash
 
 # Upload file name extension -> the narinfo ``Compression`` Nix writes for it.
@@ -166,14 +167,13 @@ def receive_narinfo(
     pending: PendingTable,
     url_hash: str,
     info: NarInfo,
-    trusted: list[PublicKey],
+    trusted: Mapping[str, PublicKey],
 ) -> None:
     """Turn a narinfo and its earlier NAR upload into a PathInfo, or refuse with a status."""
     path = info.store_path
     if path.hash_part != url_hash:
         raise UploadError(400, f"narinfo for {path} uploaded as {url_hash}.narinfo")
-    fingerprint = nix_fingerprint(path, info.nar_sha256, info.nar_size, info.references)
-    if trusted and not verify(trusted, fingerprint, info.signatures):
+    if trusted and signed_by(info, trusted) is None:
         raise UploadError(403, f"{path}: no valid signature by a trusted key")
     target = parse_upload_url(info.url)
     if target is None:
