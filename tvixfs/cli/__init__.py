@@ -7,7 +7,7 @@ the store commands, which scripts run often (``import``, ``cat``, ...), start wi
 
 import sys
 
-from tvixfs.cli import cache_cmds, fsck_cmd, store_cmds  # noqa: F401  (register commands)
+from tvixfs.cli import cache_cmds, fsck_cmd, status_cmd, store_cmds  # noqa: F401  (register commands)
 from tvixfs.cli.app import app
 
 _SERVING_COMMANDS = {"mount", "daemon"}

@@ -17,9 +17,12 @@ from tvixfs.cli.app import (
     open_store_or_fail,
 )
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached
+from tvixfs.cli.metrics_opts import MetricsListenOpt, start_metrics
 from tvixfs.cli.mount_cmd import parse_size
 from tvixfs.server.listen import DEFAULT_LISTEN, ListenError
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
+from tvixfs.services.cachemetrics import watch_disk_cache
+from tvixfs.services.meteredstore import metered
 
 ListenOpt = Annotated[
     list[str] | None,
@@ -48,6 +51,7 @@ def daemon(
     ] = DEFAULT_GRACE,
     disk_cache: DiskCacheOpt = None,
     disk_cache_size: DiskCacheSizeOpt = "10G",
+    metrics_listen: MetricsListenOpt = None,
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
@@ -60,9 +64,14 @@ def daemon(
         disk_bytes = parse_size(disk_cache_size)
     except ValueError as e:
         fail(f"--disk-cache-size: {e}")
+    endpoint = start_metrics(metrics_listen)
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    if endpoint is not None:
+        opened = metered(opened, endpoint.metrics)
     urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
-    opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
+    opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
+    if endpoint is not None and cache is not None:
+        watch_disk_cache(endpoint.metrics, cache)
     try:
         run_daemon(opened, listen or [DEFAULT_LISTEN], threads, grace)
     except ListenError as e:

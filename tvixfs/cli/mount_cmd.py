@@ -20,13 +20,16 @@ from tvixfs.cli.app import (
     open_store_or_fail,
 )
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached, probe_or_offline
+from tvixfs.cli.metrics_opts import MetricsListenOpt, start_metrics
 from tvixfs.fs.bridge import DEFAULT_THREADS
 from tvixfs.fs.directories import CACHE_ENTRIES
 from tvixfs.fs.inodes import DEFAULT_MAX_INODES
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
+from tvixfs.services.cachemetrics import watch_disk_cache
 from tvixfs.services.errors import StoreError
+from tvixfs.services.meteredstore import metered
 from tvixfs.services.url import default_store_url
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
@@ -92,6 +95,7 @@ def mount(
     ] = False,
     disk_cache: DiskCacheOpt = None,
     disk_cache_size: DiskCacheSizeOpt = "10G",
+    metrics_listen: MetricsListenOpt = None,
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
 
@@ -112,9 +116,15 @@ def mount(
         absolute = check_mountpoint(mountpoint)
     except MountError as e:
         fail(str(e))
+    endpoint = start_metrics(metrics_listen)
+    metrics = None if endpoint is None else endpoint.metrics
     opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    if metrics is not None:
+        opened = metered(opened, metrics)
     urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
     opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
+    if metrics is not None and cache is not None:
+        watch_disk_cache(metrics, cache)
     try:
         try:
             probe_or_offline(opened, cache, probe_store)
@@ -135,6 +145,7 @@ def mount(
             allow_other=allow_other,
             debug_fuse=debug_fuse,
             status_note=None if cache is None else cache.state.describe,
+            metrics=metrics,
         )
         try:
             run_mount(opened, config, store or default_store_url())

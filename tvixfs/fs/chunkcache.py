@@ -72,6 +72,8 @@ class ReaderStats:
     chunks_fetched: int = 0
     bytes_fetched: int = 0
     fetch_failures: int = 0
+    # Chunks a read found in the cache (the misses are the chunks fetched).
+    cache_hits: int = 0
 
 
 class ChunkCache:
@@ -108,6 +110,7 @@ class ChunkCache:
         """The chunk from the cache, or fetched (sharing a fetch under way)."""
         data = self.cache.get(chunk.digest)
         if data is not None:
+            self.stats.cache_hits += 1
             return data
         return await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
 

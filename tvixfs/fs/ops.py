@@ -37,7 +37,7 @@ from tvixfs.fs.directories import CACHE_ENTRIES, Directories
 from tvixfs.fs.inodes import DEFAULT_MAX_INODES, ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
-from tvixfs.fs.xattrs import xattrs_of
+from tvixfs.fs.xattrs import STATUS, xattrs_of
 from tvixfs.services.base import Store
 
 log = logging.getLogger(__name__)
@@ -193,10 +193,20 @@ class TvixOperations(pyfuse3.Operations):
         self._readdir_reply = readdir_reply
         self._invalidate = invalidate
         self.failures = 0
+        # The text of the mount root's ``user.tvixfs.status`` (fs/statusreport.py), if set.
+        self.root_status: Callable[[], bytes] | None = None
 
     @property
     def inode_count(self) -> int:
         return len(self._inodes)
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
+    @property
+    def reader(self) -> BlobReader:
+        return self._reader
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
@@ -406,7 +416,10 @@ class TvixOperations(pyfuse3.Operations):
     async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self._options.show_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
-        found = None if inode == ROOT_INODE else xattrs_of(self._inode(inode)).get(name)
+        if inode == ROOT_INODE:
+            found = self.root_status() if name == STATUS and self.root_status is not None else None
+        else:
+            found = xattrs_of(self._inode(inode)).get(name)
         if found is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return found
@@ -415,7 +428,9 @@ class TvixOperations(pyfuse3.Operations):
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self._options.show_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        return [] if inode == ROOT_INODE else list(xattrs_of(self._inode(inode)))
+        if inode == ROOT_INODE:
+            return [STATUS] if self.root_status is not None else []
+        return list(xattrs_of(self._inode(inode)))
 
     # -- everything that writes -----------------------------------------------------------
 
