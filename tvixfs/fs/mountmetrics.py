@@ -16,6 +16,9 @@ def watch_mount(ops: TvixOperations, metrics: Metrics) -> None:
     instrument(ops, metrics)
     reader = ops.reader
     stats = reader.stats
+    metrics.counter(
+        "fuse_served_bytes", "Bytes the mount answered read requests with.", metrics.fuse_served.get
+    )
     metrics.gauge("inodes", "Inodes the kernel holds (looked up and not forgotten).", lambda: ops.inode_count)
     metrics.gauge("open_files", "Files open on the mount.", lambda: ops.open_files)
     metrics.gauge("chunk_cache_bytes", "Bytes in the memory chunk cache.", lambda: reader.cached_bytes)

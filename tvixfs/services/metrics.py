@@ -85,6 +85,8 @@ class LatencyTable:
         return self.rows.setdefault(value, LatencyRow())
 
     def collect(self) -> Iterator[Metric]:
+        if not self.rows:
+            return  # nothing was timed here (the daemon has no FUSE requests)
         histogram = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         failures = CounterMetricFamily(
             self.name.removesuffix("_seconds") + "_failures",
@@ -117,9 +119,8 @@ class Metrics:
             PREFIX + "fuse_request_seconds", "FUSE requests by operation, and their latency.", "op"
         )
         self.registry.register(_TableCollector(self.fuse))
-        self.fuse_served = self.counter_value(
-            "fuse_served_bytes", "Bytes the mount answered read requests with."
-        )
+        # Bytes a mount answered reads with; exported by the mount (fs/mountmetrics.py).
+        self.fuse_served = _Count()
         self.store_seconds = Histogram(
             PREFIX + "store_call_seconds",
             "Calls to the store by service and method, and their latency (streams: until the last piece).",
@@ -160,12 +161,6 @@ class Metrics:
     def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Export ``tvixfs_<name>_total``, a count kept elsewhere that only grows."""
         self._callbacks.counters.append((PREFIX + name, documentation, read))
-
-    def counter_value(self, name: str, documentation: str) -> _Count:
-        """A count kept here, by one thread (the event loop), exported as a counter."""
-        count = _Count()
-        self.counter(name, documentation, count.get)
-        return count
 
     def reachability(self, source: Callable[[], bool | None]) -> None:
         """Add a judge of the store's reachability: True, False, or None (no opinion)."""
