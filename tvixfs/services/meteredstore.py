@@ -77,16 +77,18 @@ class _Meter:
         self._metrics.store_in_flight.inc()
         started = time.perf_counter()
         error: Exception | None = None
-        fetched = self._metrics.store_fetched
+        fetched = 0
         try:
             for piece in pieces():
                 if size is not None:
-                    fetched.inc(size(piece))
+                    fetched += size(piece)
                 yield piece
         except Exception as e:
             error = e
             raise
         finally:
+            if fetched:
+                self._metrics.store_fetched.inc(fetched)
             self._ended(method, started, error)
 
 
