@@ -33,6 +33,7 @@ from tvixfs.fs.attrs import (
     node_attributes,
 )
 from tvixfs.fs.bridge import DEFAULT_THREADS, Bridge
+from tvixfs.fs.dircache import cached_listing
 from tvixfs.fs.directories import CACHE_ENTRIES, Directories
 from tvixfs.fs.inodes import DEFAULT_MAX_INODES, ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
@@ -338,7 +339,7 @@ class TvixOperations(pyfuse3.Operations):
             handle = _DirHandle(inode, directory.origin, listing.entries)
         fh = next(self._handles)
         self._dir_handles[fh] = handle
-        return pyfuse3.FileHandleT(fh)
+        return pyfuse3.FileHandleT(fh) if inode == ROOT_INODE else cached_listing(fh)
 
     async def _open_root(self) -> _DirHandle:
         if not self._options.list_root:
