@@ -34,6 +34,15 @@ def _key(name: str, labels: dict[str, str]) -> str:
     return f"{name}{{{inner}}}" if inner else name
 
 
+def values(metrics: Metrics) -> Samples:
+    """Every sample ``metrics`` exports, by name and labels."""
+    return {
+        _key(sample.name, sample.labels): sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+    }
+
+
 def scrape(url: str) -> Samples:
     with urllib.request.urlopen(url, timeout=30) as answer:
         assert answer.status == 200
@@ -67,13 +76,13 @@ def test_store_calls_are_counted_with_their_errors_and_bytes() -> None:
     assert store.blobs.stat(b"\0" * 32) is None
     with pytest.raises(NotFoundError):
         b"".join(store.blobs.read(b"\0" * 32))
-    values = metrics.values()
-    assert values["tvixfs_store_call_seconds_count{method=read,service=blob}"] == 2
-    assert values["tvixfs_store_call_seconds_count{method=stat,service=blob}"] == 1
-    assert values["tvixfs_store_call_errors_total{error=NotFoundError,method=read,service=blob}"] == 1
-    assert values["tvixfs_store_fetched_bytes_total"] == 1000
-    assert values["tvixfs_store_calls_in_flight"] == 0
-    assert values["tvixfs_store_reachable"] == 1  # an absent blob is an answer
+    found = values(metrics)
+    assert found["tvixfs_store_call_seconds_count{method=read,service=blob}"] == 2
+    assert found["tvixfs_store_call_seconds_count{method=stat,service=blob}"] == 1
+    assert found["tvixfs_store_call_errors_total{error=NotFoundError,method=read,service=blob}"] == 1
+    assert found["tvixfs_store_fetched_bytes_total"] == 1000
+    assert found["tvixfs_store_calls_in_flight"] == 0
+    assert found["tvixfs_store_reachable"] == 1  # an absent blob is an answer
 
 
 def test_an_unreachable_store_shows_and_an_answer_clears_it(short_tmp: Path) -> None:
@@ -83,15 +92,15 @@ def test_an_unreachable_store_shows_and_an_answer_clears_it(short_tmp: Path) -> 
     try:
         with pytest.raises(StoreUnavailableError):
             store.pathinfos.get(b"\0" * 20)
-        assert metrics.values()["tvixfs_store_reachable"] == 0
+        assert values(metrics)["tvixfs_store_reachable"] == 0
         assert (
-            metrics.values()[
+            values(metrics)[
                 "tvixfs_store_call_errors_total{error=StoreUnavailableError,method=get,service=pathinfo}"
             ]
             == 1
         )
         answering.pathinfos.get(b"\0" * 20)  # another service's answer says nothing of this one
-        assert metrics.values()["tvixfs_store_reachable"] == 0
+        assert values(metrics)["tvixfs_store_reachable"] == 0
     finally:
         store.close()
 
@@ -102,14 +111,14 @@ def test_fuse_latency_buckets_are_cumulative() -> None:
     for seconds in (0.00001, 0.0003, 0.0003, 7.0, 100.0):
         row.observe(seconds)
     row.failures += 1
-    values = metrics.values()
-    assert values["tvixfs_fuse_request_seconds_bucket{le=5e-05,op=lookup}"] == 1
-    assert values["tvixfs_fuse_request_seconds_bucket{le=0.0005,op=lookup}"] == 3
-    assert values["tvixfs_fuse_request_seconds_bucket{le=10.0,op=lookup}"] == 4
-    assert values["tvixfs_fuse_request_seconds_bucket{le=+Inf,op=lookup}"] == 5
-    assert values["tvixfs_fuse_request_seconds_count{op=lookup}"] == 5
-    assert values["tvixfs_fuse_request_seconds_sum{op=lookup}"] == pytest.approx(107.0006)
-    assert values["tvixfs_fuse_request_failures_total{op=lookup}"] == 1
+    found = values(metrics)
+    assert found["tvixfs_fuse_request_seconds_bucket{le=5e-05,op=lookup}"] == 1
+    assert found["tvixfs_fuse_request_seconds_bucket{le=0.0005,op=lookup}"] == 3
+    assert found["tvixfs_fuse_request_seconds_bucket{le=10.0,op=lookup}"] == 4
+    assert found["tvixfs_fuse_request_seconds_bucket{le=+Inf,op=lookup}"] == 5
+    assert found["tvixfs_fuse_request_seconds_count{op=lookup}"] == 5
+    assert found["tvixfs_fuse_request_seconds_sum{op=lookup}"] == pytest.approx(107.0006)
+    assert found["tvixfs_fuse_request_failures_total{op=lookup}"] == 1
 
 
 # -- a real mount ---------------------------------------------------------------------------

@@ -9,9 +9,7 @@ has no authentication, and the metrics tell how the mount is used.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
@@ -33,24 +31,19 @@ def parse_metrics_address(text: str) -> ListenAddress:
     return address
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsEndpoint:
+    """Served until the process ends (the server's thread is a daemon thread)."""
+
     metrics: Metrics
     url: str
-    _server: WSGIServer
-    _thread: threading.Thread
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
 
 def serve_metrics(text: str, metrics: Metrics) -> MetricsEndpoint:
     """Serve ``metrics`` at ``http://ADDR/metrics`` (any path answers) from a thread."""
     address = parse_metrics_address(text)
     try:
-        server, thread = start_http_server(address.port, address.host, registry=metrics.registry)
+        server, _ = start_http_server(address.port, address.host, registry=metrics.registry)
     except OSError as e:
         raise ListenError(f"--metrics-listen: cannot listen on {address.text}: {e.strerror or e}") from None
     host = f"[{address.host}]" if ":" in address.host else address.host
@@ -58,4 +51,4 @@ def serve_metrics(text: str, metrics: Metrics) -> MetricsEndpoint:
     if not address.loopback:
         log.warning("metrics served on %s, which is not a loopback address, without authentication", url)
     log.info("metrics on %s", url)
-    return MetricsEndpoint(metrics, url, server, thread)
+    return MetricsEndpoint(metrics, url)

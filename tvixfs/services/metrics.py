@@ -170,15 +170,6 @@ class Metrics:
         """0 if any source finds the store unreachable, else 1."""
         return 0.0 if any(source() is False for source in self._reachable) else 1.0
 
-    def values(self) -> dict[str, float]:
-        """Every exported sample by name and labels, as text (for tests and ``status``)."""
-        found: dict[str, float] = {}
-        for family in self.registry.collect():
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return found
-
 
 class _Count:
     __slots__ = ("value",)
