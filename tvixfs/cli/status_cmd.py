@@ -23,7 +23,7 @@ def status(
     # Imported here: the FUSE modules would slow every other command's start.
     from tvixfs.fs.xattrs import STATUS
 
-    absolute = os.path.abspath(mountpoint)
+    absolute = os.path.realpath(mountpoint)
     if mount_types().get(absolute) != f"fuse.{FS_TYPE}":
         fail(f"{mountpoint} is not a tvixfs mount point")
     try:
