@@ -324,7 +324,7 @@ What bounds the time of an operation against a store that says nothing:
 - a unary call (PathInfo Get for a lookup, blob Stat): the gRPC client's deadline,
   `TVIXFS_GRPC_TIMEOUT`, default 30 s;
 - a blob or chunk read and a recursive directory Get (server streams): the FUSE bridge's
-  deadline (`tvixfs/fs/bridge.py` `DEFAULT_DEADLINE`, 60 s, for a whole chunk of up to 16 MiB,
+  deadline (`tvixfs/defaults.py` `DEADLINE`, 60 s, `--deadline`, for a whole chunk of up to 16 MiB,
   or per message of a stream), since the gRPC stream deadline `TVIXFS_GRPC_STREAM_TIMEOUT`
   defaults to 600 s; an abandoned call keeps its worker thread until the gRPC deadline;
 - a failed `read` is asked for twice by the kernel (readahead, then the page read itself);

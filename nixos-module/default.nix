@@ -1,6 +1,7 @@
-# NixOS module for tvixfs: the FUSE mount (services.tvixfs) and the gRPC store daemon
-# (services.tvixfs.daemon). The units it makes match systemd/tvixfs.service and
-# systemd/tvixfs-daemon.service; tests/test_systemd_units_and_nixos_module.py keeps them equal.
+# NixOS module for tvixfs: the FUSE mount (services.tvixfs), the gRPC store daemon
+# (services.tvixfs.daemon) and the Nix binary cache (services.tvixfs.narBridge). The units it
+# makes match systemd/tvixfs.service, systemd/tvixfs-daemon.service and
+# systemd/tvixfs-nar-bridge.service; tests/test_systemd_units_and_nixos_module.py keeps them equal.
 #
 #   imports = [ /path/to/tvixfs/nixos-module ];
 #   nixpkgs.overlays = [ (final: prev: { tvixfs = final.callPackage ./tvixfs.nix { }; }) ];
@@ -15,6 +16,7 @@
 let
   cfg = config.services.tvixfs;
   dcfg = cfg.daemon;
+  bcfg = cfg.narBridge;
   inherit (lib)
     mkOption
     mkEnableOption
@@ -89,6 +91,7 @@ let
   diskCache = cfg.diskCache;
   defaultCacheDirectory = "/var/cache/tvixfs";
   daemonStatePath = localStorePath dcfg.store;
+  bridgeStatePath = localStorePath bcfg.store;
 
   # What both services get: no new privileges, native system calls only, no W+X memory, ...
   commonHardening = {
@@ -174,6 +177,10 @@ let
       "--disk-cache-size"
       diskCache.size
     ]
+    ++ concatMap (k: [
+      "--trusted-public-key"
+      k
+    ]) cfg.trustedPublicKeys
     ++ cfg.extraArgs
     ++ [ cfg.mountPoint ];
 
@@ -265,6 +272,17 @@ in
       };
     };
 
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        Public keys in Nix's `name:base64` form. When any are given, a store path appears in
+        the mount only if one of them signed it, root node included (`--sign-key` of the
+        importers and of the daemon); when none are, signatures are not checked.
+      '';
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -298,16 +316,82 @@ in
         description = "The store the daemon serves.";
       };
 
+      environmentFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/tvixfs-daemon.env";
+        description = ''
+          A file of `NAME=value` lines for the daemon's environment, read when it starts: the
+          credentials of an `s3://` store (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+          optionally `AWS_SESSION_TOKEN`). A string, not a Nix path: the file stays outside the
+          Nix store, so no secret is copied into it.
+        '';
+      };
+
       openFirewall = mkOption {
         type = types.bool;
         default = false;
         description = "Whether to open the TCP ports of the non-loopback {option}`services.tvixfs.daemon.listen` addresses.";
       };
     };
+
+    narBridge = {
+      enable = mkEnableOption "the tvixfs nar-bridge, serving a store as a Nix HTTP binary cache";
+
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:9000";
+        example = "unix:/run/tvixfs-nar-bridge/http.sock";
+        description = ''
+          Address to serve on: `host:port` or `unix:/absolute/path`. The bridge has no
+          authentication: expose it beyond loopback only behind a proxy or on a trusted network.
+        '';
+      };
+
+      store = mkOption {
+        type = types.str;
+        default = "local:///var/lib/tvixfs";
+        example = "grpc+unix:///run/tvixfs/daemon.sock";
+        description = "The store the bridge serves (and, with {option}`allowUpload`, writes to).";
+      };
+
+      allowUpload = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Whether to accept uploads (`nix copy --to http://...`); reading is always open.";
+      };
+
+      signKeyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/etc/tvixfs/cache.sec";
+        description = "Nix secret key file (readable by user tvixfs): every narinfo served is signed with it.";
+      };
+
+      trustedPublicKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "builder-1:AAAA...=" ];
+        description = "If not empty, an upload needs a valid signature by one of these keys (else 403).";
+      };
+
+      priority = mkOption {
+        type = types.int;
+        default = 40;
+        description = "The `Priority` in nix-cache-info: lower is preferred by Nix clients.";
+      };
+
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "--max-nar-size" "1073741824" ];
+        description = "Further arguments to `tvixfs nar-bridge`.";
+      };
+    };
   };
 
   config = mkMerge [
-    (mkIf (cfg.enable || dcfg.enable) {
+    (mkIf (cfg.enable || dcfg.enable || bcfg.enable) {
       environment.systemPackages = [ cfg.package ];
     })
 
@@ -435,10 +519,71 @@ in
             TimeoutStopSec = "30s";
             WatchdogSec = "30s";
           }
+          // lib.optionalAttrs (dcfg.environmentFile != null) { EnvironmentFile = dcfg.environmentFile; }
           # ProtectSystem=strict leaves only the state directory writable.
           // lib.optionalAttrs (
             daemonStatePath != null && daemonStatePath != "/var/lib/tvixfs"
           ) { ReadWritePaths = [ daemonStatePath ]; };
+      };
+    })
+
+    (mkIf bcfg.enable {
+      users.users.tvixfs = {
+        isSystemUser = true;
+        group = "tvixfs";
+        home = "/var/lib/tvixfs";
+        description = "tvixfs store daemon";
+      };
+      users.groups.tvixfs = { };
+
+      systemd.services.tvixfs-nar-bridge = {
+        description = "tvixfs nar-bridge: ${bcfg.store} as a Nix binary cache";
+        wantedBy = [ "multi-user.target" ];
+        after = [
+          "network.target"
+          "tvixfs-daemon.service"
+        ];
+        serviceConfig =
+          daemonHardening
+          // {
+            Type = "notify";
+            NotifyAccess = "main";
+            User = "tvixfs";
+            Group = "tvixfs";
+            StateDirectory = "tvixfs";
+            StateDirectoryMode = "0750";
+            RuntimeDirectory = "tvixfs-nar-bridge";
+            RuntimeDirectoryMode = "0755";
+            UMask = "0027";
+            ExecStart = execArgs (
+              [
+                exe
+                "nar-bridge"
+                "--store"
+                bcfg.store
+                "--listen"
+                bcfg.listen
+                "--priority"
+                (toString bcfg.priority)
+              ]
+              ++ optional bcfg.allowUpload "--allow-upload"
+              ++ flagIfSet "--sign-key" bcfg.signKeyFile
+              ++ concatMap (k: [
+                "--trusted-public-key"
+                k
+              ]) bcfg.trustedPublicKeys
+              ++ bcfg.extraArgs
+            );
+            KillMode = "mixed";
+            Restart = "on-failure";
+            RestartSec = "2s";
+            TimeoutStartSec = "60s";
+            TimeoutStopSec = "30s";
+          }
+          # ProtectSystem=strict leaves only the state directory writable.
+          // lib.optionalAttrs (
+            bridgeStatePath != null && bridgeStatePath != "/var/lib/tvixfs"
+          ) { ReadWritePaths = [ bridgeStatePath ]; };
       };
     })
   ];

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from s3server import shared_moto
+
 from tvixfs.server.serve import start_server
 from tvixfs.services.base import Store
 from tvixfs.services.grpc import open_grpc_store
@@ -19,6 +21,7 @@ from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import open_memory_store
 from tvixfs.services.meteredstore import metered
 from tvixfs.services.metrics import Metrics
+from tvixfs.services.url import StoreURL, open_url
 
 BackendFactory = Callable[[Path], AbstractContextManager[Store]]
 
@@ -54,6 +57,17 @@ def _served(tmp: Path, inner: BackendFactory, listen: str) -> Iterator[Store]:
             running.stop(None)
 
 
+@contextmanager
+def s3_backend(tmp: Path) -> Iterator[Store]:
+    """A fresh bucket on the test process's moto S3 server (tests/s3server.py)."""
+    server = shared_moto()
+    store = open_url(StoreURL.parse(server.url(server.new_bucket(), "store")))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def grpc_http_backend(tmp: Path) -> AbstractContextManager[Store]:
     return _served(tmp, memory_backend, "[::1]:0")
 
@@ -75,4 +89,5 @@ BACKENDS: dict[str, BackendFactory] = {
     "grpc+http": grpc_http_backend,
     "grpc+unix": grpc_unix_backend,
     "metered": metered_backend,
+    "s3": s3_backend,
 }

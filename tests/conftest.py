@@ -14,6 +14,16 @@ BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 pytest_plugins = ["loghygiene"]  # unexpected ERROR records or daemon tracebacks fail a test
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of the `fuse` tier (mounting.needs_fuse) need /dev/fuse and root."""
+    if os.environ.get("CI") or (os.path.exists("/dev/fuse") and os.geteuid() == 0):
+        return
+    skip = pytest.mark.skip(reason="real mounts need /dev/fuse and root")
+    for item in items:
+        if item.get_closest_marker("fuse"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tvixfs_cmd() -> list[str]:
     """The installed console script (falls back to ``python -m``-free PATH lookup)."""

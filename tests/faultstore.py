@@ -100,6 +100,7 @@ Kind = Literal[
     "bad_name",  # an entry named `name` (default "..") added
     "duplicate_name",  # an entry added under the name of an existing one
     "unsorted",  # entries of one list in reverse order
+    "roots_only",  # Get of a directory that is no path info's root: NOT_FOUND (tvix's object-store layout)
     # path infos
     "pathinfo_name",  # root node named `<same hash>-tvixfs-fault`
     "pathinfo_hash",  # root node named with another hash and the same name
@@ -445,10 +446,24 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
 
 
 class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
-    def __init__(self, store: Store, plan: FaultPlan, raw: dict[bytes, castore_pb2.Directory]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        plan: FaultPlan,
+        raw: dict[bytes, castore_pb2.Directory],
+        raw_pathinfos: dict[bytes, pathinfo_pb2.PathInfo],
+    ) -> None:
         self._store = store
         self._plan = plan
         self._raw = raw
+        self._raw_pathinfos = raw_pathinfos
+
+    def _is_root(self, digest: bytes) -> bool:
+        """Whether ``digest`` is the root directory of a stored path info."""
+        infos = [*self._store.pathinfos.list(), *self._raw_pathinfos.values()]
+        return any(
+            i.node.WhichOneof("node") == "directory" and i.node.directory.digest == digest for i in infos
+        )
 
     def _lookup(self, digest: bytes) -> castore_pb2.Directory | None:
         raw = self._raw.get(digest)
@@ -492,6 +507,8 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
                 walk, missing = [], e
             faults = self._plan.strike("directory.get", [root, *(d for d, _ in walk)])
             _abort_on_call_faults(call, faults, stream=True)
+            if _first(faults, "roots_only") and not self._is_root(root):
+                raise NotFoundError(f"directory {root.hex()} is not a root (roots only)")
             if missing is not None:
                 raise missing
             yield from self._lie(call, walk, faults, root)
@@ -712,7 +729,7 @@ class FaultStore:
         self.raw_directories: dict[bytes, castore_pb2.Directory] = {}
         self.raw_pathinfos: dict[bytes, pathinfo_pb2.PathInfo] = {}
         self._blobs = BlobServicer(self.store, self.plan, chunk_size)
-        self._directories = DirectoryServicer(self.store, self.plan, self.raw_directories)
+        self._directories = DirectoryServicer(self.store, self.plan, self.raw_directories, self.raw_pathinfos)
         self._pathinfos = PathInfoServicer(self.store, self.plan, self.raw_pathinfos)
         self._address = address
         self._listener: grpc.Server | _Blackhole | None = None

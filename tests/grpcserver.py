@@ -76,7 +76,13 @@ def start_daemon(
     listen: Sequence[str] = ("[::1]:0",),
     extra: Sequence[str] = (),
 ) -> Daemon:
-    """Start the daemon; returns once it sent READY=1 (raises DaemonError otherwise)."""
+    """Start the daemon; returns once it sent READY=1 (raises DaemonError otherwise).
+
+    A local store's directory is made first, as systemd's StateDirectory= makes it: the daemon
+    creates a store only in a directory that exists.
+    """
+    if store.startswith("local://"):
+        Path(store.removeprefix("local://")).mkdir(parents=True, exist_ok=True)
     notify_path = tmp / f"notify-{len(list(tmp.glob('notify-*')))}"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))

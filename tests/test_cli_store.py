@@ -198,7 +198,9 @@ def test_import_nix_single_path(cli: CLI, closure: Closure) -> None:
         ),
     ],
 )
-def test_errors_are_one_line(cli: CLI, args: list[str], message: str) -> None:
+def test_errors_are_one_line(cli: CLI, args: list[str], message: str, tmp_path: Path) -> None:
+    (tmp_path / "some").write_text("some")
+    cli.ok("import", tmp_path / "some")  # the read-only commands refuse a store that does not exist
     assert message in cli.fails(*args)
 
 

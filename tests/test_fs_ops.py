@@ -31,7 +31,7 @@ from tvixfs.services.ingest import ingest_path
 from tvixfs.services.local import open_local_store
 from tvixfs.services.memory import open_memory_store
 from tvixfs.store.pathinfo import validate_pathinfo
-from tvixfs.store.storepath import StorePath
+from tvixfs.store.storepath import STORE_DIR, StorePath, source_store_path
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = pyfuse3.RequestContext()
@@ -609,8 +609,14 @@ async def _until(condition: Callable[[], bool]) -> None:
 def _import_referring(store: Store, path: Path, name: str, references: Iterable[bytes]) -> bytes:
     """Import ``path`` as a store path that refers to ``references`` (basenames)."""
     info = ingest_path(store, path, name)
-    info.references.extend(StorePath.from_basename(ref).digest for ref in references)
-    info.narinfo.reference_names.extend(ref.decode() for ref in references)
+    refs = sorted(references)
+    # Nix names a source path by its references too: the path that content address gives.
+    named = source_store_path(info.narinfo.nar_sha256, name, [f"{STORE_DIR}/{r.decode()}" for r in refs])
+    kind = info.node.WhichOneof("node")
+    assert kind is not None
+    getattr(info.node, kind).name = named.basename.encode()
+    info.references.extend(StorePath.from_basename(ref).digest for ref in refs)
+    info.narinfo.reference_names.extend(ref.decode() for ref in refs)
     store.pathinfos.put(info)
     return validate_pathinfo(info)[0].basename.encode()
 

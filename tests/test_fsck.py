@@ -179,7 +179,7 @@ def test_leftovers_are_counted_and_removed_stray_files_are_problems(
     temp.write_bytes(b"half written")
     leftovers = run_fsck(tvixfs_cmd, store_dir)
     assert leftovers.returncode == 0
-    assert leftovers.stdout.strip().endswith("1 unreferenced chunk files, 1 temporary files")
+    assert "1 unreferenced chunk files, 1 temporary files;" in leftovers.stdout
 
     stray = store_dir / "chunks" / "00" / "README"
     stray.write_text("not mine")
@@ -196,11 +196,8 @@ def test_leftovers_are_counted_and_removed_stray_files_are_problems(
     assert repaired.returncode == 0
     assert "(removed)" in repaired.stdout
     assert not any(p.exists() for p in (stray, stray_dir, temp, chunk_path(store_dir, b3digest(orphan))))
-    assert (
-        run_fsck(tvixfs_cmd, store_dir)
-        .stdout.strip()
-        .endswith("0 problems; 0 unreferenced chunk files, 0 temporary files")
-    )
+    after = run_fsck(tvixfs_cmd, store_dir).stdout
+    assert "0 problems; 0 unreferenced chunk files, 0 temporary files;" in after
 
 
 @pytest.mark.parametrize("url", ["memory://", "local:///proc/no-store-here", "bogus://x"])

@@ -193,6 +193,7 @@ def test_unreachable_store_is_unavailable(short_tmp: Path) -> None:
 def test_client_survives_a_daemon_restart(tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path) -> None:
     sock = short_tmp / "d.sock"
     store_url = f"local://{short_tmp / 'store'}"
+    (short_tmp / "store").mkdir()  # the daemon makes a store only in a directory that exists
     with running_daemon(tvixfs_cmd, short_tmp, store=store_url, listen=[f"unix:{sock}"]) as daemon:
         client = open_grpc_store(f"unix:{sock}", QUICK)
         info = ingest_path(client, sample_tree, "sample")
@@ -235,6 +236,7 @@ def test_cli_import_and_export_nar_through_a_daemon(
     tvixfs_cmd: list[str], short_tmp: Path, sample_tree: Path
 ) -> None:
     """`tvixfs import` / `export-nar` against a remote store give what Nix gives."""
+    (short_tmp / "store").mkdir()
     with running_daemon(tvixfs_cmd, short_tmp, store=f"local://{short_tmp / 'store'}") as daemon:
         imported = subprocess.run(
             [*tvixfs_cmd, "import", "--store", daemon.url, str(sample_tree)],

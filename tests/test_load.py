@@ -30,7 +30,7 @@ import pytest
 from faultstore import RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, mounted, needs_fuse
 
-pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [needs_fuse, pytest.mark.slow]
 
 READERS = 64
 FILES = 2400

@@ -28,7 +28,7 @@ from uniquetrees import CHUNK, dump_nar, read_bounded, unique_tree
 
 from tvixfs.fs.chunkcache import UNAVAILABLE_MEMORY
 
-pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [needs_fuse, pytest.mark.slow]
 
 # The gRPC deadlines of the mounts under test (the defaults, 30 s and 600 s, are in FAULTS.md).
 DEADLINE = 5

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from grpcserver import Daemon
-from mounting import Mount, import_tree, teardown
+from mounting import Mount, import_tree, mounted, teardown
 from test_systemd_units_and_nixos_module import evaluate, systemd_argv
 
 from tvixfs.services.url import open_store
@@ -243,3 +243,11 @@ def test_stop_post_detaches_a_dead_mount_and_nothing_else(
         assert mount.is_mounted()
     finally:
         teardown(mount)
+
+
+def test_external_umount_sends_stopping(tvixfs_cmd: list[str], short_tmp: Path) -> None:
+    """An administrator's ``umount`` ends the service too: STOPPING=1 first, then exit 0."""
+    with mounted(tvixfs_cmd, short_tmp, "memory://") as mount:
+        assert mount.unmount() == 0, mount.stderr()
+        mount.process.wait_message("STOPPING=1", WAIT)
+        assert sum("STOPPING=1" in m for m in mount.process.messages) == 1

@@ -26,7 +26,7 @@ from uniquetrees import dump_nar, unique_tree
 
 from tvixfs.services.offline import RETRY_INTERVAL
 
-pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [needs_fuse, pytest.mark.slow]
 
 CHUNK = 64 * 1024  # chunk lists the fault store offers: large files are many cache entries
 READ_FIRST = ["large.bin", "bin/hello", "share/doc/README", "link-to-readme"]

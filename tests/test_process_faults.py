@@ -25,7 +25,7 @@ from grpcserver import start_daemon
 from mounting import TVIXFS, import_tree, mounted, needs_fuse
 from uniquetrees import CHUNK, dump_nar, unique_tree
 
-pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [needs_fuse, pytest.mark.slow]
 
 # A caller still waiting after this is hung: a hang detector, not a speed requirement.
 HUNG = 30.0
@@ -140,6 +140,7 @@ def _fsck(store_dir: Path, *extra: str) -> str:
 def test_kill_9_of_the_grpc_daemon_during_an_upload(short_tmp: Path) -> None:
     tree = _big_tree(short_tmp / "big")
     store_dir = short_tmp / "store"
+    store_dir.mkdir()  # the daemon makes a store only in a directory that exists
     daemon = start_daemon(TVIXFS, short_tmp, store=f"local://{store_dir}")
     try:
         upload = subprocess.Popen(

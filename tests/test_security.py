@@ -23,7 +23,7 @@ import pytest
 from grpcserver import Daemon, running_daemon
 from mounting import TVIXFS, import_tree, mounted, needs_fuse
 
-pytestmark = [needs_fuse, pytest.mark.fuse]
+pytestmark = needs_fuse
 
 # Run a command as another, unprivileged user with no supplementary groups.
 AS_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--"]

@@ -23,7 +23,7 @@ MODULE = ROOT / "nixos-module" / "default.nix"
 EVAL = ROOT / "tests" / "nix" / "eval.nix"
 BINARY = "/usr/local/bin/tvixfs"
 MOUNT_UNITS = ("tvixfs.service", "tvixfs@.service")
-ALL_UNITS = (*MOUNT_UNITS, "tvixfs-daemon.service")
+ALL_UNITS = (*MOUNT_UNITS, "tvixfs-daemon.service", "tvixfs-nar-bridge.service")
 
 # Each gives the service a mount namespace of its own, which would hide the FUSE mount.
 NAMESPACING = {
@@ -191,14 +191,10 @@ def test_template_matches_the_nix_store_unit() -> None:
 def test_daemon_unit_serves_the_state_directory() -> None:
     service = unit("tvixfs-daemon.service")["Service"]
     argv = systemd_argv(service["ExecStart"][0])
-    assert argv[1:6] == [
-        "daemon",
-        "--store",
-        "local:///var/lib/tvixfs",
-        "--listen",
-        "unix:/run/tvixfs/daemon.sock",
-    ]
-    assert argv[6:8] == ["--listen", "[::1]:8000"]
+    assert argv[1:4] == ["daemon", "--listen", "unix:/run/tvixfs/daemon.sock"]
+    # The store comes from $TVIXFS_STORE, which the environment file may change (s3://...).
+    assert "TVIXFS_STORE=local:///var/lib/tvixfs" in service["Environment"]
+    assert argv[4:6] == ["--listen", "[::1]:8000"]
     assert service["StateDirectory"] == ["tvixfs"]
     assert service["RuntimeDirectory"] == ["tvixfs"]
     assert service["ProtectSystem"] == ["strict"]
@@ -211,7 +207,7 @@ def test_unit_and_module_flags_exist_in_the_cli(tvixfs_cmd: list[str]) -> None:
     commands = [systemd_argv(unit(n)["Service"]["ExecStart"][0]) for n in ALL_UNITS] + [
         systemd_argv(s["serviceConfig"]["ExecStart"]) for s in generated.values()
     ]
-    for command in ("mount", "daemon"):
+    for command in ("mount", "daemon", "nar-bridge"):
         helptext = subprocess.run(
             [*tvixfs_cmd, command, "--help"],
             capture_output=True,
@@ -281,6 +277,15 @@ EVERY_OPTION: dict[str, Any] = {
     "cacheSize": "1G",
     "diskCache": {"size": "2G"},
     "daemon": {"enable": True, "listen": ["unix:/run/t.sock", "[::]:8000"], "store": "memory://"},
+    "narBridge": {
+        "enable": True,
+        "listen": "unix:/run/tvixfs-nar-bridge/http.sock",
+        "store": "grpc+unix:///run/t.sock",
+        "allowUpload": True,
+        "signKeyFile": "/etc/tvixfs/cache.sec",
+        "trustedPublicKeys": ["a:AAAA", "b:BBBB"],
+        "priority": 30,
+    },
 }
 
 
@@ -410,13 +415,13 @@ def test_readme_example_evaluates() -> None:
     result = evaluate(**settings)
     assert result["failedAssertions"] == []
     assert result["config"]["networking"]["firewall"]["allowedTCPPorts"] == [8000]
-    assert set(result["config"]["systemd"]["services"]) == {"tvixfs", "tvixfs-daemon"}
+    assert set(result["config"]["systemd"]["services"]) == {"tvixfs", "tvixfs-daemon", "tvixfs-nar-bridge"}
 
 
 @pytest.mark.nix
 def test_module_options_are_documented() -> None:
     options = evaluate()["options"]
-    assert len(options) == 18
+    assert len(options) == 28
     for option in options:
         assert option["description"].strip(), option["name"]
 
@@ -436,6 +441,7 @@ def render(value: Any) -> list[str]:
     [
         ("tvixfs.service", "tvixfs", {"enable": True}),
         ("tvixfs-daemon.service", "tvixfs-daemon", {"daemon": {"enable": True}}),
+        ("tvixfs-nar-bridge.service", "tvixfs-nar-bridge", {"narBridge": {"enable": True}}),
     ],
 )
 def test_module_services_equal_the_shipped_units(

@@ -25,11 +25,21 @@ def test_accepted(url: str, expected: StoreURL) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("s3://bucket", "unknown store URL"),
+        ("ftp://bucket", "unknown store URL"),
+        ("s3://ab", "bucket name"),
+        ("s3://bucket?aws_access_key_id=x", "unknown s3:// option"),
         ("/var/lib/tvixfs", "unknown store URL"),
         ("local://relative", "absolute path"),
         ("grpc+http://host", "host:port"),
         ("grpc+unix://relative.sock", "absolute socket path"),
+        ("", "empty store URL"),
+        ("grpc+http://127.0.0.1:99999", "out of range"),
+        ("grpc+http://[::1:8000", "malformed store URL"),
+        ("grpc+http://[::1]:8000/x", "host:port"),
+        ("memory:///foo", "takes no host or path"),
+        ("memory://x", "takes no host or path"),
+        ("local:///srv/store?readonly=1", "unknown parameters"),
+        ("local:///srv/store#x", "unknown parameters"),
     ],
 )
 def test_rejected(url: str, message: str) -> None:
@@ -51,3 +61,10 @@ def test_per_service_overrides_share_one_store_per_url() -> None:
         node=castore_pb2.Node(file=castore_pb2.FileNode(name=name, digest=digest, size=10))
     )
     assert store.pathinfos.put(info) == info
+
+
+def test_empty_is_not_the_default() -> None:
+    with pytest.raises(StoreURLError, match="empty store URL"):
+        open_store("")
+    with pytest.raises(StoreURLError, match="empty store URL"):
+        open_store("memory://", blob_service_addr="")

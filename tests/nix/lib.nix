@@ -46,6 +46,10 @@ rec {
       name = "bool";
       check = b.isBool;
     };
+    int = {
+      name = "int";
+      check = b.isInt;
+    };
     str = {
       name = "str";
       check = b.isString;

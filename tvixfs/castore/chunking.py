@@ -35,13 +35,11 @@ MIN_CHUNK = 64 * 1024
 AVG_CHUNK = 256 * 1024
 MAX_CHUNK = 1024 * 1024
 
-# Input is gathered to this size before cutting, so that small pieces (64 KiB gRPC messages,
-# file reads) are joined once rather than re-copied and re-scanned for every piece.
-_BATCH = 4 * MAX_CHUNK
+SIZES = (MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
 
 
-def _cuts(data: bytes) -> Iterator[tuple[int, int]]:
-    for chunk in fastcdc_cy(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK):
+def _cuts(data: bytes, sizes: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
+    for chunk in fastcdc_cy(data, *sizes):
         yield chunk.offset, chunk.length
 
 
@@ -52,13 +50,15 @@ def _joined(pending: bytes, gathered: list[bytes]) -> bytes:
     return b"".join([pending, *gathered])
 
 
-def chunk_stream(pieces: Iterable[bytes]) -> Iterator[memoryview]:
+def chunk_stream(pieces: Iterable[bytes], sizes: tuple[int, int, int] = SIZES) -> Iterator[memoryview]:
     """Cut the concatenation of ``pieces`` into content-defined chunks, streaming.
 
     Yields read-only views; the cut points do not depend on how the input was split into
-    pieces. Memory stays bounded by about ``_BATCH + MAX_CHUNK``. Empty input yields one
+    pieces. Memory stays bounded by about five largest chunks. Empty input yields one
     empty chunk, so that every blob, even the empty one, has exactly one chunk list entry.
+    ``sizes`` are FastCDC's (min, avg, max); another store's layout may fix other ones.
     """
+    min_chunk, _, max_chunk = sizes
     pending = b""
     gathered: list[bytes] = []
     size = 0
@@ -68,16 +68,18 @@ def chunk_stream(pieces: Iterable[bytes]) -> Iterator[memoryview]:
             continue
         gathered.append(bytes(piece))
         size += len(piece)
-        if size < _BATCH:
+        # Input is gathered to four largest chunks before cutting, so that small pieces (64 KiB
+        # gRPC messages, file reads) are joined once rather than re-copied and re-scanned.
+        if size < 4 * max_chunk:
             continue
         data = _joined(pending, gathered)
         gathered.clear()
         view = memoryview(data)
         end = 0
-        for offset, length in _cuts(data):
+        for offset, length in _cuts(data, sizes):
             # A cut is final once the cutter saw a whole window (or found a boundary inside
             # what it saw): more input could only move a cut that ran into the end of data.
-            if length < len(data) - offset or length >= MAX_CHUNK:
+            if length < len(data) - offset or length >= max_chunk:
                 yield view[offset : offset + length]
                 produced = True
                 end = offset + length
@@ -87,9 +89,9 @@ def chunk_stream(pieces: Iterable[bytes]) -> Iterator[memoryview]:
         size = len(pending)
     data = _joined(pending, gathered)
     view = memoryview(data)
-    if len(data) <= MIN_CHUNK:  # one chunk (most files), or none yet: the cutter needs no call
+    if len(data) <= min_chunk:  # one chunk (most files), or none yet: the cutter needs no call
         if data or not produced:
             yield view
         return
-    for offset, length in _cuts(data):
+    for offset, length in _cuts(data, sizes):
         yield view[offset : offset + length]

@@ -8,29 +8,21 @@ from typing import Annotated
 
 import typer
 
+from tvixfs import defaults
 from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
-from tvixfs.cli.app import (
-    BlobAddrOpt,
-    DirAddrOpt,
-    PathInfoAddrOpt,
-    StoreOpt,
-    app,
-    fail,
-    open_store_or_fail,
-)
+from tvixfs.cli.app import StoreOptions, app, describe, fail, log, store_options
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached, probe_or_offline
 from tvixfs.cli.metrics_opts import MetricsListenOpt, start_metrics
-from tvixfs.fs.bridge import DEFAULT_THREADS
-from tvixfs.fs.directories import CACHE_ENTRIES
-from tvixfs.fs.inodes import DEFAULT_MAX_INODES
+from tvixfs.errors import UserError
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
-from tvixfs.fs.preflight import MountError, check_fuse_device, check_mountpoint, probe_store
+from tvixfs.fs.preflight import check_fuse_device, check_mountpoint, probe_store
 from tvixfs.services.cachemetrics import watch_disk_cache
-from tvixfs.services.errors import StoreError
 from tvixfs.services.meteredstore import metered
-from tvixfs.services.url import default_store_url
+from tvixfs.services.s3url import redacted
+from tvixfs.services.trust import load_public_keys
+from tvixfs.services.url import default_store_url, tls_problem
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -45,13 +37,13 @@ def parse_size(text: str) -> int:
 
 
 @app.command()
+@store_options()
 def mount(
-    mountpoint: Annotated[Path, typer.Argument(help="An empty directory to mount on.", show_default=False)],
+    mountpoint: Annotated[
+        Path, typer.Argument(help="An empty directory to mount on.", show_default=False, metavar="MOUNTPOINT")
+    ],
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
     list_root: Annotated[
         bool, typer.Option("--list-root", help="Let readdir of the mount root list every store path.")
     ] = False,
@@ -67,10 +59,10 @@ def mount(
     ] = True,
     cache_size: Annotated[
         str, typer.Option("--cache-size", help="Memory for file content chunks, e.g. 256M, 1G.")
-    ] = "256M",
+    ] = defaults.CACHE_SIZE,
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Concurrent requests to the store.")
-    ] = DEFAULT_THREADS,
+    ] = defaults.THREADS,
     max_inodes: Annotated[
         int,
         typer.Option(
@@ -78,11 +70,19 @@ def mount(
             min=1,
             help="Inodes the kernel may hold before the least recently used are dropped.",
         ),
-    ] = DEFAULT_MAX_INODES,
+    ] = defaults.MAX_INODES,
     directory_cache: Annotated[
         int,
         typer.Option("--directory-cache", min=1, help="Directory entries kept in memory (all directories)."),
-    ] = CACHE_ENTRIES,
+    ] = defaults.DIRECTORY_CACHE_ENTRIES,
+    deadline: Annotated[
+        float,
+        typer.Option(
+            "--deadline",
+            min=0.001,
+            help="Seconds a request may wait on the store before it fails with EIO.",
+        ),
+    ] = defaults.DEADLINE,
     prefetch_references: Annotated[
         bool,
         typer.Option(
@@ -95,6 +95,30 @@ def mount(
     ] = False,
     disk_cache: DiskCacheOpt = None,
     disk_cache_size: DiskCacheSizeOpt = "10G",
+    trusted_public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-public-key",
+            help="Show only store paths signed by this key, NAME:BASE64 (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    trusted_public_keys_file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trusted-public-keys-file",
+            help="A file of trusted public keys, NAME:BASE64 separated by whitespace (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    verify_nar_hash: Annotated[
+        bool,
+        typer.Option(
+            "--verify-nar-hash",
+            help="Also show paths with only a Nix signature by a trusted key, once their NAR "
+            "hash is checked (reads each such path once, at its first lookup).",
+        ),
+    ] = False,
     metrics_listen: MetricsListenOpt = None,
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
@@ -107,29 +131,34 @@ def mount(
         cache_bytes = parse_size(cache_size)
     except ValueError as e:
         fail(f"--cache-size: {e}")
+    if cache_bytes == 0:
+        fail("--cache-size 0: the chunk cache needs room for at least one chunk")
     try:
         disk_bytes = parse_size(disk_cache_size)
     except ValueError as e:
         fail(f"--disk-cache-size: {e}")
     try:
-        check_fuse_device()
-        absolute = check_mountpoint(mountpoint)
-    except MountError as e:
+        trusted_keys = load_public_keys(trusted_public_key, trusted_public_keys_file)
+    except ValidationError as e:
         fail(str(e))
+    if verify_nar_hash and not trusted_keys:
+        fail("--verify-nar-hash needs --trusted-public-key or --trusted-public-keys-file")
+    check_fuse_device()
+    absolute = check_mountpoint(mountpoint)
     endpoint = start_metrics(metrics_listen)
     metrics = None if endpoint is None else endpoint.metrics
-    opened = open_store_or_fail(store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    opened = where.open_store(create="never")
     if metrics is not None:
         opened = metered(opened, metrics)
-    urls = (store, blob_service_addr, directory_service_addr, path_info_service_addr)
+    urls = (where.store, where.blob_service_addr, where.directory_service_addr, where.path_info_service_addr)
     opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
     if metrics is not None and cache is not None:
         watch_disk_cache(metrics, cache)
     try:
         try:
             probe_or_offline(opened, cache, probe_store)
-        except (StoreError, ValidationError, OSError) as e:
-            fail(f"cannot reach the store: {e}")
+        except (UserError, OSError) as e:
+            fail(f"cannot reach the store: {tls_problem(*urls) or describe(e)}")
         options = FsOptions(
             list_root=list_root,
             show_xattr=show_xattr,
@@ -138,7 +167,14 @@ def mount(
             max_inodes=max_inodes,
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
+            trusted_keys=trusted_keys,
+            verify_nar_hash=verify_nar_hash,
+            deadline=deadline,
         )
+        if trusted_keys:
+            log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))
+        else:
+            log.info("signatures are not checked: every store path in the store is shown")
         config = MountConfig(
             absolute,
             options,
@@ -147,9 +183,6 @@ def mount(
             status_note=None if cache is None else cache.state.describe,
             metrics=metrics,
         )
-        try:
-            run_mount(opened, config, store or default_store_url())
-        except MountError as e:
-            fail(str(e))
+        run_mount(opened, config, redacted(where.store or default_store_url()))
     finally:
         opened.close()

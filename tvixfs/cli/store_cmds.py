@@ -6,107 +6,84 @@ import hashlib
 import json
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, cast
 
 import typer
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from tvixfs.cli.app import (
-    BlobAddrOpt,
-    DirAddrOpt,
-    PathInfoAddrOpt,
-    StoreOpt,
-    app,
-    fail,
-    log,
-    open_store_or_fail,
-    user_errors,
-)
+from tvixfs.cli.app import StoreOptions, app, fail, log, store_options
+from tvixfs.cli.progress import CountingReader, Progress
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
 from tvixfs.services.ingest import ingest_nar, ingest_path
 from tvixfs.services.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.services.readahead import blobs_read_ahead
+from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
 from tvixfs.store.nar import ReadBlob, file_contents, write_nar
-from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri
+from tvixfs.store.nixtext import format_ca, format_hash, format_signature, format_sri, parse_signature
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
 
 # Symlinks followed while resolving one path, as Linux allows (ELOOP beyond).
 MAX_SYMLINKS = 40
-# Import progress appears only for imports that take longer than this, then at this interval.
-_PROGRESS_AFTER = 1.0
-_PROGRESS_EVERY = 0.2
+SignKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sign-key", help="Sign what is imported with this Nix secret key file.", show_default=False
+    ),
+]
+TrustedKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--trusted-public-key",
+        help="Refuse paths without a valid Nix signature of this key (NAME:BASE64, repeatable).",
+        show_default=False,
+    ),
+]
 
 
 @contextmanager
-def _store(
-    store: str | None, blob: str | None, directory: str | None, pathinfo: str | None
+def _opened(
+    where: StoreOptions, *, sign_key: str | None = None, trusted: list[str] | None = None
 ) -> Iterator[Store]:
-    opened = open_store_or_fail(store, blob, directory, pathinfo)
-    try:
-        with user_errors():
-            yield opened
-    finally:
-        opened.close()
-
-
-class _Progress:
-    """Files and bytes imported so far, on one rewritten stderr line (terminals only)."""
-
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._shown = False
-
-    def __call__(self, files: int, nbytes: int) -> None:
-        now = time.monotonic()
-        if now - self._start < _PROGRESS_AFTER or now - self._last < _PROGRESS_EVERY:
-            return
-        self._last = now
-        self._shown = True
-        sys.stderr.write(f"\r\x1b[K{self._label}: {files} files, {nbytes / 2**20:.1f} MiB")
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+    """The store, signing what is put into it (``--sign-key``) and refusing what no trusted key
+    signed (``--trusted-public-key``)."""
+    key = load_secret_key(sign_key) if sign_key is not None else None
+    keys = load_public_keys(trusted)
+    with where.open() as opened:
+        yield with_trust(opened, key, keys)
 
 
 @app.command("import")
+@store_options()
 def import_(
     paths: Annotated[list[str], typer.Argument(help="Files, directories or symlinks to import.")],
     *,
     name: Annotated[
         str | None, typer.Option("--name", help="Store path name (default: the basename).")
     ] = None,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
+    sign_key: SignKeyOpt = None,
 ) -> None:
     """Import trees as `nix-store --add` does; prints each resulting store path."""
     if name is not None and len(paths) > 1:
         fail("--name applies to a single path")
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with _opened(where, sign_key=sign_key) as opened:
         for path in paths:
             if not os.path.lexists(path):
                 fail(f"{path}: no such file or directory")
-            path_name = name or os.path.basename(os.path.abspath(path))
+            path_name = os.path.basename(os.path.abspath(path)) if name is None else name
             try:
                 check_name(path_name)
             except ValidationError as e:
                 fail(f"{path}: {e} (choose another with --name)")
-            progress = _Progress(path) if sys.stderr.isatty() else None
+            progress = Progress.on_terminal(path)
             try:
                 info = ingest_path(opened, path, path_name, progress)
             finally:
@@ -116,6 +93,7 @@ def import_(
 
 
 @app.command("import-nar")
+@store_options()
 def import_nar(
     file: Annotated[str, typer.Argument(help="The NAR file, or - for standard input.")],
     *,
@@ -123,23 +101,37 @@ def import_nar(
     reference: Annotated[
         list[str] | None, typer.Option("--reference", help="A store path it refers to (repeatable).")
     ] = None,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
+    signature: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--signature", help="A Nix signature of the path, NAME:BASE64 (repeatable).", show_default=False
+        ),
+    ] = None,
+    sign_key: SignKeyOpt = None,
+    trusted_public_key: TrustedKeyOpt = None,
 ) -> None:
     """Import a NAR as the store path given by --path; prints it."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with _opened(where, sign_key=sign_key, trusted=trusted_public_key) as opened:
         store_path = StorePath.from_absolute(path)
         references = [StorePath.from_absolute(r) for r in reference or []]
+        narinfo = pathinfo_pb2.NARInfo(signatures=[parse_signature(s) for s in signature or []])
         with _input(file) as stream:
-            info = ingest_nar(opened, stream, store_path, references)
+            progress = Progress.on_terminal(file)
+            counted = stream if progress is None else cast(IO[bytes], CountingReader(stream, progress))
+            try:
+                info = ingest_nar(opened, counted, store_path, references, narinfo)
+            finally:
+                if progress is not None:
+                    progress.clear()
         print(_store_path(info))
 
 
 @contextmanager
 def _input(file: str) -> Iterator[IO[bytes]]:
     if file == "-":
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            fail("standard input is closed")
         yield sys.stdin.buffer
     else:
         with open(file, "rb") as stream:
@@ -147,6 +139,7 @@ def _input(file: str) -> Iterator[IO[bytes]]:
 
 
 @app.command("import-nix")
+@store_options()
 def import_nix(
     paths: Annotated[list[str], typer.Argument(help="Store paths (or symlinks to them) in Nix's store.")],
     *,
@@ -156,13 +149,12 @@ def import_nix(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Also import everything they refer to.")
     ] = False,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
+    sign_key: SignKeyOpt = None,
+    trusted_public_key: TrustedKeyOpt = None,
 ) -> None:
     """Copy store paths from a Nix store, verified against Nix's narHash; prints each one."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with _opened(where, sign_key=sign_key, trusted=trusted_public_key) as opened:
         wanted = [parse_nix_path(p) for p in paths]
         import_from_nix(
             opened,
@@ -176,16 +168,14 @@ def import_nix(
 
 
 @app.command("export-nar")
+@store_options()
 def export_nar(
     path: Annotated[str, typer.Argument(help="A store path, or a path inside one.")],
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
 ) -> None:
     """Write the NAR of a path to standard output, byte for byte what `nix-store --dump` gives."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with where.open(create="never") as opened:
         node = _resolve(opened, path, follow_last=False)
         directories: dict[bytes, Directory] = {}
         if isinstance(node, DirectoryNode):  # one request for the whole tree, not one per directory
@@ -239,7 +229,10 @@ def _recorded_nar(store: Store, path: str) -> tuple[int, bytes] | None:
 
 
 def _write_stdout(pieces: Iterable[bytes]) -> None:
-    """Copy to stdout; a reader that went away (``| head``) ends the command quietly."""
+    """Copy to stdout; a reader that went away (``| head``) ends the command quietly, with
+    status 0, as a program killed by SIGPIPE in a pipeline (``cat | head``) does."""
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        fail("standard output is closed")
     out = sys.stdout.buffer
     try:
         for piece in pieces:
@@ -248,20 +241,18 @@ def _write_stdout(pieces: Iterable[bytes]) -> None:
     except BrokenPipeError:
         # Python would complain again when it flushes stdout at exit: point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from None
+        raise typer.Exit(0) from None
 
 
 @app.command("info")
+@store_options()
 def info(
     paths: Annotated[list[str], typer.Argument(help="Store paths.")],
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
 ) -> None:
     """Print path infos as JSON, shaped like `nix path-info --json`."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with where.open(create="never") as opened:
         found = [_info_json(_pathinfo(opened, StorePath.from_absolute(p))) for p in paths]
         print(json.dumps(found, indent=2))
 
@@ -284,20 +275,18 @@ def _info_json(info: pathinfo_pb2.PathInfo) -> dict[str, Any]:
 
 
 @app.command("ls")
+@store_options()
 def ls(
     path: Annotated[
         str | None, typer.Argument(help="A store path or a path inside one (default: list store paths).")
     ] = None,
     *,
     long: Annotated[bool, typer.Option("--long", "-l", help="Show type, size and link targets.")] = False,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
 ) -> None:
     """List the store paths, or a directory inside one."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
-        if path is None:
+    with where.open(create="never") as opened:
+        if path is None or path.rstrip("/") == STORE_DIR:
             for store_path in sorted(_store_path(i) for i in opened.pathinfos.list()):
                 print(store_path)
             return
@@ -326,16 +315,14 @@ def _ls_line(node: Node, long: bool) -> bytes:
 
 
 @app.command("cat")
+@store_options()
 def cat(
     path: Annotated[str, typer.Argument(help="A file inside a store path.")],
     *,
-    store: StoreOpt = None,
-    blob_service_addr: BlobAddrOpt = None,
-    directory_service_addr: DirAddrOpt = None,
-    path_info_service_addr: PathInfoAddrOpt = None,
+    where: StoreOptions,
 ) -> None:
     """Write a file of a store path to standard output (symlinks are followed)."""
-    with _store(store, blob_service_addr, directory_service_addr, path_info_service_addr) as opened:
+    with where.open(create="never") as opened:
         node = _resolve(opened, path, follow_last=True)
         if not isinstance(node, FileNode):
             fail(f"{path}: not a regular file")
@@ -361,7 +348,7 @@ def _pathinfo(store: Store, store_path: StorePath) -> pathinfo_pb2.PathInfo:
 def _directory(store: Store, node: DirectoryNode) -> Directory:
     found = store.directories.get(node.digest)
     if found is None:
-        raise NotFoundError(f"directory {node.digest.hex()} ({node.name!r}) is missing from the store")
+        raise NotFoundError(f"directory {node.digest.hex()} ({_text(node.name)}) is missing from the store")
     return found
 
 
@@ -392,7 +379,7 @@ def _resolve(store: Store, path: str, follow_last: bool) -> Node:
             target = node.target
             if target.startswith(b"/"):
                 if not target.startswith(prefix):
-                    raise ValidationError(f"{path}: symlink {node.name!r} points outside {STORE_DIR}")
+                    raise ValidationError(f"{path}: symlink {_text(node.name)} points outside {STORE_DIR}")
                 trail.clear()
                 target = target.removeprefix(prefix)
             pending.extendleft(reversed(target.split(b"/")))
@@ -411,8 +398,13 @@ def _root(store: Store, basename: bytes) -> Node:
 
 def _child(store: Store, parent: Node, name: bytes, path: str) -> Node:
     if not isinstance(parent, DirectoryNode):
-        raise NotFoundError(f"{path}: {parent.name!r} is not a directory")
+        raise NotFoundError(f"{path}: {_text(parent.name)} is not a directory")
     for entry in _directory(store, parent):
         if entry.name == name:
             return entry
     raise NotFoundError(f"{path}: no such file or directory")
+
+
+def _text(name: bytes) -> str:
+    """A node name for a message: as the shell would show it, never a ``b'...'`` repr."""
+    return os.fsdecode(name)

@@ -22,13 +22,12 @@ from typing import Generic, TypeVar, TypeVarTuple
 
 import trio
 
+from tvixfs import defaults
 from tvixfs.services.errors import StoreUnavailableError
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-DEFAULT_THREADS = 16
-DEFAULT_DEADLINE = 60.0
 STREAM_BUFFER = 4
 
 # What ends a pump thread quietly: the consumer left, the run ended, or its task was cancelled.
@@ -80,7 +79,7 @@ class Stream(Generic[T]):
 
 
 class Bridge:
-    def __init__(self, threads: int = DEFAULT_THREADS, deadline: float = DEFAULT_DEADLINE) -> None:
+    def __init__(self, threads: int = defaults.THREADS, deadline: float = defaults.DEADLINE) -> None:
         self.limiter = trio.CapacityLimiter(threads)
         self.deadline = deadline
 

@@ -9,7 +9,7 @@ and every chunk must match its own digest, but a store that lists genuine chunks
 wrong order (or chunks of another blob of the same size) is not caught, since only hashing
 the whole blob (or a bao outboard, which the protocol reserves but nobody sends) ties a chunk
 list to the blob digest, and doing that on first open would fetch every byte of a file
-before its first read.
+before its first read. A mount with trusted keys pays that price (chunkproof.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ with the cache, in which case only the one directory is fetched. Every directory
 answer must have been referred to by one received before it; the digest that keys the cache
 is computed from the directory itself (in the pump thread, off the event loop), so a store
 cannot make one directory appear under another's digest.
+
+A store may address only roots (tvix's object-store layout, ``s3://``, or a tvix-store serving
+one): a Get of a subdirectory is NotFound there. So each cached directory remembers the digest
+it was fetched through (a store path's root, usually), and a subdirectory that was evicted and
+is then NotFound is fetched again through that root.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
+from tvixfs import defaults
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, Node
 from tvixfs.fs.bridge import Bridge
@@ -23,12 +29,11 @@ from tvixfs.fs.inflight import InFlight
 from tvixfs.services.base import DirectoryService
 from tvixfs.services.errors import CorruptDataError, NotFoundError
 
-# Entries (of all cached directories together) the cache holds; about 200 bytes each. With
-# the inode table's limit this bounds the daemon's metadata memory whatever is walked.
-CACHE_ENTRIES = 1 << 17
 # Directories of a recursive Get handed from the pump thread to the event loop at once: a hop
 # per directory cost more than checking it (a 2 000-directory tree took ~2 000 hops).
 BATCH = 256
+# Directories whose root is remembered, at least (a tiny listing cache still finds its roots).
+ROOTS_MIN = 1 << 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +95,15 @@ def _checked_one(service: DirectoryService, digest: bytes) -> Listing:
 
 
 class Directories:
-    def __init__(self, bridge: Bridge, service: DirectoryService, entries: int = CACHE_ENTRIES) -> None:
+    def __init__(
+        self, bridge: Bridge, service: DirectoryService, entries: int = defaults.DIRECTORY_CACHE_ENTRIES
+    ) -> None:
         self._bridge = bridge
         self._service = service
         self._cache: LRUCache[bytes, Listing] = LRUCache(entries, getsizeof=_listing_size)
         self._inflight: InFlight[bytes, Listing] = InFlight()
+        # Directory digest -> the digest it was fetched through; 64 bytes an entry, bounded.
+        self._roots: LRUCache[bytes, bytes] = LRUCache(max(entries, ROOTS_MIN))
 
     def peek(self, digest: bytes) -> Listing | None:
         """The listing if it is cached, without asking the store."""
@@ -107,22 +116,55 @@ class Directories:
         return await self._inflight.run(node.digest, lambda: self._fetch(node))
 
     async def _fetch(self, node: DirectoryNode) -> Listing:
+        root = self._roots.get(node.digest, node.digest)
+        try:
+            return await self._fetch_direct(node, root)
+        except NotFoundError:
+            if root == node.digest:
+                raise
+        # A store that addresses roots only: the whole tree again, through its root.
+        received = dict(await self._fetch_tree(root, root))
+        wanted = received.get(node.digest)
+        if wanted is None:
+            raise NotFoundError(f"directory {node.digest.hex()} not found under root {root.hex()}")
+        # The subtree asked for is what a walk needs next: cached last, so evicted last.
+        subtree, at = [(node.digest, wanted)], 0
+        while at < len(subtree) and len(subtree) < self._cache.maxsize:
+            for entry in subtree[at][1].entries:
+                if isinstance(entry, DirectoryNode) and entry.digest in received:
+                    subtree.append((entry.digest, received[entry.digest]))
+            at += 1
+        for digest, listing in reversed(subtree):
+            self._store(digest, listing, root)
+        return wanted
+
+    async def _fetch_direct(self, node: DirectoryNode, root: bytes) -> Listing:
         # ``size`` is advisory (tvix and snix write other values), good enough to choose.
         if node.size > self._cache.maxsize // 4:
             listing = await self._bridge.call(_checked_one, self._service, node.digest)
-            self._store(node.digest, listing)
+            self._store(node.digest, listing, root)
             return listing
+        return (await self._fetch_tree(node.digest, root))[0][1]
+
+    async def _fetch_tree(self, digest: bytes, root: bytes) -> list[tuple[bytes, Listing]]:
+        """The tree under ``digest`` (recursive Get), cached, each remembered as under ``root``."""
         received: list[tuple[bytes, Listing]] = []
-        async with self._bridge.stream(lambda: _checked_tree(self._service, node.digest)) as tree:
+        async with self._bridge.stream(lambda: _checked_tree(self._service, digest)) as tree:
             async for batch in tree:
                 received.extend(batch)
         if not received:
-            raise CorruptDataError(f"recursive get of {node.digest.hex()} returned nothing")
+            raise CorruptDataError(f"recursive get of {digest.hex()} returned nothing")
         # Leaves first, so that the LRU cache evicts the deepest directories first.
-        for digest, listing in reversed(received):
-            self._store(digest, listing)
-        return received[0][1]
+        for child, listing in reversed(received):
+            self._store(child, listing, root)
+        return received
 
-    def _store(self, digest: bytes, listing: Listing) -> None:
+    def _store(self, digest: bytes, listing: Listing, root: bytes) -> None:
         if _listing_size(listing) <= self._cache.maxsize:
             self._cache[digest] = listing
+        if digest != root:
+            self._roots[digest] = root
+        if listing.subdirectories:  # so that a subdirectory fetched alone is found again too
+            for node in listing.entries:
+                if isinstance(node, DirectoryNode):
+                    self._roots[node.digest] = root

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 
+from tvixfs import defaults
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
 from tvixfs.fs.roots import StorePathRoot
 
@@ -39,9 +40,6 @@ ROOT_INODE: int = pyfuse3.ROOT_INODE
 # What an index is keyed by: a digest, a symlink target, a basename, (parent inode, name).
 Key = bytes | tuple[int, bytes]
 
-# Live inodes before the oldest are handed back to the kernel; about 250 bytes each here and
-# about 1 KiB each in the kernel.
-DEFAULT_MAX_INODES = 1 << 16
 # Once over the limit, evict this fraction of it beyond the excess, so that the scan for
 # victims runs once per many lookups rather than on every one.
 EVICTION_BATCH = 1 / 16
@@ -61,7 +59,7 @@ class Inode:
 
 
 class InodeTable:
-    def __init__(self, max_inodes: int = DEFAULT_MAX_INODES) -> None:
+    def __init__(self, max_inodes: int = defaults.MAX_INODES) -> None:
         self.max_inodes = max_inodes
         # Insertion order is recency: ``remember`` moves an inode to the end.
         self._by_ino: dict[int, Inode] = {}

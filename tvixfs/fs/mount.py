@@ -9,6 +9,7 @@ the daemon dies without cleaning up, so a crash leaves no dead mount behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from tvixfs.fs.preflight import FS_TYPE, MountError
 from tvixfs.fs.statusreport import StatusReport
 from tvixfs.fs.tuning import tune_connection
 from tvixfs.services.base import Store
+from tvixfs.services.breaker import CircuitBreaker
 from tvixfs.services.metrics import Metrics
 from tvixfs.systemd import Notifier, watchdog_interval
 
@@ -67,6 +69,15 @@ def run_mount(store: Store, config: MountConfig, description: str) -> None:
     trio.run(_serve, store, config, description)
 
 
+def reachability(target: str, reachable: bool) -> str:
+    """STATUS= when a remote store goes away or comes back."""
+    return f"store {target} reachable again" if reachable else f"store {target} unreachable: failing fast"
+
+
+def _report_reachability(notifier: Notifier, target: str, reachable: bool) -> None:
+    notifier.status(reachability(target, reachable))
+
+
 def _answering(mountpoint: Path) -> os.stat_result:
     """Runs in a thread: blocks until the daemon answers (the kernel waits for FUSE_INIT)."""
     st = os.stat(mountpoint)
@@ -77,8 +88,15 @@ def _answering(mountpoint: Path) -> os.stat_result:
 
 
 class _Mount:
-    def __init__(self, ops: TvixOperations, config: MountConfig, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        ops: TvixOperations,
+        config: MountConfig,
+        notifier: Notifier,
+        breakers: tuple[CircuitBreaker, ...],
+    ) -> None:
         self.ops = ops
+        self.breakers = breakers
         self.config = config
         self.notifier = notifier
         self.terminated = False  # we ended the session (a signal, a failure), not the kernel
@@ -124,7 +142,8 @@ class _Mount:
     async def report_status(self) -> None:
         while True:
             await trio.sleep(STATUS_INTERVAL)
-            self.notifier.status(self.config.status(self.ops.status()))
+            down = [reachability(b.target, False) + "; " for b in self.breakers if not b.reachable]
+            self.notifier.status(self.config.status("".join(down) + self.ops.status()))
 
     async def ping_watchdog(self, interval: float) -> None:
         while True:
@@ -157,7 +176,7 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
                 invalidator.stop()
                 background.cancel_scope.cancel()
                 return f"cannot mount on {mountpoint}: {e}"
-            mount = _Mount(ops, config, notifier)
+            mount = _Mount(ops, config, notifier, store.breakers)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(mount.fuse_main, nursery)
@@ -167,6 +186,8 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
                         return failure
                     log.info("mounted %s on %s", description, mountpoint)
                     notifier.ready(config.status(f"serving {description} on {mountpoint}"))
+                    for breaker in store.breakers:
+                        breaker.watch(functools.partial(_report_reachability, notifier, breaker.target))
                     nursery.start_soon(mount.stop_on_signal, signals, nursery)
                     if notifier.enabled:
                         nursery.start_soon(mount.report_status)
@@ -174,6 +195,8 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
                     if interval is not None:
                         nursery.start_soon(mount.ping_watchdog, interval)
             finally:
+                if not mount.terminated:  # an external umount: systemd sees the stop begin too
+                    notifier.stopping()
                 invalidator.stop()
                 # After an external umount the kernel has already let go of the mount.
                 pyfuse3.close(unmount=mount.terminated or not mount.main_done.is_set())

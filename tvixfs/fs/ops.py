@@ -16,13 +16,14 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from tvixfs import defaults
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.fs.attrs import (
     BLOCK_SIZE,
@@ -32,14 +33,16 @@ from tvixfs.fs.attrs import (
     negative_entry,
     node_attributes,
 )
-from tvixfs.fs.bridge import DEFAULT_THREADS, Bridge
+from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.dircache import cached_listing
-from tvixfs.fs.directories import CACHE_ENTRIES, Directories
-from tvixfs.fs.inodes import DEFAULT_MAX_INODES, ROOT_INODE, Inode, InodeTable
-from tvixfs.fs.reader import DEFAULT_CACHE_BYTES, BlobReader, OpenFile
+from tvixfs.fs.directories import Directories
+from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from tvixfs.fs.reader import BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
 from tvixfs.fs.xattrs import STATUS, xattrs_of
 from tvixfs.services.base import Store
+from tvixfs.services.narhash import store_nar_hash
+from tvixfs.store.nixsig import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +141,17 @@ class EntryInvalidator:
 class FsOptions:
     list_root: bool = False
     show_xattr: bool = True
-    cache_bytes: int = DEFAULT_CACHE_BYTES
-    threads: int = DEFAULT_THREADS
+    cache_bytes: int = defaults.CACHE_BYTES
+    threads: int = defaults.THREADS
     negative_ttl: float = NEGATIVE_TTL
-    max_inodes: int = DEFAULT_MAX_INODES
-    directory_cache_entries: int = CACHE_ENTRIES
+    max_inodes: int = defaults.MAX_INODES
+    directory_cache_entries: int = defaults.DIRECTORY_CACHE_ENTRIES
     prefetch_references: bool = True
+    # With keys, only store paths whose root node one of them signed appear (store/signing.py).
+    trusted_keys: Mapping[str, PublicKey] = field(default_factory=dict)
+    # With trusted keys: also show paths with only a Nix signature, once their NAR checks out.
+    verify_nar_hash: bool = False
+    deadline: float = defaults.DEADLINE  # seconds a request waits on the store
 
 
 @dataclass(slots=True)
@@ -182,11 +190,29 @@ class TvixOperations(pyfuse3.Operations):
         prefetch = background if options.prefetch_references else None
         # One bridge (so one thread limit) per service: reads hung on a broken blob service
         # must not take the threads that lookups of other store paths need.
-        self._roots = Roots(Bridge(options.threads), store.pathinfos, options.negative_ttl, prefetch)
-        self._directories = Directories(
-            Bridge(options.threads), store.directories, options.directory_cache_entries
+        nar_check = (
+            functools.partial(store_nar_hash, blobs=store.blobs, directories=store.directories)
+            if options.verify_nar_hash
+            else None
         )
-        self._reader = BlobReader(Bridge(options.threads), store.blobs, background, options.cache_bytes)
+        self._roots = Roots(
+            Bridge(options.threads, options.deadline),
+            store.pathinfos,
+            options.negative_ttl,
+            prefetch,
+            trusted_keys=options.trusted_keys,
+            nar_check=nar_check,
+        )
+        self._directories = Directories(
+            Bridge(options.threads, options.deadline), store.directories, options.directory_cache_entries
+        )
+        self._reader = BlobReader(
+            Bridge(options.threads, options.deadline),
+            store.blobs,
+            background,
+            options.cache_bytes,
+            prove_chunk_lists=bool(options.trusted_keys),
+        )
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from tvixfs.castore.digest import EMPTY_DIGEST
+from tvixfs.errors import UserError
 from tvixfs.services.base import Store
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ MOUNTINFO = "/proc/self/mountinfo"
 PROBE_TIMEOUT = 5.0  # seconds a live tvixfs mount has to answer whether it is dead
 
 
-class MountError(Exception):
+class MountError(UserError):
     """Mounting cannot start or did not come up; the message is the whole story for a user."""
 
 
@@ -90,9 +91,18 @@ def _detach_dead_mount(mountpoint: str) -> bool:
     return done.returncode == 0
 
 
+_KERNEL_TREES = ("/proc", "/sys", "/dev")
+
+
 def check_mountpoint(path: Path) -> Path:
     """The absolute mount point, if it is an existing directory that nothing is mounted on
     (a dead tvixfs mount there is detached first)."""
+    absolute = Path(os.path.realpath(path))
+    for kernel in _KERNEL_TREES:
+        if absolute.is_relative_to(kernel):
+            # The daemon itself reads files there (/proc/sys/fs/pipe-max-size, ...): it would
+            # wait on its own mount.
+            raise MountError(f"mount point {absolute} is under {kernel}, which the kernel owns")
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -105,11 +115,13 @@ def check_mountpoint(path: Path) -> Path:
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {path} is not a directory")
-    absolute = Path(os.path.realpath(path))
     if str(absolute) in mount_points():
         if _detach_dead_mount(str(absolute)):
             return check_mountpoint(path)
         raise MountError(f"mount point {absolute} is busy: something is mounted there already")
+    with os.scandir(absolute) as entries:
+        if any(entries):
+            log.warning("mount point %s is not empty: its contents are hidden while mounted", absolute)
     return absolute
 
 

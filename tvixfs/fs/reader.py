@@ -12,7 +12,8 @@ one read strategy chosen for the handle, from the file and what the store declar
   aligned blocks that answer the kernel's reads uncopied, bypassing the cache (sequential.py).
 
 Every byte handed to the kernel has been checked against the digest it was read by; a read
-that cannot be answered with checked bytes fails with EIO (see chunkcache.py).
+that cannot be answered with checked bytes fails with EIO (see chunkcache.py). A mount with trusted keys also
+proves each chunk list makes up its blob, one whole-blob read at first open (chunkproof.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import cast
 import trio
 from cachetools import LRUCache
 
+from tvixfs import defaults
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.chunkcache import DEFAULT_CACHE_BYTES, ChunkCache, ReaderStats
 from tvixfs.fs.chunkmap import ChunkMap, check_covers, fetch_chunk_map, without_list
+from tvixfs.fs.chunkproof import prove_chunk_list
 from tvixfs.fs.chunkreads import ChunkReads
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.sequential import Passes, PassReads
@@ -58,10 +61,15 @@ class BlobReader:
         bridge: Bridge,
         blobs: BlobService,
         background: trio.Nursery,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = defaults.CACHE_BYTES,
         readahead_bytes: int = READAHEAD_BYTES,
+        *,
+        prove_chunk_lists: bool = False,
     ) -> None:
+        """``prove_chunk_lists``: serve no byte of a chunked blob before its chunk list has been
+        proven to make up the blob (chunkproof.py); the mount's trusted-keys mode."""
         self._bridge = bridge
+        self._prove = prove_chunk_lists
         self._blobs = blobs
         self._chunks = ChunkCache(bridge, blobs, background, cache_bytes, readahead_bytes)
         self._maps: LRUCache[bytes, ChunkMap] = LRUCache(CHUNK_MAP_CHUNKS, getsizeof=ChunkMap.entries)
@@ -89,6 +97,8 @@ class BlobReader:
 
     async def _fetch_map(self, node: FileNode) -> ChunkMap:
         chunk_map = await self._bridge.call(fetch_chunk_map, self._blobs, node)
+        if self._prove and chunk_map.listed and chunk_map.size == node.size:
+            await self._bridge.call(prove_chunk_list, self._blobs, node, chunk_map.chunks)
         if chunk_map.size == node.size:
             self._maps[node.digest] = chunk_map
         return chunk_map

@@ -14,11 +14,19 @@ one is on its way waits for it instead of asking again. A reference that is itse
 later has its own references fetched then, so the prefetch stays one step ahead of what is
 used rather than fetching whole closures nobody opens. Prefetch failures are not errors:
 the lookup that needs the path asks again.
+
+With trusted keys, a path info counts only if one of them signed its store path together with
+its root node (store/signing.py): one signature check per store path, in the worker thread that
+fetched it; everything below the root is covered by the digests the reader already checks.
+A path that carries only Nix's signature (say, from cache.nixos.org) has no signed root node;
+with ``nar_check`` it is admitted once the NAR its tree renders to has the signed hash and
+size (reading the whole path once, at its first lookup; remembered with the positive cache).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -31,7 +39,9 @@ from tvixfs.fs.inflight import InFlight
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.base import PathInfoService
 from tvixfs.services.errors import CorruptDataError
+from tvixfs.store.nixsig import PublicKey
 from tvixfs.store.pathinfo import validate_pathinfo
+from tvixfs.store.signing import check_nix_signature, check_root_signature
 from tvixfs.store.storepath import StorePath
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,8 @@ PREFETCH_CONCURRENCY = 4
 PREFETCH_QUEUE = 256
 # Fetched paths whose references are not fetched yet (they wait for a lookup of their own).
 UNEXPANDED_ENTRIES = 4096
+# Store paths refused for their signature and already logged (each is logged once).
+REFUSED_ENTRIES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +101,16 @@ class Roots:
         pathinfos: PathInfoService,
         negative_ttl: float = NEGATIVE_TTL,
         prefetch: trio.Nursery | None = None,
+        *,
+        trusted_keys: Mapping[str, PublicKey] | None = None,
+        nar_check: Callable[[Node], tuple[int, bytes]] | None = None,
     ) -> None:
-        """``prefetch``: where reference prefetches run; None turns prefetching off."""
+        """``prefetch``: where reference prefetches run; None turns prefetching off.
+
+        ``trusted_keys``: if any, only store paths signed by one of them are shown.
+        ``nar_check``: (size, sha256) of a root node's NAR, rendered here, not by the store;
+        given, paths with only a Nix signature are shown once their NAR matches it.
+        """
         self._bridge = bridge
         self._pathinfos = pathinfos
         self._positive: LRUCache[bytes, StorePathRoot] = LRUCache(POSITIVE_ENTRIES)
@@ -100,6 +120,9 @@ class Roots:
         self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_CONCURRENCY)
         self._prefetches = 0
         self._unexpanded: LRUCache[bytes, tuple[bytes, ...]] = LRUCache(UNEXPANDED_ENTRIES)
+        self._trusted = dict(trusted_keys or {})
+        self._refused: LRUCache[bytes, bool] = LRUCache(REFUSED_ENTRIES)
+        self._nar_check = nar_check
 
     async def lookup(self, name: bytes) -> StorePathRoot | None:
         """The store path named ``name``, or None if it is not a store path or not in the store."""
@@ -117,12 +140,15 @@ class Roots:
         return found
 
     async def _fetch(self, name: bytes, store_path: StorePath) -> StorePathRoot | None:
-        info = await self._bridge.call(self._pathinfos.get, store_path.digest)
+        info, untrusted = await self._bridge.call(self._get_checked, store_path.digest)
         root = None if info is None else root_from_pathinfo(info)
         if root is not None and root.name != name:
             # Same hash, other name: the requested path does not exist. tvix-store does not
             # check this; without the check ``<hash>-anything`` would show the content.
             log.debug("%r: the store has %r under this hash", name, root.name)
+            root = None
+        if root is not None and untrusted is not None:
+            self._refuse(root, untrusted)
             root = None
         if root is None:
             self._negative[name] = True
@@ -131,6 +157,45 @@ class Roots:
             if self._prefetch is not None and info is not None:
                 self._unexpanded[name] = _reference_names(info)
         return root
+
+    def _get_checked(self, digest: bytes) -> tuple[pathinfo_pb2.PathInfo | None, str | None]:
+        """The path info (in a worker thread) and, with trusted keys, why it is not trusted."""
+        info = self._pathinfos.get(digest)
+        why = self._untrusted(info)
+        if why is not None and info is not None and self._nar_check is not None:
+            why = self._nar_matches(info, why, self._nar_check)
+        return info, why
+
+    def _nar_matches(
+        self, info: pathinfo_pb2.PathInfo, why: str, nar_check: Callable[[Node], tuple[int, bytes]]
+    ) -> str | None:
+        """For a path without a trusted root signature: None if a trusted key signed it the
+        Nix way and its tree renders to the NAR signed for; else why not."""
+        if check_nix_signature(info, self._trusted) is not None:
+            return why
+        try:
+            _, node = validate_pathinfo(info)
+        except ValidationError as e:
+            return str(e)
+        size, sha256 = nar_check(node)
+        if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):
+            return "its tree does not render to the NAR hash and size its Nix signature covers"
+        log.info("%s: NAR hash verified against its Nix signature", node.name.decode(errors="replace"))
+        return None
+
+    def _list_checked(self) -> Iterator[tuple[pathinfo_pb2.PathInfo, str | None]]:
+        for info in self._pathinfos.list():
+            yield info, self._untrusted(info)
+
+    def _untrusted(self, info: pathinfo_pb2.PathInfo | None) -> str | None:
+        if info is None or not self._trusted:
+            return None
+        return check_root_signature(info, self._trusted)
+
+    def _refuse(self, root: StorePathRoot, why: str) -> None:
+        if root.name not in self._refused:
+            self._refused[root.name] = True
+            log.warning("not showing %s: %s", root.store_path, why)
 
     def _prefetch_references(self, name: bytes) -> None:
         """Start fetching what ``name`` refers to, once per path (never waits)."""
@@ -162,13 +227,21 @@ class Roots:
     async def list(self) -> list[StorePathRoot]:
         """Every store path, sorted by name (one snapshot, for one listing of the root)."""
         roots: dict[bytes, StorePathRoot] = {}
-        async with self._bridge.stream(self._pathinfos.list) as infos:
-            async for info in infos:
+        async with self._bridge.stream(self._list_checked) as infos:
+            async for info, untrusted in infos:
                 try:
                     root = root_from_pathinfo(info)
                 except CorruptDataError as e:
                     log.warning("listing the root: skipping %s", e)
                     continue
+                if untrusted is not None:
+                    # A path a lookup admitted (its NAR verified) is listed as it was admitted.
+                    admitted = self._positive.get(root.name)
+                    if admitted is None:
+                        if self._nar_check is None:  # else a lookup may still verify its NAR
+                            self._refuse(root, untrusted)
+                        continue
+                    root = admitted
                 roots[root.name] = root
         for root in roots.values():
             self._negative.pop(root.name, None)

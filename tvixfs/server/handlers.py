@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from tvixfs.server.guard import GrpcHandler, Handler, guard
+from tvixfs.server.limits import ReadAheadSlots, StreamGate
 from tvixfs.server.servicers import (
     READ_MESSAGE_SIZE,
     BlobServicer,
@@ -32,13 +33,17 @@ def add_store_services(
     read_message_size: int = READ_MESSAGE_SIZE,
     prefixes: Sequence[str] = PREFIXES,
     read_ahead: Executor | None = None,
+    *,
+    gate: StreamGate | None = None,
 ) -> list[str]:
     """Add the three services of ``store`` under ``prefixes``; returns the service names served.
 
-    ``read_ahead`` runs the chunk reads of Read streams ahead of them (servicers.read_ahead).
+    ``read_ahead`` runs the chunk reads of Read streams ahead of them (servicers.read_ahead);
+    ``gate`` admits and watches every streaming call, and says how many may read ahead.
     """
+    slots = None if gate is None else ReadAheadSlots(gate.limits.read_ahead_streams)
     handlers: Handlers = {
-        **BlobServicer(store.blobs, read_message_size, read_ahead).handlers(),
+        **BlobServicer(store.blobs, read_message_size, read_ahead, slots).handlers(),
         **DirectoryServicer(store.directories).handlers(),
         **PathInfoServicer(store.pathinfos).handlers(),
     }
@@ -48,7 +53,10 @@ def add_store_services(
             name = service_name(service, prefix)
             methods = {
                 m.name: _method_handler(
-                    m, guard(m.path(prefix), _decoding(m, handlers[m]), m.server_streaming)
+                    m,
+                    _limited(
+                        gate, m, prefix, guard(m.path(prefix), _decoding(m, handlers[m]), m.server_streaming)
+                    ),
                 )
                 for m in METHODS
                 if m.service == service
@@ -56,6 +64,13 @@ def add_store_services(
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
             names.append(name)
     return names
+
+
+def _limited(gate: StreamGate | None, method: Method, prefix: str, behaviour: GrpcHandler) -> GrpcHandler:
+    """``behaviour`` admitted by ``gate`` if it is a streaming call; unary calls pass freely."""
+    if gate is None or not (method.client_streaming or method.server_streaming):
+        return behaviour
+    return gate.wrap(method.path(prefix), behaviour, method.client_streaming, method.server_streaming)
 
 
 def _decoding(method: Method, handler: Handler) -> Handler:

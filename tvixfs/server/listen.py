@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from tvixfs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "[::1]:8000"
@@ -22,7 +24,7 @@ UNIX_SOCKET_MODE = 0o660
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 
 
-class ListenError(Exception):
+class ListenError(UserError):
     """An address that cannot be served; the message says what to change."""
 
 
@@ -68,13 +70,21 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(text, host=parts.hostname, port=port)
 
 
-def bind(server: grpc.Server, address: ListenAddress) -> str:
-    """Add ``address`` to ``server``; returns it as bound (with the port chosen for port 0)."""
+def bind(server: grpc.Server, address: ListenAddress, tls: grpc.ServerCredentials | None = None) -> str:
+    """Add ``address`` to ``server``; returns it as bound (with the port chosen for port 0).
+
+    ``tls`` applies to TCP addresses; unix sockets are guarded by their file mode instead.
+    """
     if address.path is not None:
         return _bind_unix(server, address.path)
-    warn_if_exposed(address)
+    if tls is None:
+        warn_if_exposed(address)
     try:
-        port = server.add_insecure_port(address.grpc_address())
+        port = (
+            server.add_insecure_port(address.grpc_address())
+            if tls is None
+            else server.add_secure_port(address.grpc_address(), tls)
+        )
     except RuntimeError as e:
         raise ListenError(f"cannot listen on {address.text}: {e}") from None
     return address.grpc_address(port)
@@ -92,7 +102,7 @@ def warn_if_exposed(address: ListenAddress) -> None:
 
 def _bind_unix(server: grpc.Server, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_socket(path)
+    remove_stale_socket(path)
     # The socket must never exist with wider permissions than 0660, not even for a moment.
     old_umask = os.umask(0o777 & ~UNIX_SOCKET_MODE)
     try:
@@ -105,7 +115,7 @@ def _bind_unix(server: grpc.Server, path: Path) -> str:
     return f"unix:{path}"
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Unlink a socket left by a daemon that died; refuse to touch a live one or a file."""
     try:
         mode = path.lstat().st_mode

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.server.limits import StreamGate
 from tvixfs.services.grpc_methods import PREFIXES
 
 # Dependencies before dependents: a pool accepts a file only once its imports are in.
@@ -35,17 +36,20 @@ def add_health(server: grpc.Server, service_names: Iterable[str]) -> health.Heal
 _REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
-def add_reflection(server: grpc.Server, service_names: Iterable[str]) -> None:
+def add_reflection(server: grpc.Server, service_names: Iterable[str], gate: StreamGate) -> None:
+    """Serve reflection, v1alpha and v1, its streams admitted by ``gate``: a reflection stream
+    holds a worker thread while its client keeps it open, as a store stream does."""
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, _REFLECTION_V1]
     servicer = reflection.ReflectionServicer(names, pool=_pool())
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    info = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    v1 = grpc.method_handlers_generic_handler(_REFLECTION_V1, {"ServerReflectionInfo": info})
-    server.add_generic_rpc_handlers((v1,))
+    for service in (reflection.SERVICE_NAME, _REFLECTION_V1):
+        path = f"/{service}/ServerReflectionInfo"
+        info = grpc.stream_stream_rpc_method_handler(
+            gate.wrap(path, servicer.ServerReflectionInfo, client_streaming=True),
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        handler = grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": info})
+        server.add_generic_rpc_handlers((handler,))
 
 
 def _pool() -> descriptor_pool.DescriptorPool:

@@ -16,6 +16,7 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tvixfs.services.grpc_methods import (
@@ -53,7 +54,11 @@ READ_AHEAD_THREADS = 4
 
 class BlobServicer:
     def __init__(
-        self, blobs: BlobService, message_size: int = READ_MESSAGE_SIZE, read_ahead: Executor | None = None
+        self,
+        blobs: BlobService,
+        message_size: int = READ_MESSAGE_SIZE,
+        read_ahead: Executor | None = None,
+        read_ahead_slots: ReadAheadSlots | None = None,
     ) -> None:
         self._blobs = blobs
         self._message_size = message_size
@@ -61,6 +66,7 @@ class BlobServicer:
         # remote store one stream of the whole blob is far cheaper than a call per chunk.
         can = blobs.capabilities
         self._read_ahead = read_ahead if can.verifies_chunk_reads and not can.calls_are_remote else None
+        self._slots = read_ahead_slots or ReadAheadSlots(DEFAULT_READ_AHEAD_STREAMS)
 
     def handlers(self) -> Handlers:
         return {BLOB_STAT: self.stat, BLOB_READ: self.read, BLOB_PUT: self.put}
@@ -91,7 +97,11 @@ class BlobServicer:
         if self._read_ahead is not None:
             chunks = self._blobs.stat(digest, send_chunks=True)
             if chunks is not None and len(chunks) > 1:  # else one chunk, or not a blob (a chunk's digest)
-                return chunks_read_ahead(self._blobs, chunks, self._read_ahead, READ_AHEAD, READ_AHEAD_BATCH)
+                executor = self._read_ahead
+                return self._slots.pieces(
+                    lambda: chunks_read_ahead(self._blobs, chunks, executor, READ_AHEAD, READ_AHEAD_BATCH),
+                    lambda: self._blobs.read(digest),
+                )
         return self._blobs.read(digest)
 
     def put(self, requests: Iterator[rpc_blobstore_pb2.BlobChunk]) -> rpc_blobstore_pb2.PutBlobResponse:

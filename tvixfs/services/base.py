@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import Node
 from tvixfs.protos import pathinfo_pb2
+from tvixfs.services.breaker import CircuitBreaker
 from tvixfs.services.chunkcheck import verified
 from tvixfs.services.regroup import exact_pieces, fill
 
@@ -54,6 +56,10 @@ class ForkedWriter:
     write: Callable[[Iterable[bytes]], tuple[bytes, int, bytes]]
     # Runs in the importing process for each blob a worker wrote: record it as if put here.
     record: Callable[[bytes, int, bytes], None]
+    # Held while workers write what is not recorded yet: keeps a garbage collector out.
+    holding: Callable[[], AbstractContextManager[None]]
+    # Whether a collector waits: the importer should record its work and let go a moment.
+    collector_waiting: Callable[[], bool]
 
 
 class BlobService(ABC):
@@ -164,6 +170,8 @@ class Store:
     blobs: BlobService
     directories: DirectoryService
     pathinfos: PathInfoService
+    # Whether the remote stores behind these services answer (none for an embedded store).
+    breakers: tuple[CircuitBreaker, ...] = ()
 
     def close(self) -> None:
         for service in (self.pathinfos, self.directories, self.blobs):

@@ -1,9 +1,10 @@
 """Errors a service raises; each maps onto one gRPC status code (see server/ and services/grpc.py)."""
 
 from tvixfs.castore.errors import ValidationError
+from tvixfs.errors import UserError
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """Base of every error a store service raises on purpose."""
 
 

@@ -5,7 +5,8 @@ where it is and then again only as the blob and the path infos it takes with it.
 removes what cannot be trusted (damaged chunk files, incomplete blobs, broken directories,
 path infos whose content is gone) so that re-importing those paths completes; it never
 invents data. Temporary files and chunk files no blob refers to are leftovers of killed
-writers, not damage: they are counted, and removed by repair.
+writers, not damage: they are counted, and removed by repair. So are blobs and directories
+no path info refers to (a killed import's): counted with the bytes ``tvixfs gc`` would free.
 
 Run ``--repair`` while no other process writes to the store: a concurrent put may be
 between renaming its chunk files into place and committing the blob that refers to them.
@@ -27,6 +28,7 @@ from tvixfs.castore.nodes import DirectoryNode, FileNode, Node
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.chunkfiles import TEMP_MARK
 from tvixfs.services.errors import StoreError
+from tvixfs.services.gc import plan_collection
 from tvixfs.services.local import LocalBlobService, LocalDirectoryService
 from tvixfs.services.localdb import LocalBackend, unpack_chunks
 from tvixfs.services.narhash import store_nar_hash
@@ -48,6 +50,10 @@ class FsckResult:
     problems: int = 0
     orphan_chunks: int = 0
     temp_files: int = 0
+    # What no path info (nor a live import, gcguard.py) refers to: leftovers, for gc to free.
+    unreferenced_blobs: int = 0
+    unreferenced_directories: int = 0
+    gc_bytes: int = 0
     repaired: bool = False
 
     def summary(self) -> str:
@@ -59,7 +65,9 @@ class FsckResult:
             leftovers += " (removed)"
         return (
             f"checked {self.chunk_files} chunk files, {self.blobs} blobs, "
-            f"{self.directories} directories, {self.pathinfos} path infos: {problems}; {leftovers}"
+            f"{self.directories} directories, {self.pathinfos} path infos: {problems}; {leftovers}; "
+            f"{self.unreferenced_blobs} unreferenced blobs, {self.unreferenced_directories} unreferenced "
+            f"directories (tvixfs gc would free {self.gc_bytes / 2**20:.1f} MiB)"
         )
 
 
@@ -111,6 +119,10 @@ class _Fsck:
         self._check_pathinfos(check_contents)
         if repair:
             self._repair(leftovers + orphans)
+        plan = plan_collection(self._backend)
+        self._result.unreferenced_blobs = len(plan.blobs)
+        self._result.unreferenced_directories = len(plan.directories)
+        self._result.gc_bytes = plan.chunk_bytes
         return self._result
 
     def _rows(self, sql: str) -> list[tuple[Any, ...]]:

@@ -31,13 +31,14 @@ from tvixfs.services.base import (
     Store,
 )
 from tvixfs.services.chunkcheck import verified
+from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.errors import (
     CorruptDataError,
     InvalidArgumentError,
     NotFoundError,
     StoreUnavailableError,
 )
-from tvixfs.services.grpc_channel import ClientConfig, Connection, first_message, receive
+from tvixfs.services.grpc_channel import Connection, first_message, receive
 from tvixfs.services.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
@@ -391,14 +392,18 @@ def _store_path(info: pathinfo_pb2.PathInfo, what: str) -> StorePath:
     return store_path
 
 
-def open_grpc_store(target: str, config: ClientConfig | None = None) -> Store:
+def open_grpc_store(
+    target: str, config: ClientConfig | None = None, credentials: grpc.ChannelCredentials | None = None
+) -> Store:
     """The three services of the store at ``target`` (``host:port`` or ``unix:/abs/path``).
 
     They share one channel, which connects on first use: opening never blocks, and an
     unreachable store shows as StoreUnavailableError on the first call.
     """
-    conn = Connection(target, config or ClientConfig.from_env())
-    return Store(GrpcBlobService(conn), GrpcDirectoryService(conn), GrpcPathInfoService(conn))
+    conn = Connection(target, config or ClientConfig(), credentials)
+    return Store(
+        GrpcBlobService(conn), GrpcDirectoryService(conn), GrpcPathInfoService(conn), breakers=(conn.breaker,)
+    )
 
 
 __all__ = ["ClientConfig", "open_grpc_store"]

@@ -1,20 +1,19 @@
 """One gRPC channel to a store: deadlines, retries, error mapping and the tvix/snix names.
 
 Every call of the gRPC client goes through ``Connection.call``, so that no call lacks a deadline,
-every idempotent call survives a restarting server, and every failure surfaces as a service
-error rather than a ``grpc.RpcError``.
+every idempotent call survives a restarting server, a store that stopped answering fails
+further calls at once (``breaker.py``), and every failure surfaces as a service error rather
+than a ``grpc.RpcError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -22,8 +21,10 @@ import grpc.experimental
 from google.protobuf.message import Message
 
 from tvixfs.protos import rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.services.breaker import CircuitBreaker
+from tvixfs.services.clientconfig import ClientConfig
 from tvixfs.services.errors import StoreError, StoreUnavailableError
-from tvixfs.services.grpc_errors import rpc_error
+from tvixfs.services.grpc_errors import retryable, rpc_error
 from tvixfs.services.grpc_methods import (
     BLOB_SERVICE,
     BLOB_STAT,
@@ -76,50 +77,30 @@ _UNSETTLED = (
     grpc.StatusCode.CANCELLED,
     None,
 )
-
-
-def _env_seconds(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        log.warning("ignoring malformed %s=%r", name, value)
-        return default
-    return seconds if seconds > 0 else default
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Deadlines and retries of one connection."""
-
-    timeout: float = 30.0  # a unary call, or one chunk read
-    stream_timeout: float = 600.0  # a whole-blob read, a Put, a List, a recursive Get
-    attempts: int = 5  # tries of an idempotent call that failed UNAVAILABLE
-    backoff: float = 0.1  # seconds before the first retry; doubles, with jitter (1.5 s in all)
-
-    @classmethod
-    def from_env(cls) -> ClientConfig:
-        """Defaults, overridden by ``TVIXFS_GRPC_TIMEOUT`` / ``TVIXFS_GRPC_STREAM_TIMEOUT``."""
-        return cls(
-            timeout=_env_seconds("TVIXFS_GRPC_TIMEOUT", cls.timeout),
-            stream_timeout=_env_seconds("TVIXFS_GRPC_STREAM_TIMEOUT", cls.stream_timeout),
-        )
+# Outcomes that mean the store did not answer at all: what opens the circuit breaker.
+_SILENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class Connection:
     """A channel shared by the three services of one address. Thread-safe."""
 
-    def __init__(self, target: str, config: ClientConfig) -> None:
+    def __init__(
+        self, target: str, config: ClientConfig, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        """``credentials``: TLS (grpc+https); None for a plaintext channel."""
         self.target = target
         self.config = config
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        )
         self._callables: dict[tuple[Method, str], Any] = {}
         # Which prefix each service answered to; absent until a call settles it.
         self._prefix: dict[str, str] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.breaker = CircuitBreaker(target, self._answers)
 
     def _callable(self, method: Method, prefix: str) -> Any:
         key = (method, prefix)
@@ -147,7 +128,8 @@ class Connection:
         what: str,
         idempotent: bool = True,
     ) -> T:
-        """``invoke`` the method's multicallable; retry UNAVAILABLE if ``idempotent``.
+        """``invoke`` the method's multicallable; retry UNAVAILABLE (or a stream the server
+        refused for its limits) if ``idempotent``.
 
         ``invoke`` must include everything that may be repeated: for a server stream that is
         receiving its first message, so a stream that fails before any data is retried.
@@ -161,10 +143,13 @@ class Connection:
         delay = self.config.backoff
         attempt = 1
         while True:
+            self.breaker.check(what)
             try:
                 result = invoke(self._callable(method, prefix))
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
+                if code not in _SILENT:
+                    self.breaker.succeeded()
                 if code is grpc.StatusCode.UNIMPLEMENTED and decided is None and prefix != PREFIXES[-1]:
                     log.debug(
                         "%s: %s is not served, trying the next prefix", self.target, method.path(prefix)
@@ -173,15 +158,31 @@ class Connection:
                     continue
                 if code not in _UNSETTLED:
                     self._prefix.setdefault(method.service, prefix)
-                if code is grpc.StatusCode.UNAVAILABLE and idempotent and attempt < self.config.attempts:
+                details = e.details() if isinstance(e, grpc.Call) else None
+                if retryable(code, details) and idempotent and attempt < self.config.attempts:
                     log.debug("%s: %s unavailable, retry %d in %.2fs", self.target, what, attempt, delay)
                     time.sleep(delay * random.uniform(0.8, 1.2))
                     delay *= 2
                     attempt += 1
                     continue
+                if code in _SILENT:
+                    self.breaker.failed()
                 raise rpc_error(e, what) from None
+            self.breaker.succeeded()
             self._prefix.setdefault(method.service, prefix)
             return result
+
+    def _answers(self) -> bool:
+        """The circuit breaker's probe: does the store answer a cheap call at all?"""
+        method, request = _PROBES[BLOB_SERVICE]
+        prefix = self._prefix.get(method.service, PREFIXES[0])
+        try:
+            _drain(self._callable(method, prefix)(request, timeout=self.config.timeout))
+        except grpc.RpcError as e:
+            return isinstance(e, grpc.Call) and e.code() not in _SILENT
+        except ValueError:  # the channel was closed meanwhile
+            return False
+        return True
 
     def _settle_prefix(self, service: str) -> None:
         if service in self._prefix:
@@ -196,6 +197,7 @@ class Connection:
             if self._closed:
                 return
             self._closed = True
+        self.breaker.close()
         self._channel.close()
 
 

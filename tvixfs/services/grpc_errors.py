@@ -25,6 +25,10 @@ _CODES: tuple[tuple[type[StoreError], grpc.StatusCode], ...] = (
     (CorruptDataError, grpc.StatusCode.DATA_LOSS),
 )
 
+# How the server's RESOURCE_EXHAUSTED for a stream over its limits begins (server/limits.py):
+# unlike grpcio's own RESOURCE_EXHAUSTED (a message too large), worth trying again shortly.
+STREAM_LIMIT = "too many streams"
+
 # What grpcio's client reports (as INTERNAL) when a response message does not decode.
 _UNDECODABLE = "Exception deserializing response!"
 
@@ -38,6 +42,13 @@ def status_for(error: BaseException) -> grpc.StatusCode | None:
         # The model rejects what a client sent (bad digest length, invalid Directory, ...).
         return grpc.StatusCode.INVALID_ARGUMENT
     return None
+
+
+def retryable(code: grpc.StatusCode | None, details: str | None) -> bool:
+    """Whether an idempotent call that failed so may succeed if sent again shortly."""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return (details or "").startswith(STREAM_LIMIT)
+    return code is grpc.StatusCode.UNAVAILABLE
 
 
 def error_for(code: grpc.StatusCode | None, details: str | None, what: str) -> StoreError:

@@ -11,9 +11,11 @@ import hashlib
 import itertools
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO
 
@@ -44,6 +46,8 @@ WORKERS = 8
 CHUNK_WORKERS = 1
 PARALLEL_FILES = 64
 PARALLEL_BYTES = 16 << 20
+# How often an import with chunk workers looks whether a gc waits for it to make way.
+GC_CHECK_EVERY = 0.5
 
 Progress = Callable[[int, int], None]
 """Called after each file with (files imported, bytes imported) so far."""
@@ -248,6 +252,8 @@ def _import_tree(
     )
     forked = store.blobs.forked_writer()
     workers: ChunkWorkers | None = None
+    held = ExitStack()  # keeps gc out while workers write chunks not recorded here yet (gcguard.py)
+    gc_check = 0.0
     try:
         for event, loaded in _ahead(_walk(path), pool, store.blobs):
             node: Node | None = None
@@ -268,8 +274,11 @@ def _import_tree(
                     and workers is None
                     and (files >= PARALLEL_FILES or imported + event.size >= PARALLEL_BYTES)
                 ):
+                    held.enter_context(forked.holding())
                     workers = _chunk_workers(forked)
                 node = _import_file(event, loaded, workers, store.blobs, hasher)
+                if forked is not None and workers is not None and time.monotonic() >= gc_check:
+                    gc_check = _make_way_for_gc(forked, workers, held)
                 files += 1
                 imported += event.size
                 if progress is not None:
@@ -289,6 +298,7 @@ def _import_tree(
             pool.shutdown(cancel_futures=True)
         if workers is not None:
             workers.close()
+        held.close()
     raise AssertionError("a walk always ends with its root")
 
 
@@ -314,6 +324,19 @@ def _import_file(
             digest = blobs.put(pieces)
     hasher.write(nar.file_close(file.size))
     return FileNode(file.name, digest, file.size, file.executable)
+
+
+def _make_way_for_gc(forked: ForkedWriter, workers: ChunkWorkers, held: ExitStack) -> float:
+    """If a gc waits, let it run once the workers' files are recorded; when to look again.
+
+    An import with workers holds the gc lock throughout (``held``), so that gc never sees
+    chunk files written but not recorded yet: without this, gc would wait for the import.
+    """
+    if forked.collector_waiting():
+        workers.drain()
+        held.close()  # commits, and gives way to gc
+        held.enter_context(forked.holding())
+    return time.monotonic() + GC_CHECK_EVERY
 
 
 def _chunk_workers(forked: ForkedWriter) -> ChunkWorkers:
@@ -403,16 +426,7 @@ def ingest_nar(
     1.7 s inline, and 2.1 s against 1.8 s of time.
     """
     _check_references(store, store_path, references)
-    if store.blobs.capabilities.calls_are_remote:
-        pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
-        try:
-            puts = _BackgroundPuts(store.blobs, pool)
-            contents = nar.read_nar(stream, store_path.basename.encode(), puts.put)
-            puts.wait()
-        finally:
-            pool.shutdown(cancel_futures=True)
-    else:
-        contents = nar.read_nar(stream, store_path.basename.encode(), store.blobs.put)
+    contents = read_nar_blobs(store, stream, store_path.basename.encode())
     info = pathinfo_pb2.NARInfo()
     if narinfo is not None:
         info.CopyFrom(narinfo)
@@ -446,6 +460,31 @@ def _check_references(store: Store, store_path: StorePath, references: Sequence[
                 f"{store_path}: its reference {ref} is not in the store; import that first "
                 "(import-nix --recursive imports a whole closure)"
             )
+
+
+def read_nar_blobs(store: Store, stream: IO[bytes], name: bytes) -> nar.NarContents:
+    """Parse a NAR, putting its blobs; its directories are returned, not yet stored."""
+    if not store.blobs.capabilities.calls_are_remote:
+        return nar.read_nar(stream, name, store.blobs.put)
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="tvixfs-ingest")
+    try:
+        puts = _BackgroundPuts(store.blobs, pool)
+        contents = nar.read_nar(stream, name, puts.put)
+        puts.wait()
+        return contents
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def commit_stored(
+    store: Store,
+    store_path: StorePath,
+    root: Node,
+    narinfo: pathinfo_pb2.NARInfo,
+    references: Sequence[StorePath],
+) -> pathinfo_pb2.PathInfo:
+    """The PathInfo for content whose blobs and directories are already stored."""
+    return _commit(store, store_path, root, directories=[], narinfo=narinfo, references=references)
 
 
 def _commit(

@@ -4,14 +4,15 @@ Layout under PATH (created 0700 on first use, as it may hold private store paths
 
     db.sqlite            directories, path infos, blob chunk lists, NAR cache (localdb.py)
     chunks/ab/abcd...    one file per chunk, named by its BLAKE3 digest (chunkfiles.py)
+    gc.lock, gc.waiting  what keeps ``tvixfs gc`` and writers apart (gcguard.py)
 
 Crash safety comes from ordering, not from a journal of our own: a chunk is written to a
 temporary name in its final directory and renamed; a blob put then records its row as pending,
 and every commit first makes all pending chunk files durable with one barrier and commits
 their rows with it (group commit: localdb.py explains why that is safe across kill -9 and OS
-crashes). A process killed at any point leaves at most temporary files and chunk files nothing
-refers to (``tvixfs fsck`` reports and removes them); a path info is only committed once its
-whole tree is present, so a killed import leaves either nothing or a complete path.
+crashes). A path info is only committed once its whole tree is present, so a killed import
+leaves either nothing or a complete path, plus what it stored so far: temporary files, blobs
+and directories nothing refers to (``tvixfs fsck`` counts them, ``tvixfs gc`` frees them).
 
 Nothing holds a database connection while a caller consumes a stream, so slow readers never
 block writers or each other.
@@ -19,10 +20,14 @@ block writers or each other.
 
 from __future__ import annotations
 
+import functools
+import os
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from tvixfs.castore.chunking import chunk_stream
 from tvixfs.castore.digest import b3digest, check_digest, new_hasher
@@ -42,12 +47,33 @@ from tvixfs.services.base import (
 from tvixfs.services.checks import check_closure, check_pathinfo, settle_put
 from tvixfs.services.chunkfiles import ChunkFiles
 from tvixfs.services.errors import CorruptDataError, FailedPreconditionError, NotFoundError
-from tvixfs.services.localdb import LocalBackend, pack_chunks, unpack_chunks
+from tvixfs.services.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
 
 _LIST_PAGE = 256
 _QUERY_BATCH = 500  # digests per IN (...) query, well below SQLite's limit on parameters
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _OnBackend(Protocol):
+    _backend: LocalBackend
+
+
+_S = TypeVar("_S", bound=_OnBackend)
+
+
+def _guarded(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """A write method run as one write: gc waits until what it relies on is committed (gcguard.py)."""
+
+    @functools.wraps(method)
+    def guarded(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._backend.writing():
+            return method(self, *args, **kwargs)
+
+    return guarded
 
 
 class LocalBlobService(BlobService):
@@ -107,8 +133,10 @@ class LocalBlobService(BlobService):
         if not self._chunks.read_into(digest, views):  # not one chunk: a blob of several, or none
             super().read_into(digest, views)
 
+    @_guarded
     def put(self, data: Iterable[bytes]) -> bytes:
         """Chunk, hash and write; the blob's row is committed by the backend's next commit."""
+        self._backend.check_writable()
         digest, size, packed = write_blob(self._chunks, data)
         self._backend.add_blob(digest, size, packed)
         return digest
@@ -116,7 +144,17 @@ class LocalBlobService(BlobService):
     def forked_writer(self) -> ForkedWriter:
         """An import's worker processes write chunk files with ``write_blob`` themselves."""
         files = self._chunks
-        return ForkedWriter(lambda data: write_blob(files, data), self.add_written)
+        return ForkedWriter(
+            lambda data: write_blob(files, data), self.add_written, self.writing, self.gc_waiting
+        )
+
+    def writing(self) -> AbstractContextManager[None]:
+        """Around writes by other processes (an import's workers): keeps gc out meanwhile."""
+        return self._backend.writing()
+
+    def gc_waiting(self) -> bool:
+        """Whether a gc waits: a long ``writing`` should end, once its work is recorded."""
+        return self._backend.gc_waiting()
 
     def add_written(self, digest: bytes, size: int, packed_chunks: bytes) -> None:
         """A blob whose chunk files ``write_blob`` wrote elsewhere, as if put here.
@@ -152,6 +190,7 @@ class LocalDirectoryService(DirectoryService):
                 conn.execute("COMMIT")
         return iter(closure)
 
+    @_guarded
     def put_many(self, directories: Iterable[Directory]) -> bytes:
         # Checked before the write transaction: the stream may come from a slow client, and
         # stored directories are never removed (except by fsck --repair, run offline).
@@ -161,6 +200,7 @@ class LocalDirectoryService(DirectoryService):
                 "INSERT OR IGNORE INTO directories VALUES (?, ?)",
                 ((digest, d.to_bytes()) for digest, d in batch.items()),
             )
+            self._backend.pin(conn, batch)
         return next(reversed(batch))
 
     def close(self) -> None:
@@ -215,6 +255,7 @@ class LocalPathInfoService(PathInfoService):
         row = self._backend.fetch_one("SELECT data FROM pathinfos WHERE hash = ?", (output_hash,))
         return None if row is None else _parse_pathinfo(bytes(row[0]))
 
+    @_guarded
     def put(self, info: pathinfo_pb2.PathInfo) -> pathinfo_pb2.PathInfo:
         store_path = check_pathinfo(info, self._blobs, self._directories)
         _, node = validate_pathinfo(info)
@@ -321,9 +362,22 @@ def _parse_pathinfo(data: bytes) -> pathinfo_pb2.PathInfo:
     return info
 
 
-def open_local_store(path: Path) -> Store:
-    """Open (creating it if missing) the embedded store at ``path``."""
-    backend = LocalBackend(path)
+# When opening may create a store where there is none (see open_local_store).
+Creation = Literal["always", "never", "in-existing-directory"]
+
+
+def open_local_store(path: Path, create: Creation = "always") -> Store:
+    """Open the embedded store at ``path``; a missing one is created as ``create`` says.
+
+    ``"never"`` (the commands that only read) refuses a path with no store, so that a typo
+    does not become a new empty store; ``"in-existing-directory"`` (the daemon) creates one
+    only in a directory that exists, as systemd's StateDirectory= makes it. Unless it may
+    always create, a store whose directory is not writable, as on a snapshot or read-only
+    media, is opened read-only instead of refused.
+    """
+    may_create = create == "always" or (create == "in-existing-directory" and path.is_dir())
+    read_only = create != "always" and (path / DB_NAME).exists() and not os.access(path, os.W_OK | os.X_OK)
+    backend = LocalBackend(path, create=may_create, read_only=read_only)
     blobs = LocalBlobService(backend)
     directories = LocalDirectoryService(backend)
     return Store(blobs, directories, LocalPathInfoService(backend, blobs, directories))

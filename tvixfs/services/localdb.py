@@ -37,6 +37,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -45,7 +46,13 @@ from typing import Any
 
 from tvixfs.services.base import ChunkMeta
 from tvixfs.services.chunkfiles import ChunkFiles
-from tvixfs.services.errors import CorruptDataError, StoreError, StoreUnavailableError
+from tvixfs.services.errors import (
+    CorruptDataError,
+    FailedPreconditionError,
+    StoreError,
+    StoreUnavailableError,
+)
+from tvixfs.services.gcguard import WriteGuard, create_pin_tables, this_process
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +109,9 @@ def unpack_chunks(packed: bytes) -> list[ChunkMeta]:
 class LocalBackend:
     """One open store directory: the connection pool and the chunk files, shared by services."""
 
-    def __init__(self, path: Path, create: bool = True) -> None:
+    def __init__(self, path: Path, create: bool = True, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self.chunks = ChunkFiles(path / CHUNKS_DIR)
         self._idle: deque[sqlite3.Connection] = deque()
         self._pool_lock = threading.Lock()
@@ -116,10 +124,15 @@ class LocalBackend:
         self._flush_wanted = threading.Condition(self._pending_lock)
         self._flusher: threading.Thread | None = None
         self._stopping = False
+        self._guard = WriteGuard(path, self._nothing_pending, self._commit_pending)
+        self._session: int | None = None  # this process's gc session (gcguard.py), once it pins
         if not (path / DB_NAME).exists():
             if not create:
                 raise NotAStoreError(f"{path}: no tvixfs store here (no {DB_NAME})")
             self._prepare_directory()
+        if read_only:
+            self._check_schema()
+            return
         if not os.access(path, os.W_OK | os.X_OK):
             raise StoreUnavailableError(f"store directory {path} is not writable")
         self._open_schema()
@@ -154,10 +167,21 @@ class LocalBackend:
                     "INSERT INTO meta VALUES (?, ?)",
                     [("kind", STORE_KIND), ("schema_version", str(SCHEMA_VERSION))],
                 )
-            try:
-                rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            except sqlite3.Error as e:
-                raise NotAStoreError(f"{self.path}: not a tvixfs store: {e}") from None
+            rows = self._meta(conn)
+        self._check_meta(rows)
+
+    def _check_schema(self) -> None:
+        """``_open_schema`` for a store opened read-only: check, never create."""
+        with self.connection() as conn:
+            self._check_meta(self._meta(conn))
+
+    def _meta(self, conn: sqlite3.Connection) -> dict[str, str]:
+        try:
+            return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as e:
+            raise NotAStoreError(f"{self.path}: not a tvixfs store: {e}") from None
+
+    def _check_meta(self, rows: dict[str, str]) -> None:
         if rows.get("kind") != STORE_KIND:
             raise NotAStoreError(f"{self.path}: {DB_NAME} is not a tvixfs store database")
         version = int(rows.get("schema_version", "0"))
@@ -169,17 +193,33 @@ class LocalBackend:
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path / DB_NAME,
+                self._read_only_uri() if self.read_only else self.path / DB_NAME,
                 timeout=BUSY_TIMEOUT_MS / 1000,
                 isolation_level=None,
                 check_same_thread=False,
+                uri=self.read_only,
             )
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            if not self.read_only:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as e:
             raise NotAStoreError(f"{self.path}: cannot open {DB_NAME}: {e}") from None
         return conn
+
+    def _read_only_uri(self) -> str:
+        """A read-only database URI; ``immutable`` where SQLite could not read WAL otherwise.
+
+        A WAL reader needs to create (or write) the ``-shm`` file, which a directory on
+        read-only media does not allow. With no ``-wal`` content left (the store was closed
+        cleanly, as a snapshot or read-only medium normally is), the database file alone is
+        the whole store, and ``immutable=1`` reads it without any lock or shared memory.
+        """
+        db = self.path / DB_NAME
+        wal = db.with_name(DB_NAME + "-wal")
+        settled = not wal.exists() or wal.stat().st_size == 0
+        immutable = settled and not os.access(self.path, os.W_OK)
+        return f"{db.as_uri()}?mode=ro{'&immutable=1' if immutable else ''}"
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
@@ -217,6 +257,39 @@ class LocalBackend:
             if len(self._pending) == 1 or self._flush_due():
                 self._flush_wanted.notify()
 
+    def _nothing_pending(self) -> bool:
+        with self._pending_lock:
+            return not self._pending
+
+    def _commit_pending(self) -> None:
+        with self.transaction():
+            pass
+
+    def gc_waiting(self) -> bool:
+        return self._guard.gc_waiting()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around a write: keeps gc out until what it puts is committed and pinned (gcguard.py)."""
+        self.check_writable()  # before the lock file: read-only media cannot take one
+        self._guard.enter()
+        try:
+            yield
+        finally:
+            self._guard.leave()
+
+    def pin(self, conn: sqlite3.Connection, digests: Iterable[bytes]) -> None:
+        """Pin ``digests`` for this process's session, in the caller's write transaction."""
+        if self._session is None:
+            create_pin_tables(conn)
+            self._session = conn.execute(
+                "INSERT INTO gc_sessions (owner) VALUES (?)", (this_process(),)
+            ).lastrowid
+        now = time.time()
+        conn.executemany(
+            "INSERT OR REPLACE INTO gc_pins VALUES (?, ?, ?)", ((self._session, d, now) for d in digests)
+        )
+
     def pending_chunks(self, digest: bytes) -> bytes | None:
         """The packed chunk list of a blob put through this backend and not yet committed."""
         with self._pending_lock:
@@ -248,6 +321,13 @@ class LocalBackend:
                 with self._pending_lock:
                     self._flush_wanted.wait_for(lambda: self._stopping, FLUSH_AFTER)
 
+    def check_writable(self) -> None:
+        """Refuse a write to a store opened read-only, before anything is written."""
+        if self.read_only:
+            raise FailedPreconditionError(
+                f"local store {self.path} is read-only (its directory is not writable)"
+            )
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, all of it committed or none; it commits pending blobs first.
@@ -255,6 +335,7 @@ class LocalBackend:
         The barrier comes before ``BEGIN IMMEDIATE``, so other processes' writers are not held
         up while the disk catches up.
         """
+        self.check_writable()
         with self._write_lock:
             with self._pending_lock:
                 pending = list(self._pending.items())
@@ -263,6 +344,7 @@ class LocalBackend:
                     self.chunks.sync()
                 except OSError as e:
                     raise StoreUnavailableError(f"cannot make chunk files in {self.path} durable: {e}") from e
+            session = self._session
             with self.connection() as conn:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -271,8 +353,10 @@ class LocalBackend:
                             "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
                             [(digest, size, packed) for digest, (size, packed) in pending],
                         )
+                        self.pin(conn, (digest for digest, _ in pending))
                     yield conn
                 except BaseException:
+                    self._session = session  # a session made in this transaction is gone with it
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
@@ -280,11 +364,24 @@ class LocalBackend:
                 for digest, _ in pending:
                     if (committed := self._pending.pop(digest, None)) is not None:
                         self._pending_bytes -= committed[0]
+        self._guard.release_if_idle()
 
     def fetch_one(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         with self.connection() as conn:
             row: tuple[Any, ...] | None = conn.execute(sql, args).fetchone()
             return row
+
+    def _end_session(self) -> None:
+        """Drop this process's pins: what it wrote is referenced by now, or garbage."""
+        if self._session is None:
+            return
+        try:
+            with self.transaction() as conn:
+                conn.execute("DELETE FROM gc_pins WHERE session = ?", (self._session,))
+                conn.execute("DELETE FROM gc_sessions WHERE id = ?", (self._session,))
+        except StoreError as e:  # gc drops them once this process is gone
+            log.warning("cannot drop the gc pins of this process from %s: %s", self.path, e)
+        self._session = None
 
     def close(self) -> None:
         """Commits what is pending; the first call does it, later calls do nothing."""
@@ -300,6 +397,7 @@ class LocalBackend:
             if pending:  # a reader (a mount) closes without taking the write lock
                 with self.transaction():
                     pass
+            self._end_session()
         finally:
             with self._pending_lock, self._pool_lock:
                 self._closed = True

@@ -4,13 +4,15 @@ Wrapped around the store as opened (inside the disk cache), so the figures are t
 store itself: for a remote store, its round trips. A call that returns an iterator is timed
 until the iterator ends (its last piece, its error, or its abandonment). Each outcome also
 says whether the store is reachable: UNAVAILABLE (or a deadline) means no, any other answer,
-errors included, means yes; the ``store_reachable`` gauge reads that.
+errors included, means yes; the ``store_reachable`` gauge reads that, and the state of the
+store's circuit breakers (services/breaker.py), which fail calls fast while it is down.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import ParamSpec, TypeVar
 
 from prometheus_client import Histogram
@@ -26,6 +28,7 @@ from tvixfs.services.base import (
     PathInfoService,
     Store,
 )
+from tvixfs.services.breaker import CircuitBreaker
 from tvixfs.services.errors import StoreUnavailableError
 from tvixfs.services.metrics import Metrics
 
@@ -167,10 +170,18 @@ class MeteredPathInfoService(PathInfoService):
         self.inner.close()
 
 
+def _judged_by(breaker: CircuitBreaker) -> Callable[[], bool]:
+    return lambda: breaker.reachable
+
+
 def metered(store: Store, metrics: Metrics) -> Store:
-    """``store`` with every call of its three services counted and timed in ``metrics``."""
-    return Store(
-        MeteredBlobService(store.blobs, metrics),
-        MeteredDirectoryService(store.directories, metrics),
-        MeteredPathInfoService(store.pathinfos, metrics),
+    """``store`` with every call of its three services counted and timed in ``metrics``; its
+    circuit breakers (a gRPC store's) also judge whether it is reachable."""
+    for breaker in store.breakers:
+        metrics.reachability(_judged_by(breaker))
+    return replace(
+        store,
+        blobs=MeteredBlobService(store.blobs, metrics),
+        directories=MeteredDirectoryService(store.directories, metrics),
+        pathinfos=MeteredPathInfoService(store.pathinfos, metrics),
     )
