@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +298,27 @@ def test_the_daemon_counts_what_clients_ask(short_tmp: Path) -> None:
         assert samples["tvixfs_store_fetched_bytes_total"] >= 5000
         assert samples["tvixfs_store_reachable"] == 1
         assert "tvixfs_fuse_served_bytes_total" not in samples  # no mount in a daemon
+
+
+def test_the_nar_bridge_counts_its_store_calls(short_tmp: Path) -> None:
+    stderr = short_tmp / "bridge.stderr"
+    args = [*TVIXFS, "nar-bridge", "--store", "memory://", "--listen", "127.0.0.1:0"]
+    with stderr.open("wb") as err:
+        bridge = subprocess.Popen([*args, "--metrics-listen", "127.0.0.1:0"], stderr=err)
+    try:
+        for _ in range(300):
+            found = re.search(r"serving on (\S+)", stderr.read_text())
+            if found or bridge.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert found, stderr.read_text()
+        missing = f"http://{found.group(1)}/{'0' * 32}.narinfo"
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(missing, timeout=30)
+        assert answer.value.code == 404
+        samples = scrape(metrics_url(stderr.read_text()))
+        assert samples["tvixfs_store_call_seconds_count{method=get,service=pathinfo}"] >= 1
+        assert samples["tvixfs_store_reachable"] == 1
+    finally:
+        bridge.terminate()
+        bridge.wait(30)
