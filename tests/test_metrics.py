@@ -219,6 +219,8 @@ def test_status_prints_the_key_numbers(
     assert re.search(r"^requests: .*\blookup [1-9]", printed, re.MULTILINE), printed
     assert re.search(r"^requests: .*\bread [1-9]", printed, re.MULTILINE), printed
     assert "store: reachable" in printed
+    assert re.search(r"^metrics: http://127\.0\.0\.1:\d+/metrics$", printed, re.MULTILINE), printed
+    assert re.search(r"^directory listings: (not )?cached by the kernel", printed, re.MULTILINE), printed
     assert "failed requests (EIO): 0" in printed
     # The same text, as an extended attribute of the mount root, for any tool.
     assert os.getxattr(mount.mountpoint, "user.tvixfs.status").decode().startswith("mount: ")

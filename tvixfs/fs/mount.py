@@ -169,7 +169,14 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
             ops = TvixOperations(store, background, config.fs, invalidate=invalidator.request)
             if config.metrics is not None:
                 watch_mount(ops, config.metrics)
-            ops.root_status = StatusReport(ops, description, mountpoint, config.status_note, config.metrics)
+            ops.root_status = StatusReport(
+                ops,
+                description,
+                mountpoint,
+                note=config.status_note,
+                metrics=config.metrics,
+                breakers=store.breakers,
+            )
             try:
                 pyfuse3.init(ops, str(mountpoint), fuse_options(config))
             except RuntimeError as e:

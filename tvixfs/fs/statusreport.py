@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tvixfs.fs.dircache import KERNEL_CACHES_READDIR
 from tvixfs.fs.ops import TvixOperations
+from tvixfs.services.breaker import CircuitBreaker
 from tvixfs.services.metrics import PREFIX, Metrics
 
 FRESH = 1.0
+_LISTINGS = "cached by the kernel" if KERNEL_CACHES_READDIR else "not cached by the kernel (stock pyfuse3)"
 
 
 class StatusReport:
@@ -26,14 +29,17 @@ class StatusReport:
         ops: TvixOperations,
         description: str,
         mountpoint: Path,
+        *,
         note: Callable[[], str] | None = None,
         metrics: Metrics | None = None,
+        breakers: Sequence[CircuitBreaker] = (),
     ) -> None:
         self._ops = ops
         self._description = description
         self._mountpoint = mountpoint
         self._note = note
         self._metrics = metrics
+        self._breakers = breakers
         self._started = time.monotonic()
         self._made = -math.inf
         self._text = b""
@@ -54,6 +60,9 @@ class StatusReport:
         ]
         if self._note is not None:
             lines.append(f"store: {self._note()}")
+        for breaker in self._breakers:
+            state = "answers" if breaker.reachable else "UNREACHABLE, failing fast"
+            lines.append(f"store {breaker.target}: {state}")
         lines += [
             f"inodes: {ops.inode_count}",
             f"open files: {ops.open_files}",
@@ -61,6 +70,7 @@ class StatusReport:
             f"{stats.chunks_fetched} chunks fetched ({_mib(stats.bytes_fetched)}), "
             f"{stats.fetch_failures} failed fetches",
             f"failed requests (EIO): {ops.failures}",
+            f"directory listings: {_LISTINGS}",
         ]
         metrics = self._metrics
         if metrics is None:
@@ -76,6 +86,7 @@ def _from_metrics(metrics: Metrics) -> list[str]:
         f"{op} {row.count} (avg {_seconds(row.seconds / row.count)})" for op, row in rows if row.count
     )
     lines = [
+        f"metrics: {metrics.url}",
         f"requests: {requests or 'none'}",
         f"bytes served: {_mib(metrics.fuse_served.value)}",
         "store: " + ("reachable" if metrics.store_reachable() else "UNREACHABLE"),

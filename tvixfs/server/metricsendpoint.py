@@ -51,4 +51,5 @@ def serve_metrics(text: str, metrics: Metrics) -> MetricsEndpoint:
     if not address.loopback:
         log.warning("metrics served on %s, which is not a loopback address, without authentication", url)
     log.info("metrics on %s", url)
+    metrics.url = url
     return MetricsEndpoint(metrics, url)

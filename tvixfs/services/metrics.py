@@ -13,7 +13,6 @@ thread-safe metrics directly (services/meteredstore.py).
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
@@ -111,7 +110,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.started = time.time()
+        self.url: str | None = None  # where they are served, once they are
         self._callbacks = _Callbacks()
         self.registry.register(self._callbacks)
         ProcessCollector(namespace="tvixfs", registry=self.registry)
