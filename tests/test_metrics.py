@@ -215,7 +215,7 @@ def test_status_prints_the_key_numbers(
         [*TVIXFS, "status", str(mount.mountpoint)], capture_output=True, text=True, check=True
     ).stdout
     assert f"on {mount.mountpoint}, up " in printed
-    assert re.search(r"^inodes: [1-9]", printed, re.MULTILINE), printed
+    assert re.search(r"^inodes: \d+$", printed, re.MULTILINE), printed  # the kernel may forget them
     assert re.search(r"^requests: .*\blookup [1-9]", printed, re.MULTILINE), printed
     assert re.search(r"^requests: .*\bread [1-9]", printed, re.MULTILINE), printed
     assert "store: reachable" in printed
