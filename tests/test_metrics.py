@@ -174,7 +174,7 @@ def test_counters_follow_a_walk_and_reads(
     assert requests(walked, "opendir") >= directories
     assert requests(walked, "readdir") >= directories  # at least one per directory
     assert requests(walked, "lookup") >= 1  # the store path; readdirplus hands out the rest
-    assert walked["tvixfs_inodes"] >= entries
+    assert 0 < walked["tvixfs_inodes"] <= entries + 1  # the kernel may have forgotten some
     assert walked["tvixfs_store_call_seconds_count{method=get,service=pathinfo}"] >= 1
     assert walked["tvixfs_fuse_served_bytes_total"] == 0  # a walk reads no file
 
