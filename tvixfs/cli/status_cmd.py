@@ -16,7 +16,9 @@ from tvixfs.fs.preflight import FS_TYPE, mount_types
 
 @app.command()
 def status(
-    mountpoint: Annotated[Path, typer.Argument(help="Where a tvixfs mount is mounted.", show_default=False)],
+    mountpoint: Annotated[
+        Path, typer.Argument(help="A tvixfs mount point.", show_default=False, metavar="MOUNTPOINT")
+    ],
 ) -> None:
     """Print a mount's uptime, store state, inodes, caches and failures (and, with
     --metrics-listen, its requests and store calls): the root's user.tvixfs.status attribute."""
