@@ -173,6 +173,6 @@ def context(config: Config) -> Iterator[Context]:
         shutil.copytree(store.path, ram / "store", symlinks=True)
         ctx.store_url = f"local://{ram / 'store'}"
         ctx.paths = store.paths
-        for name in ("big", "walk"):
+        for name in ("big", "walk", "python"):
             ctx.sources[name] = shutil.copytree(tree_map[name], ram / "src" / name, symlinks=True)
         yield ctx
