@@ -118,11 +118,14 @@ def _notified(argv: Sequence[str], log: Path, mountpoint: Path | None) -> Iterat
 
 
 @contextmanager
-def tvixfs_mount(store_url: str, mountpoint: Path, log: Path, daemon: Daemon | None = None) -> Iterator[Proc]:
-    """`tvixfs mount` in the foreground; over gRPC it joins the daemon's network namespace."""
+def tvixfs_mount(
+    store_url: str, mountpoint: Path, log: Path, daemon: Daemon | None = None, extra: Sequence[str] = ()
+) -> Iterator[Proc]:
+    """`tvixfs mount` in the foreground (``extra``: more options); over gRPC it joins the
+    daemon's network namespace."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     prefix = daemon.netns() if daemon else []
-    argv = [*prefix, str(TVIXFS), "mount", "--store", store_url, str(mountpoint)]
+    argv = [*prefix, str(TVIXFS), "mount", "--store", store_url, *extra, str(mountpoint)]
     with _notified(argv, log, mountpoint) as pid:
         yield Proc(pid, log)
 

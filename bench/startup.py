@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -66,8 +66,9 @@ def latency_proxy(daemon: Daemon, delay_ms: float, log: Path) -> Iterator[str]:
         proc.wait()
 
 
-def _over(ctx: Context, samples: Samples, action: str, link: str) -> None:
-    """One cold sample of ``action`` through a fresh tvixfs mount reached over ``link``."""
+def _over(ctx: Context, samples: Samples, action: str, link: str, extra: Sequence[str] = ()) -> None:
+    """One cold sample of ``action`` through a fresh tvixfs mount reached over ``link``
+    (``extra``: more `tvixfs mount` options)."""
     files = small_file_list(ctx.trees["python"])
     with ExitStack() as stack:
         daemon = None
@@ -78,7 +79,7 @@ def _over(ctx: Context, samples: Samples, action: str, link: str) -> None:
             if link == "wan":
                 url = stack.enter_context(latency_proxy(daemon, RTT_MS / 2, ctx.log("proxy")))
         mnt = ctx.mountpoint()
-        stack.enter_context(tvixfs_mount(url, mnt, ctx.log("mount"), daemon))
+        stack.enter_context(tvixfs_mount(url, mnt, ctx.log("mount"), daemon, extra))
         root = mnt / ctx.paths["python"]
         drop_caches()
         samples.add(timed(lambda: _start_python(root) if action == "python" else _cat(root, files)))

@@ -87,6 +87,13 @@ def mount(
             help="On the first lookup of a store path, fetch the path infos of its references.",
         ),
     ] = True,
+    prefetch_siblings: Annotated[
+        bool,
+        typer.Option(
+            "--prefetch-siblings/--no-prefetch-siblings",
+            help="When a small file is opened cold, fetch the small files of its kind next to it.",
+        ),
+    ] = True,
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
@@ -128,6 +135,7 @@ def mount(
             max_inodes=max_inodes,
             directory_cache_entries=directory_cache,
             prefetch_references=prefetch_references,
+            prefetch_siblings=prefetch_siblings,
         )
         config = MountConfig(
             absolute,
