@@ -112,7 +112,15 @@ class ChunkCache:
         return await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
 
     def start_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
-        """Fetch ``chunks`` in the background; a failure is left to the read that needs them."""
+        """Fetch ``chunks`` in the background; a failure is left to the read that needs them.
+
+        Over a remote store each chunk is a round trip: one call per chunk, all at once (as
+        the bridge's threads allow), not one after the other in one call.
+        """
+        if len(chunks) > 1 and self.blobs.capabilities.calls_are_remote:
+            for chunk in chunks:
+                self.background.start_soon(self._fetch_ahead, [chunk], check)
+            return
         self.background.start_soon(self._fetch_ahead, chunks, check)
 
     async def _fetch_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
