@@ -9,12 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from faultstore import Fault, RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, import_tree, mounted, needs_fuse
 from uniquetrees import dump_nar
 
 from tvixfs.castore.digest import b3digest
-from tvixfs.fs.siblings import BATCH_FILES, DIRECTORY_BUDGET
+from tvixfs.castore.nodes import FileNode
+from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.chunkcache import ChunkCache
+from tvixfs.fs.siblings import BATCH_FILES, DIRECTORY_BUDGET, SLOW_FETCH, SiblingPrefetch
+from tvixfs.services.memory import open_memory_store
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -50,10 +56,15 @@ def _tree(root: Path) -> Path:
     return tree
 
 
+# A store far enough away for fetching ahead to pay (siblings.SLOW_FETCH), in one message.
+FAR = Fault("slow", methods=("blob.read",), delay=2 * SLOW_FETCH, piece=1 << 20)
+
+
 @pytest.fixture
 def remote(short_tmp: Path) -> Iterator[tuple[RemoteFaults, Path]]:
     tree = _tree(short_tmp / "src")
     with spawn_faultstore(short_tmp, [(dump_nar(tree), "pyc")]) as store:
+        store.set(FAR)
         yield store, tree
 
 
@@ -90,7 +101,8 @@ def test_bytes_identical_over_the_embedded_store(short_tmp: Path) -> None:
     store_dir = short_tmp / "store"
     basename = import_tree(store_dir, tree, "pyc")
     with mounted(TVIXFS, short_tmp, f"local://{store_dir}") as mount:
-        # Out of name order too: a prefetch under way when its file is read is waited for.
+        # A local store answers faster than SLOW_FETCH: nothing is fetched ahead here, but
+        # the first open (before any fetch was timed) would be, were the store remote.
         files = _files(tree)
         random.Random(1).shuffle(files)
         for rel in files:
@@ -130,6 +142,32 @@ def test_fetching_ahead_is_bounded_per_directory(remote: tuple[RemoteFaults, Pat
     assert 0 < ahead <= DIRECTORY_BUDGET // BIG_SMALL
 
 
+def test_only_a_slow_store_gets_files_fetched_ahead() -> None:
+    """In process, over a memory store: below SLOW_FETCH a cold open starts nothing."""
+
+    async def main() -> None:
+        store = open_memory_store()
+        nodes = []
+        for i in range(10):
+            data = f"module {i}".encode()
+            nodes.append(FileNode(f"m{i}{KIND}".encode(), store.blobs.put([data]), len(data)))
+        async with trio.open_nursery() as nursery:
+            chunks = ChunkCache(Bridge(), store.blobs, nursery, 1 << 20, 0)
+            prefetch = SiblingPrefetch(chunks)
+            chunks.latency.seconds = SLOW_FETCH / 2
+            prefetch.opened(nodes[0], b"dir", nodes)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not any(chunks.busy(n.digest) for n in nodes)
+            chunks.latency.seconds = SLOW_FETCH
+            prefetch.opened(nodes[0], b"dir", nodes)
+            with trio.fail_after(30):  # a hang detector only
+                while not all(chunks.busy(n.digest) for n in nodes[1:]):
+                    await trio.sleep(0.01)
+            assert not chunks.busy(nodes[0].digest)  # the opened file is its own read's business
+
+    trio.run(main)
+
+
 def test_off_switch(remote: tuple[RemoteFaults, Path], short_tmp: Path) -> None:
     store, tree = remote
     with mounted(TVIXFS, short_tmp, store.url, ["--no-prefetch-siblings"]) as mount:
@@ -143,7 +181,7 @@ def test_a_corrupt_prefetch_is_not_kept(remote: tuple[RemoteFaults, Path], short
     error: a failed prefetch is left to the read)."""
     store, tree = remote
     sibling = tree / "many" / f"m001{KIND}"
-    store.set(Fault("corrupt", digest=b3digest(sibling.read_bytes()), methods=("blob.read",), times=1))
+    store.set(FAR, Fault("corrupt", digest=b3digest(sibling.read_bytes()), methods=("blob.read",), times=1))
     with mounted(TVIXFS, short_tmp, store.url) as mount:
         name = f"m000{KIND}"
         assert mount.path(store.paths[0], "many", name).read_bytes() == (tree / "many" / name).read_bytes()

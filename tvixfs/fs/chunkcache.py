@@ -68,6 +68,17 @@ def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[
 
 
 @dataclass(slots=True)
+class Latency:
+    """A moving average of the seconds single-chunk fetches took (the recent ones weigh most)."""
+
+    seconds: float = 0.0
+    weight: float = 0.25
+
+    def add(self, seconds: float) -> None:
+        self.seconds += (seconds - self.seconds) * self.weight
+
+
+@dataclass(slots=True)
 class ReaderStats:
     chunks_fetched: int = 0
     bytes_fetched: int = 0
@@ -95,6 +106,8 @@ class ChunkCache:
             UNAVAILABLE_CHUNKS, UNAVAILABLE_MEMORY
         )
         self.stats = ReaderStats()
+        # How long a read waits for a chunk fetched alone: what fetching ahead can hide.
+        self.latency = Latency()
 
     def wanted(self, digest: bytes) -> bool:
         """Whether a chunk is missing from the cache."""
@@ -179,6 +192,7 @@ class ChunkCache:
             self.fetched(chunk, e, started)
             raise
         self.fetched(chunk, data)
+        self.latency.add(trio.current_time() - started)
         return data
 
     def fetched(self, chunk: ChunkMeta, outcome: bytes | Exception, started: float | None = None) -> None:

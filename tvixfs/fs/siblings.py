@@ -13,6 +13,8 @@ over a local store, a few concurrent calls over a remote one (pipelined on its o
 connection). A later open of one of them finds it cached, or waits for the fetch under way
 rather than starting its own (``InFlight``).
 
+Only where it hides a wait: while a file fetched alone takes ``SLOW_FETCH`` or longer on
+average (a remote store far away; before its first fetch, a remote store is presumed to be).
 Bounded: at most ``BATCH_FILES`` files and ``BATCH_BYTES`` per miss, files of at most
 ``SMALL_MAX``, ``DIRECTORY_BUDGET`` bytes per directory over the life of the mount (so a
 program that reads three modules of a big directory does not fetch it all), and
@@ -50,6 +52,10 @@ DIRECTORIES = 4096  # directories whose spent budget is remembered
 RUNNING = 4
 REMOTE_CALLS = 8
 LOCAL_RUN = 4
+# Only while a file fetched alone keeps its reader waiting this long on average: a fast store
+# (the embedded one, or gRPC on this machine) gains nothing from files fetched ahead, whose
+# reading and hashing compete with the program for the CPU (figures: bench/ANALYSIS.md).
+SLOW_FETCH = 0.005
 
 
 def kind(name: bytes) -> bytes:
@@ -71,11 +77,18 @@ class SiblingPrefetch:
         self._running = 0
         self._calls = trio.CapacityLimiter(REMOTE_CALLS)
         self._remote = chunks.blobs.capabilities.calls_are_remote
+        if self._remote:  # presumed slow until fetches say otherwise
+            chunks.latency.seconds = max(chunks.latency.seconds, SLOW_FETCH)
 
     def opened(self, node: FileNode, directory: bytes, entries: Sequence[Node]) -> None:
         """``node`` was opened from the directory with digest ``directory`` and ``entries``
         (sorted by name); never waits."""
-        if not is_small(node) or self._chunks.busy(node.digest) or self._running >= RUNNING:
+        if (
+            not is_small(node)
+            or self._chunks.busy(node.digest)
+            or self._running >= RUNNING
+            or self._chunks.latency.seconds < SLOW_FETCH
+        ):
             return
         spent = self._spent.get(directory, 0)
         batch = self._batch(node, entries, min(DIRECTORY_BUDGET - spent, BATCH_BYTES))
