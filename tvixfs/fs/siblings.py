@@ -1,4 +1,4 @@
-"""Small files fetched ahead with their siblings: one store call for many small files.
+"""Small files fetched ahead with their siblings, where a store is slow to answer.
 
 A program starting (an interpreter importing modules, a loader mapping libraries) opens
 small files one after the other, mostly from a few directories, and reads each whole. Read
