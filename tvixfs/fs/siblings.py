@@ -26,7 +26,9 @@ needs the file.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
+from itertools import chain, islice
 
 import trio
 from cachetools import LRUCache
@@ -46,6 +48,7 @@ BATCH_BYTES = 2 << 20
 # Bytes fetched ahead per directory, over the life of the mount.
 DIRECTORY_BUDGET = 4 << 20
 DIRECTORIES = 4096  # directories whose spent budget is remembered
+SCAN_ENTRIES = 2048  # entries of a directory looked at per cold open
 # Batches running at once, and worker calls of all of them at once: over a remote store
 # each file is its own call (one round trip; in one call they would follow each other),
 # over a local one ``LOCAL_RUN`` files are one call, one after the other.
@@ -62,6 +65,10 @@ def kind(name: bytes) -> bytes:
     """What a file name says about its kind: everything from its first dot (b"" if none)."""
     dot = name.find(b".", 1)  # a leading dot is part of the name
     return name[dot:] if dot > 0 else b""
+
+
+def _name(node: Node) -> bytes:
+    return node.name
 
 
 def is_small(node: Node) -> bool:
@@ -102,13 +109,13 @@ class SiblingPrefetch:
         """The small files of ``node``'s kind after it in ``entries`` (then those before it),
         neither cached nor being fetched, within the bounds."""
         wanted = kind(node.name)
-        names = [entry.name for entry in entries]
         # Entries are sorted by name: start after the opened one.
-        start = next((i for i, name in enumerate(names) if name > node.name), len(entries))
+        start = bisect_right(entries, node.name, key=_name)
+        following = chain(islice(entries, start, None), islice(entries, start))
         batch: list[ChunkMeta] = []
         seen = {node.digest}
         spent = 0
-        for entry in (*entries[start:], *entries[:start]):
+        for entry in islice(following, SCAN_ENTRIES):
             if len(batch) >= BATCH_FILES:
                 break
             if not is_small(entry) or kind(entry.name) != wanted:
