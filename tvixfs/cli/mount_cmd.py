@@ -90,6 +90,13 @@ def mount(
             help="On the first lookup of a store path, fetch the path infos of its references.",
         ),
     ] = True,
+    prefetch_siblings: Annotated[
+        bool,
+        typer.Option(
+            "--prefetch-siblings/--no-prefetch-siblings",
+            help="When a small file is opened cold, fetch the small files of its kind next to it.",
+        ),
+    ] = True,
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
@@ -170,6 +177,7 @@ def mount(
             trusted_keys=trusted_keys,
             verify_nar_hash=verify_nar_hash,
             deadline=deadline,
+            prefetch_siblings=prefetch_siblings,
         )
         if trusted_keys:
             log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))

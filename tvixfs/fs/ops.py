@@ -39,6 +39,7 @@ from tvixfs.fs.directories import Directories
 from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots, StorePathRoot
+from tvixfs.fs.siblings import SiblingPrefetch
 from tvixfs.fs.xattrs import STATUS, xattrs_of
 from tvixfs.services.base import Store
 from tvixfs.services.narhash import store_nar_hash
@@ -152,6 +153,7 @@ class FsOptions:
     # With trusted keys: also show paths with only a Nix signature, once their NAR checks out.
     verify_nar_hash: bool = False
     deadline: float = defaults.DEADLINE  # seconds a request waits on the store
+    prefetch_siblings: bool = True
 
 
 @dataclass(slots=True)
@@ -213,6 +215,7 @@ class TvixOperations(pyfuse3.Operations):
             options.cache_bytes,
             prove_chunk_lists=bool(options.trusted_keys),
         )
+        self._siblings = SiblingPrefetch(self._reader.chunk_cache) if options.prefetch_siblings else None
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
@@ -422,10 +425,21 @@ class TvixOperations(pyfuse3.Operations):
         if not isinstance(entry.node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         file = await self._reader.open(entry.node, entry.origin)
+        if self._siblings is not None:
+            self._prefetch_siblings(entry)
         fh = next(self._handles)
         self._files[fh] = file
         # keep_cache: a store path never changes, so the page cache stays valid across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _prefetch_siblings(self, entry: Inode) -> None:
+        """Fetch the small files next to this one ahead, if its directory is at hand."""
+        parent = self._inodes.get(entry.parent)
+        if parent is None or not isinstance(parent.node, DirectoryNode) or self._siblings is None:
+            return
+        listing = self._directories.peek(parent.node.digest)
+        if listing is not None and isinstance(entry.node, FileNode):
+            self._siblings.opened(entry.node, parent.node.digest, listing.entries)
 
     @_guarded("read", _of_file)
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
