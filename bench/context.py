@@ -99,7 +99,10 @@ def cached_store(kind: str, sources: dict[str, Path]) -> CachedStore:
     Built under a temporary name and renamed, like the trees; the import times are reported
     as notes (the import figure measures import speed on its own).
     """
-    path = STORES / f"{kind}-{store_fingerprint()}"
+    # The trees' directory names say what they hold (a tree built differently gets a new
+    # name): a store of other trees is stale too.
+    trees_key = hashlib.sha256("\0".join(sorted(t.name for t in sources.values())).encode()).hexdigest()[:8]
+    path = STORES / f"{kind}-{store_fingerprint()}-{trees_key}"
     index = path.with_suffix(".json")
     notes: list[str] = []
     if not index.exists():
@@ -178,6 +181,6 @@ def context(config: Config) -> Iterator[Context]:
         shutil.copytree(store.path, ram / "store", symlinks=True)
         ctx.store_url = f"local://{ram / 'store'}"
         ctx.paths = store.paths
-        for name in ("big", "walk"):
+        for name in ("big", "walk", "python"):
             ctx.sources[name] = shutil.copytree(tree_map[name], ram / "src" / name, symlinks=True)
         yield ctx

@@ -121,7 +121,8 @@ def _notified(argv: Sequence[str], log: Path, mountpoint: Path | None) -> Iterat
 def tvixfs_mount(
     store_url: str, mountpoint: Path, log: Path, daemon: Daemon | None = None, extra: Sequence[str] = ()
 ) -> Iterator[Proc]:
-    """`tvixfs mount` in the foreground; over gRPC it joins the daemon's network namespace."""
+    """`tvixfs mount` in the foreground (``extra``: more options); over gRPC it joins the
+    daemon's network namespace."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     prefix = daemon.netns() if daemon else []
     argv = [*prefix, str(TVIXFS), "mount", "--store", store_url, *extra, str(mountpoint)]

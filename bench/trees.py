@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -83,11 +84,32 @@ def python_tree(trees: Path) -> Path:
 
         shutil.copytree(prefix, dest, symlinks=True, ignore=ignore)
         (dest / "lib" / version / "site-packages").mkdir()
+        _store_bytecode(dest, dest / "lib" / version)
 
-    tree = _cached(trees / f"python-{sys.version.split()[0]}", build)
+    tree = _cached(trees / f"python-{sys.version.split()[0]}-mtime1", build)
     if not (tree / "bin" / "python3").exists():
         raise RuntimeError(f"{prefix} has no bin/python3: cannot build the program-run workload")
     return tree
+
+
+def _mtime_one(tree: Path) -> None:
+    for directory, dirs, files in os.walk(tree):
+        for name in [*dirs, *files]:
+            os.utime(Path(directory) / name, (1, 1), follow_symlinks=False)
+
+
+def _store_bytecode(tree: Path, stdlib: Path) -> None:
+    """Make the tree what a Nix store holds: every mtime 1, and bytecode compiled against it.
+
+    A store path's files all have mtime 1, and Nix's Python compiles its bytecode so that it
+    is valid there. A copy with the installation's own mtimes would have bytecode that is
+    valid on passthrough_ll (which shows those mtimes) and stale on tvixfs (mtime 1): there
+    Python would read every source file and compile it again on each start.
+    """
+    _mtime_one(tree)
+    compile_all = [sys.executable, "-m", "compileall", "-qq", "-f", "-j", "0"]
+    subprocess.run([*compile_all, "--invalidation-mode", "timestamp", str(stdlib)], check=False)
+    _mtime_one(tree)
 
 
 def walk_tree(trees: Path, source: Path, total: int, part_max: int) -> Path:

@@ -19,6 +19,8 @@ from tvixfs.services.backends.grpc import open_grpc_store
 from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import Store
+from tvixfs.services.meteredstore import metered
+from tvixfs.services.metrics import Metrics
 from tvixfs.services.url import StoreURL, open_url
 
 BackendFactory = Callable[[Path], AbstractContextManager[Store]]
@@ -74,10 +76,18 @@ def grpc_unix_backend(tmp: Path) -> AbstractContextManager[Store]:
     return _served(tmp, local_backend, f"unix:{tmp / 'store.sock'}")
 
 
+@contextmanager
+def metered_backend(tmp: Path) -> Iterator[Store]:
+    """The embedded store behind the metrics wrapper (--metrics-listen): it must be invisible."""
+    with local_backend(tmp) as store:
+        yield metered(store, Metrics())
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "memory": memory_backend,
     "local": local_backend,
     "grpc+http": grpc_http_backend,
     "grpc+unix": grpc_unix_backend,
+    "metered": metered_backend,
     "s3": s3_backend,
 }

@@ -144,7 +144,9 @@ class Fs:
             await self.ops.release(info.fh)
 
     async def listdir(self, ino: int, room: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        fh = await self.ops.opendir(ino, CTX)
+        opened = await self.ops.opendir(ino, CTX)
+        # A FileInfo holding the handle where pyfuse3 takes one (tvixfs/fs/dircache.py).
+        fh = getattr(opened, "fh", opened)
         listed: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
         cookie = 0
         try:

@@ -12,7 +12,7 @@ import sys
 # commands report failures themselves, in one line.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from tvixfs.cli import cache_cmds, fsck_cmd, gc_cmd, store_cmds  # noqa: F401  (register commands)
+from tvixfs.cli import cache_cmds, fsck_cmd, gc_cmd, status_cmd, store_cmds  # noqa: F401  (register commands)
 from tvixfs.cli.app import run
 
 _SERVING_COMMANDS = {"mount", "daemon", "nar-bridge"}

@@ -11,6 +11,7 @@ from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import StoreOptions, app, fail, store_options
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached
+from tvixfs.cli.metrics_opts import MetricsListenOpt, start_metrics
 from tvixfs.cli.mount_cmd import parse_size
 from tvixfs.server.limits import (
     DEFAULT_READ_AHEAD_STREAMS,
@@ -21,6 +22,8 @@ from tvixfs.server.limits import (
 )
 from tvixfs.server.listen import DEFAULT_LISTEN, parse_listen
 from tvixfs.server.serve import DEFAULT_GRACE, DEFAULT_THREADS, run_daemon
+from tvixfs.services.cache.cachemetrics import watch_disk_cache
+from tvixfs.services.meteredstore import metered
 from tvixfs.services.tls import ServerTLS
 from tvixfs.services.trust import load_secret_key, with_trust
 from tvixfs.services.url import StoreURL
@@ -102,6 +105,7 @@ def daemon(
             "--tls-client-ca", help="Require client certificates signed by this PEM CA (mutual TLS)."
         ),
     ] = None,
+    metrics_listen: MetricsListenOpt = None,
 ) -> None:
     """Serve a store's BlobService, DirectoryService and PathInfoService over gRPC.
 
@@ -137,9 +141,14 @@ def daemon(
     tls = ServerTLS(tls_cert, tls_key, tls_client_ca or "") if tls_cert and tls_key else None
     addresses = listen or [DEFAULT_LISTEN]
     refuse_serving_itself(where, addresses)
+    endpoint = start_metrics(metrics_listen)
     opened = where.open_store(create="in-existing-directory")
+    if endpoint is not None:
+        opened = metered(opened, endpoint.metrics)
     urls = (where.store, where.blob_service_addr, where.directory_service_addr, where.path_info_service_addr)
-    opened, _ = disk_cached(opened, disk_cache, disk_bytes, urls)
+    opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
+    if endpoint is not None and cache is not None:
+        watch_disk_cache(endpoint.metrics, cache)
     try:
         run_daemon(with_trust(opened, key), addresses, threads, grace, limits, tls=tls)
     finally:

@@ -13,10 +13,13 @@ from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import StoreOptions, app, describe, fail, log, store_options
 from tvixfs.cli.cache_cmds import DiskCacheOpt, DiskCacheSizeOpt, disk_cached, probe_or_offline
+from tvixfs.cli.metrics_opts import MetricsListenOpt, start_metrics
 from tvixfs.errors import UserError
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import check_fuse_device, check_mountpoint, probe_store
+from tvixfs.services.cache.cachemetrics import watch_disk_cache
+from tvixfs.services.meteredstore import metered
 from tvixfs.services.s3url import redacted
 from tvixfs.services.trust import load_public_keys
 from tvixfs.services.url import default_store_url, tls_problem
@@ -87,6 +90,13 @@ def mount(
             help="On the first lookup of a store path, fetch the path infos of its references.",
         ),
     ] = True,
+    prefetch_siblings: Annotated[
+        bool,
+        typer.Option(
+            "--prefetch-siblings/--no-prefetch-siblings",
+            help="When a small file is opened cold, fetch the small files of its kind next to it.",
+        ),
+    ] = True,
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
@@ -116,6 +126,7 @@ def mount(
             "hash is checked (reads each such path once, at its first lookup).",
         ),
     ] = False,
+    metrics_listen: MetricsListenOpt = None,
 ) -> None:
     """Mount a store read-only on MOUNTPOINT and serve it until unmounted or stopped.
 
@@ -141,9 +152,15 @@ def mount(
         fail("--verify-nar-hash needs --trusted-public-key or --trusted-public-keys-file")
     check_fuse_device()
     absolute = check_mountpoint(mountpoint)
+    endpoint = start_metrics(metrics_listen)
+    metrics = None if endpoint is None else endpoint.metrics
     opened = where.open_store(create="never")
+    if metrics is not None:
+        opened = metered(opened, metrics)
     urls = (where.store, where.blob_service_addr, where.directory_service_addr, where.path_info_service_addr)
     opened, cache = disk_cached(opened, disk_cache, disk_bytes, urls)
+    if metrics is not None and cache is not None:
+        watch_disk_cache(metrics, cache)
     try:
         try:
             probe_or_offline(opened, cache, probe_store)
@@ -160,6 +177,7 @@ def mount(
             trusted_keys=trusted_keys,
             verify_nar_hash=verify_nar_hash,
             deadline=deadline,
+            prefetch_siblings=prefetch_siblings,
         )
         if trusted_keys:
             log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))
@@ -171,6 +189,7 @@ def mount(
             allow_other=allow_other,
             debug_fuse=debug_fuse,
             status_note=None if cache is None else cache.state.describe,
+            metrics=metrics,
         )
         run_mount(opened, config, redacted(where.store or default_store_url()))
     finally:

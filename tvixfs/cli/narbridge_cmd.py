@@ -15,6 +15,7 @@ import typer
 
 from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import StoreOptions, app, fail, store_options
+from tvixfs.cli.metrics_opts import MetricsListenOpt, start_metrics
 from tvixfs.narbridge.pending import PendingTable
 from tvixfs.narbridge.server import Bridge, BridgeServer, make_server
 from tvixfs.narbridge.uploads import Limits
@@ -26,6 +27,7 @@ from tvixfs.server.listen import (
     remove_stale_socket,
     warn_if_exposed,
 )
+from tvixfs.services.meteredstore import metered
 from tvixfs.services.url import StoreURL, default_store_url
 from tvixfs.store.nixsig import parse_public_keys, parse_secret_key
 from tvixfs.systemd import Notifier
@@ -96,6 +98,7 @@ def nar_bridge(
     ] = 16 << 30,
     max_connections: Annotated[int, typer.Option(help="Connections served at once.", min=1)] = 32,
     timeout: Annotated[float, typer.Option(help="Seconds a connection may stall.", min=1)] = 60.0,
+    metrics_listen: MetricsListenOpt = None,
 ) -> None:
     """Serve a store as a Nix HTTP binary cache (substituter), and accept `nix copy --to` uploads.
 
@@ -109,7 +112,10 @@ def nar_bridge(
     except (ListenError, ValidationError) as e:
         fail(str(e))
     pending_path = _pending_path(where.store, pending_db)
+    endpoint = start_metrics(metrics_listen)
     opened = where.open_store(create="always" if allow_upload else "in-existing-directory")
+    if endpoint is not None:
+        opened = metered(opened, endpoint.metrics)
     try:
         pending = PendingTable(pending_path)
     except (sqlite3.Error, OSError) as e:

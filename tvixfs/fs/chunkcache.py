@@ -68,10 +68,23 @@ def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[
 
 
 @dataclass(slots=True)
+class Latency:
+    """A moving average of the seconds single-chunk fetches took (the recent ones weigh most)."""
+
+    seconds: float = 0.0
+    weight: float = 0.25
+
+    def add(self, seconds: float) -> None:
+        self.seconds += (seconds - self.seconds) * self.weight
+
+
+@dataclass(slots=True)
 class ReaderStats:
     chunks_fetched: int = 0
     bytes_fetched: int = 0
     fetch_failures: int = 0
+    # Chunks a read found in the cache (the misses are the chunks fetched).
+    cache_hits: int = 0
 
 
 class ChunkCache:
@@ -95,6 +108,8 @@ class ChunkCache:
             UNAVAILABLE_CHUNKS, UNAVAILABLE_MEMORY
         )
         self.stats = ReaderStats()
+        # How long a read waits for a chunk fetched alone: what fetching ahead can hide.
+        self.latency = Latency()
 
     def wanted(self, digest: bytes) -> bool:
         """Whether a chunk is missing from the cache."""
@@ -108,11 +123,20 @@ class ChunkCache:
         """The chunk from the cache, or fetched (sharing a fetch under way)."""
         data = self.cache.get(chunk.digest)
         if data is not None:
+            self.stats.cache_hits += 1
             return data
         return await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
 
     def start_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
-        """Fetch ``chunks`` in the background; a failure is left to the read that needs them."""
+        """Fetch ``chunks`` in the background; a failure is left to the read that needs them.
+
+        Over a remote store each chunk is a round trip: one call per chunk, all at once (as
+        the bridge's threads allow), not one after the other in one call.
+        """
+        if len(chunks) > 1 and self.blobs.capabilities.calls_are_remote:
+            for chunk in chunks:
+                self.background.start_soon(self._fetch_ahead, [chunk], check)
+            return
         self.background.start_soon(self._fetch_ahead, chunks, check)
 
     async def _fetch_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
@@ -171,6 +195,7 @@ class ChunkCache:
             self.fetched(chunk, e, started)
             raise
         self.fetched(chunk, data)
+        self.latency.add(trio.current_time() - started)
         return data
 
     def fetched(self, chunk: ChunkMeta, outcome: bytes | Exception, started: float | None = None) -> None:

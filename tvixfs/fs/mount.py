@@ -21,11 +21,14 @@ import pyfuse3
 import trio
 
 from tvixfs.fs.inodes import ROOT_INODE
+from tvixfs.fs.mountmetrics import watch_mount
 from tvixfs.fs.ops import EntryInvalidator, FsOptions, TvixOperations
 from tvixfs.fs.preflight import FS_TYPE, MountError
+from tvixfs.fs.statusreport import StatusReport
 from tvixfs.fs.tuning import tune_connection
 from tvixfs.services.base import Store
 from tvixfs.services.breaker import CircuitBreaker
+from tvixfs.services.metrics import Metrics
 from tvixfs.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class MountConfig:
     debug_fuse: bool = False
     # A line put in front of STATUS= (the disk cache's online or offline state).
     status_note: Callable[[], str] | None = None
+    # --metrics-listen: count and time the mount's requests into these.
+    metrics: Metrics | None = None
 
     def status(self, line: str) -> str:
         return line if self.status_note is None else f"{self.status_note()}; {line}"
@@ -162,6 +167,16 @@ async def _mount_and_serve(store: Store, config: MountConfig, description: str) 
         async with trio.open_nursery() as background:
             invalidator = EntryInvalidator()
             ops = TvixOperations(store, background, config.fs, invalidate=invalidator.request)
+            if config.metrics is not None:
+                watch_mount(ops, config.metrics)
+            ops.root_status = StatusReport(
+                ops,
+                description,
+                mountpoint,
+                note=config.status_note,
+                metrics=config.metrics,
+                breakers=store.breakers,
+            )
             try:
                 pyfuse3.init(ops, str(mountpoint), fuse_options(config))
             except RuntimeError as e:

@@ -34,11 +34,13 @@ from tvixfs.fs.attrs import (
     node_attributes,
 )
 from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.dircache import cached_listing
 from tvixfs.fs.directories import Directories
 from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from tvixfs.fs.reader import BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots
-from tvixfs.fs.xattrs import xattrs_of
+from tvixfs.fs.siblings import SiblingPrefetch
+from tvixfs.fs.xattrs import STATUS, xattrs_of
 from tvixfs.services.base import Store
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.services.rootnodes import StorePathRoot
@@ -152,6 +154,7 @@ class FsOptions:
     # With trusted keys: also show paths with only a Nix signature, once their NAR checks out.
     verify_nar_hash: bool = False
     deadline: float = defaults.DEADLINE  # seconds a request waits on the store
+    prefetch_siblings: bool = True
 
 
 @dataclass(slots=True)
@@ -213,6 +216,7 @@ class TvixOperations(pyfuse3.Operations):
             options.cache_bytes,
             prove_chunk_lists=bool(options.trusted_keys),
         )
+        self._siblings = SiblingPrefetch(self._reader.chunk_cache) if options.prefetch_siblings else None
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
@@ -220,10 +224,20 @@ class TvixOperations(pyfuse3.Operations):
         self._readdir_reply = readdir_reply
         self._invalidate = invalidate
         self.failures = 0
+        # The text of the mount root's ``user.tvixfs.status`` (fs/statusreport.py), if set.
+        self.root_status: Callable[[], bytes] | None = None
 
     @property
     def inode_count(self) -> int:
         return len(self._inodes)
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
+    @property
+    def reader(self) -> BlobReader:
+        return self._reader
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
@@ -355,7 +369,7 @@ class TvixOperations(pyfuse3.Operations):
             handle = _DirHandle(inode, directory.origin, listing.entries)
         fh = next(self._handles)
         self._dir_handles[fh] = handle
-        return pyfuse3.FileHandleT(fh)
+        return pyfuse3.FileHandleT(fh) if inode == ROOT_INODE else cached_listing(fh)
 
     async def _open_root(self) -> _DirHandle:
         if not self._options.list_root:
@@ -412,10 +426,21 @@ class TvixOperations(pyfuse3.Operations):
         if not isinstance(entry.node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         file = await self._reader.open(entry.node, entry.origin)
+        if self._siblings is not None:
+            self._prefetch_siblings(entry)
         fh = next(self._handles)
         self._files[fh] = file
         # keep_cache: a store path never changes, so the page cache stays valid across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _prefetch_siblings(self, entry: Inode) -> None:
+        """Fetch the small files next to this one ahead, if its directory is at hand."""
+        parent = self._inodes.get(entry.parent)
+        if parent is None or not isinstance(parent.node, DirectoryNode) or self._siblings is None:
+            return
+        listing = self._directories.peek(parent.node.digest)
+        if listing is not None and isinstance(entry.node, FileNode):
+            self._siblings.opened(entry.node, parent.node.digest, listing.entries)
 
     @_guarded("read", _of_file)
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -433,7 +458,10 @@ class TvixOperations(pyfuse3.Operations):
     async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self._options.show_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking
-        found = None if inode == ROOT_INODE else xattrs_of(self._inode(inode)).get(name)
+        if inode == ROOT_INODE:
+            found = self.root_status() if name == STATUS and self.root_status is not None else None
+        else:
+            found = xattrs_of(self._inode(inode)).get(name)
         if found is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return found
@@ -442,7 +470,9 @@ class TvixOperations(pyfuse3.Operations):
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self._options.show_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        return [] if inode == ROOT_INODE else list(xattrs_of(self._inode(inode)))
+        if inode == ROOT_INODE:
+            return [STATUS] if self.root_status is not None else []
+        return list(xattrs_of(self._inode(inode)))
 
     # -- everything that writes -----------------------------------------------------------
 

@@ -82,6 +82,10 @@ class BlobReader:
         return self._chunks.stats
 
     @property
+    def chunk_cache(self) -> ChunkCache:
+        return self._chunks
+
+    @property
     def cached_bytes(self) -> int:
         return int(self._chunks.cache.currsize)
 

@@ -7,6 +7,7 @@
 - ``user.tvixfs.store_path`` and ``user.tvixfs.nar_hash`` on the root of each store path:
   ``/nix/store/<hash>-<name>`` and the NAR hash in SRI form, ``sha256-<base64>`` (absent when
   the store has no NAR info for the path).
+- ``user.tvixfs.status`` on the mount root: what ``tvixfs status`` prints (fs/statusreport.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ BLOB_DIGEST = b"user.tvix.castore.blob.digest"
 DIRECTORY_DIGEST = b"user.tvix.castore.directory.digest"
 STORE_PATH = b"user.tvixfs.store_path"
 NAR_HASH = b"user.tvixfs.nar_hash"
+STATUS = b"user.tvixfs.status"
 
 
 def xattrs_of(inode: Inode) -> dict[bytes, bytes]:
