@@ -17,11 +17,24 @@ EMPTY_DIGEST = bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc
 _MULTITHREAD_MIN = 1 << 20
 
 
+_threads = True
+
+
 def b3digest(data: bytes | memoryview) -> bytes:
     """BLAKE3 of ``data``; large inputs are hashed on all cores (the GIL is released)."""
-    if len(data) >= _MULTITHREAD_MIN:
+    if _threads and len(data) >= _MULTITHREAD_MIN:
         return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
     return blake3.blake3(data).digest()
+
+
+def without_threads() -> None:
+    """For a forked child: hash on this thread only from now on.
+
+    blake3's thread pool lives in the process that first used it; a child forked after that
+    inherits the pool's bookkeeping but none of its threads, and would wait on them forever.
+    """
+    global _threads  # noqa: PLW0603  (one switch for the whole process, flipped once)
+    _threads = False
 
 
 def new_hasher() -> blake3.blake3:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+from tvixfs.castore.digest import without_threads
 from tvixfs.services.errors import StoreError
 
 # Files per message, and the bytes of file contents they may stand for: few messages (each
@@ -157,6 +158,7 @@ class ChunkWorkers:
 
 def _serve(conn: Connection, others: list[Connection], write: WriteFile) -> None:
     """A worker's loop: batches in, what was written (or the first error's message) out."""
+    without_threads()  # the importer's blake3 threads did not come along with the fork
     for other in others:
         other.close()  # the importer's ends: its exit must end this worker's reads
     signal.signal(signal.SIGINT, signal.SIG_IGN)
