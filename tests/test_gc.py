@@ -53,6 +53,14 @@ def make_big_tree(root: Path, files: int, size: int) -> Path:
     return root
 
 
+def pathinfo_rows(store_dir: Path) -> int:
+    db = sqlite3.connect(store_dir / "db.sqlite", timeout=30)
+    try:
+        return int(db.execute("SELECT count(*) FROM pathinfos").fetchone()[0])
+    finally:
+        db.close()
+
+
 def blob_rows(store_dir: Path) -> int:
     db = sqlite3.connect(store_dir / "db.sqlite", timeout=30)
     try:
@@ -85,8 +93,13 @@ def leave_unreferenced_directory(store_dir: Path) -> None:
 
 
 def kill_import_midway(store_dir: Path, tree: Path) -> None:
-    """Start ``tvixfs import``, ``kill -9`` it once it has committed some blobs."""
+    """Start ``tvixfs import``, ``kill -9`` it once it has committed some blobs.
+
+    Blobs are committed at least every second (localdb FLUSH_AFTER) and with the path info at
+    the end: the tree must take the import several seconds, or the first rows seen are the last.
+    """
     before = blob_rows(store_dir)
+    paths_before = pathinfo_rows(store_dir)
     proc = subprocess.Popen(
         [*TVIXFS, "import", "--store", f"local://{store_dir}", str(tree)],
         stdout=subprocess.DEVNULL,
@@ -102,12 +115,13 @@ def kill_import_midway(store_dir: Path, tree: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert pathinfo_rows(store_dir) == paths_before, "the import completed before it could be killed"
 
 
 def test_killed_import_leftovers_are_counted_listed_and_freed(tmp_path: Path, sample_tree: Path) -> None:
     store_dir = tmp_path / "store"
     live = tvixfs(store_dir, "import", str(sample_tree)).stdout.strip()
-    kill_import_midway(store_dir, make_big_tree(tmp_path / "big", 6000, 16 << 10))
+    kill_import_midway(store_dir, make_big_tree(tmp_path / "big", 12000, 32 << 10))
     leave_unreferenced_directory(store_dir)
 
     fsck = tvixfs(store_dir, "fsck")  # leftovers are no problems: exit 0
@@ -145,7 +159,7 @@ def test_gc_during_imports_keeps_their_data(tmp_path: Path, sample_tree: Path) -
     (puts committed in several transactions) go on, frees none of what they wrote."""
     store_dir = tmp_path / "store"
     live = tvixfs(store_dir, "import", str(sample_tree)).stdout.strip()
-    kill_import_midway(store_dir, make_big_tree(tmp_path / "killed", 6000, 16 << 10))
+    kill_import_midway(store_dir, make_big_tree(tmp_path / "killed", 12000, 32 << 10))
     tree = make_big_tree(tmp_path / "tree", 3000, 8 << 10)
     nar_tree = make_big_tree(tmp_path / "nar-tree", 3000, 8 << 10)
     nar_file = tmp_path / "tree.nar"
