@@ -5,6 +5,8 @@ them from here. Change a default here and nowhere else.
 
 # Memory for file content chunks (--cache-size); CACHE_SIZE is how --help spells it.
 CACHE_SIZE = "256M"
+# Disk for a remote store's data (--disk-cache-size), as --help and the units spell it.
+DISK_CACHE_SIZE = "10G"
 CACHE_BYTES = 256 << 20
 # Concurrent requests to the store, per service (--threads).
 THREADS = 16

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from tvixfs import defaults
 from tvixfs.allocator import tune_malloc
 from tvixfs.castore.errors import ValidationError
 from tvixfs.cli.app import StoreOptions, app, fail, store_options
@@ -86,7 +87,7 @@ def daemon(
         float, typer.Option(help="Seconds calls in flight may take to finish after SIGTERM.", min=0)
     ] = DEFAULT_GRACE,
     disk_cache: DiskCacheOpt = None,
-    disk_cache_size: DiskCacheSizeOpt = "10G",
+    disk_cache_size: DiskCacheSizeOpt = defaults.DISK_CACHE_SIZE,
     sign_key: Annotated[
         str | None,
         typer.Option(

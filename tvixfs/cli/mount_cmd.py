@@ -101,7 +101,7 @@ def mount(
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
     disk_cache: DiskCacheOpt = None,
-    disk_cache_size: DiskCacheSizeOpt = "10G",
+    disk_cache_size: DiskCacheSizeOpt = defaults.DISK_CACHE_SIZE,
     trusted_public_key: Annotated[
         list[str] | None,
         typer.Option(
