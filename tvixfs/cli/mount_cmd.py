@@ -18,6 +18,7 @@ from tvixfs.errors import UserError
 from tvixfs.fs.mount import MountConfig, run_mount
 from tvixfs.fs.ops import FsOptions
 from tvixfs.fs.preflight import check_fuse_device, check_mountpoint, probe_store
+from tvixfs.services.cache.accessprofiles import PROFILES_NAME
 from tvixfs.services.cache.cachemetrics import watch_disk_cache
 from tvixfs.services.meteredstore import metered
 from tvixfs.services.s3url import redacted
@@ -34,6 +35,14 @@ def parse_size(text: str) -> int:
     if match is None:
         raise ValueError(f"invalid size {text!r}: expected a number with an optional K, M, G or T")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def _profiles_directory(given: Path | None, disk_cache: Path | None) -> Path | None:
+    """Where access profiles are kept: as given, else beside the disk cache in use, if any."""
+    directory = given if given is not None else None if disk_cache is None else disk_cache / PROFILES_NAME
+    if directory is not None and directory.exists() and not directory.is_dir():
+        fail(f"--access-profiles: {directory} is not a directory")
+    return None if directory is None else directory.absolute()
 
 
 @app.command()
@@ -97,6 +106,15 @@ def mount(
             help="When a small file is opened cold, fetch the small files of its kind next to it.",
         ),
     ] = True,
+    access_profiles: Annotated[
+        Path | None,
+        typer.Option(
+            "--access-profiles",
+            help="Directory of access profiles: what each store path read as it started, "
+            "fetched ahead on its next cold start (default: profiles/ in --disk-cache).",
+            show_default=False,
+        ),
+    ] = None,
     debug_fuse: Annotated[
         bool, typer.Option("--debug-fuse", help="Log every FUSE request (libfuse debug output).")
     ] = False,
@@ -178,6 +196,7 @@ def mount(
             verify_nar_hash=verify_nar_hash,
             deadline=deadline,
             prefetch_siblings=prefetch_siblings,
+            access_profiles=_profiles_directory(access_profiles, None if cache is None else disk_cache),
         )
         if trusted_keys:
             log.info("showing only store paths signed by: %s", ", ".join(sorted(trusted_keys)))

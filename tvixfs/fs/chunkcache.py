@@ -39,6 +39,9 @@ STREAM_ABOVE = 16 << 20
 UNAVAILABLE_SLOW = 1.0
 UNAVAILABLE_MEMORY = 1.0
 UNAVAILABLE_CHUNKS = 4096
+# Calls fetching chunks ahead of any reader (sibling prefetch, access profiles), together: fewer
+# than the bridge's threads, so that a reader's own fetch never waits for a thread behind them.
+AHEAD_CALLS = 8
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
@@ -110,6 +113,7 @@ class ChunkCache:
         self.stats = ReaderStats()
         # How long a read waits for a chunk fetched alone: what fetching ahead can hide.
         self.latency = Latency()
+        self.ahead = trio.CapacityLimiter(min(AHEAD_CALLS, max(int(bridge.limiter.total_tokens) // 2, 1)))
 
     def wanted(self, digest: bytes) -> bool:
         """Whether a chunk is missing from the cache."""

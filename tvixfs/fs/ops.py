@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -25,6 +26,7 @@ import trio
 
 from tvixfs import defaults
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvixfs.fs.accessprofile import AccessProfiles
 from tvixfs.fs.attrs import (
     BLOCK_SIZE,
     FOREVER,
@@ -42,6 +44,7 @@ from tvixfs.fs.roots import NEGATIVE_TTL, Roots
 from tvixfs.fs.siblings import SiblingPrefetch
 from tvixfs.fs.xattrs import STATUS, xattrs_of
 from tvixfs.services.base import Store
+from tvixfs.services.cache.accessprofiles import ProfileFiles
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.services.rootnodes import StorePathRoot
 from tvixfs.store.nixsig import PublicKey
@@ -155,6 +158,8 @@ class FsOptions:
     verify_nar_hash: bool = False
     deadline: float = defaults.DEADLINE  # seconds a request waits on the store
     prefetch_siblings: bool = True
+    # Where store paths' access profiles are kept (fs/accessprofile.py); None: not recorded.
+    access_profiles: Path | None = None
 
 
 @dataclass(slots=True)
@@ -217,6 +222,11 @@ class TvixOperations(pyfuse3.Operations):
             prove_chunk_lists=bool(options.trusted_keys),
         )
         self._siblings = SiblingPrefetch(self._reader.chunk_cache) if options.prefetch_siblings else None
+        self._profiles = (
+            None
+            if options.access_profiles is None
+            else AccessProfiles(ProfileFiles(options.access_profiles), self._reader.chunk_cache)
+        )
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
@@ -425,6 +435,8 @@ class TvixOperations(pyfuse3.Operations):
         entry = self._inode(inode)
         if not isinstance(entry.node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if self._profiles is not None:
+            self._profiles.opened(entry.origin)
         file = await self._reader.open(entry.node, entry.origin)
         if self._siblings is not None:
             self._prefetch_siblings(entry)
@@ -447,6 +459,8 @@ class TvixOperations(pyfuse3.Operations):
         file = self._files.get(fh)
         if file is None:
             raise LookupError(f"unknown file handle {fh}")
+        if self._profiles is not None:
+            self._profiles.read(file, off, size)
         return await self._reader.read(file, off, size)
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

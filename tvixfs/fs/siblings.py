@@ -51,7 +51,8 @@ DIRECTORIES = 4096  # directories whose spent budget is remembered
 SCAN_ENTRIES = 2048  # entries of a directory looked at per cold open
 # Batches running at once, and worker calls of all of them at once: over a remote store
 # each file is its own call (one round trip; in one call they would follow each other),
-# over a local one ``LOCAL_RUN`` files are one call, one after the other.
+# over a local one ``LOCAL_RUN`` files are one call, one after the other. The calls of all
+# batches together are limited by ``ChunkCache.ahead`` (shared with access profiles).
 RUNNING = 4
 REMOTE_CALLS = 8
 LOCAL_RUN = 4
@@ -82,7 +83,6 @@ class SiblingPrefetch:
         self._chunks = chunks
         self._spent: LRUCache[bytes, int] = LRUCache(DIRECTORIES)
         self._running = 0
-        self._calls = trio.CapacityLimiter(REMOTE_CALLS)
         self._remote = chunks.blobs.capabilities.calls_are_remote
         if self._remote:  # presumed slow until fetches say otherwise
             chunks.latency.seconds = max(chunks.latency.seconds, SLOW_FETCH)
@@ -145,7 +145,7 @@ class SiblingPrefetch:
     async def _fetch_runs(self, runs: Iterator[list[ChunkMeta]]) -> None:
         for run in runs:
             try:
-                async with self._calls:
+                async with self._chunks.ahead:
                     # Whole small blobs carry no chunk list the store vouched for: hashed here.
                     await self._chunks.fetch_run(run, check=True)
             except Exception as e:

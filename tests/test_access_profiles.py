@@ -1,0 +1,197 @@
+"""Access profiles (tvixfs/fs/accessprofile.py, services/cache/accessprofiles.py): a mount
+records what a store path read as it started, a later cold mount fetches that ahead; the bytes
+stay the same, the fetches are bounded and counted at a real gRPC store, and a bad profile
+file is ignored with a warning."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultstore import RemoteFaults, spawn_faultstore
+from mounting import TVIXFS, Mount, mounted, needs_fuse
+from uniquetrees import dump_nar
+
+from tvixfs.castore.digest import b3digest
+from tvixfs.services.base import ChunkMeta
+from tvixfs.services.cache import accessprofiles
+from tvixfs.services.cache.accessprofiles import MAGIC, ProfileError, ProfileFiles, decode, encode
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+SMALL = 20  # small files per directory
+SMALL_SIZE = 10_000
+BIG = 3 << 20
+CHUNK = 256 << 10  # the store's chunk size, so the big file has a chunk list
+SETTLE = 1.0
+BASENAME = "0" * 32 + "-start"
+OFF = ["--no-prefetch-siblings"]
+
+
+def _tree(root: Path) -> Path:
+    rng = random.Random(15)
+    tree = root / "tree"
+    for sub in ("a", "b", "c"):
+        (tree / sub).mkdir(parents=True)
+        for i in range(SMALL):
+            (tree / sub / f"f{i:02}.py").write_bytes(rng.randbytes(SMALL_SIZE))
+    (tree / "big.so").write_bytes(rng.randbytes(BIG))
+    return tree
+
+
+@pytest.fixture
+def remote(short_tmp: Path) -> Iterator[tuple[RemoteFaults, Path]]:
+    tree = _tree(short_tmp / "src")
+    with spawn_faultstore(short_tmp, [(dump_nar(tree), BASENAME)], chunk_size=CHUNK) as store:
+        yield store, tree
+
+
+def _blob_reads(store: RemoteFaults) -> int:
+    """Blob reads the store has answered, once background fetches have settled."""
+    last = -1
+    while True:
+        now = store.stats()["calls"].get("blob.read", 0)
+        if now == last:
+            return now
+        last = now
+        time.sleep(SETTLE)
+
+
+STARTUP = [f"{sub}/f{i:02}.py" for sub in ("a", "b") for i in range(0, SMALL, 2)]
+
+
+def _start(mount: Mount, tree: Path) -> None:
+    """What the "program" reads as it starts: half the files of a/ and b/, the head of big.so."""
+    for rel in STARTUP:
+        assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
+    with mount.path(BASENAME, "big.so").open("rb") as f:
+        assert f.read(100_000) == (tree / "big.so").read_bytes()[:100_000]
+
+
+def _record(store: RemoteFaults, tree: Path, tmp: Path, profiles: Path) -> list[ChunkMeta]:
+    with mounted(TVIXFS, tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
+        _start(mount, tree)
+    profile = ProfileFiles(profiles).load(BASENAME.encode())
+    assert profile is not None
+    return profile
+
+
+def test_a_profile_is_recorded_and_replayed(remote: tuple[RemoteFaults, Path], short_tmp: Path) -> None:
+    store, tree = remote
+    profiles = short_tmp / "profiles"
+    profile = _record(store, tree, short_tmp, profiles)
+    digests = {c.digest for c in profile}
+    # Each file the start read, in the order read; nothing the start did not read.
+    small = [b3digest((tree / rel).read_bytes()) for rel in STARTUP]
+    assert [c.digest for c in profile[: len(small)]] == small
+    unread = {b3digest(p.read_bytes()) for p in tree.rglob("*.py")} - set(small)
+    assert not digests & unread
+    assert len(profile) > len(small)  # and chunks of big.so
+
+    before = _blob_reads(store)
+    with mounted(TVIXFS, short_tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
+        # One open starts the replay: the profile's chunks, each once, and nothing else.
+        first = mount.path(BASENAME, STARTUP[0])
+        assert first.read_bytes() == (tree / STARTUP[0]).read_bytes()
+        replayed = _blob_reads(store) - before
+        assert len(profile) - 1 <= replayed <= len(profile)
+        # The start now finds every small file it reads cached: no further blob read.
+        for rel in STARTUP:
+            assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
+        assert _blob_reads(store) - before == replayed
+        _start(mount, tree)
+        # Files the profile does not name are read as before.
+        other = mount.path(BASENAME, "c", "f00.py")
+        assert other.read_bytes() == (tree / "c" / "f00.py").read_bytes()
+    # What this start read is the new profile: the same files, and the one more.
+    again = ProfileFiles(profiles).load(BASENAME.encode())
+    assert again is not None
+    assert [c.digest for c in again[: len(small)]] == small
+    assert b3digest((tree / "c" / "f00.py").read_bytes()) in {c.digest for c in again}
+
+
+def test_without_a_profile_directory_nothing_is_fetched_ahead(
+    remote: tuple[RemoteFaults, Path], short_tmp: Path
+) -> None:
+    store, tree = remote
+    with mounted(TVIXFS, short_tmp, store.url, OFF) as mount:
+        assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
+        assert _blob_reads(store) == 1
+
+
+def test_a_replay_is_bounded_by_the_chunk_cache(remote: tuple[RemoteFaults, Path], short_tmp: Path) -> None:
+    store, tree = remote
+    profiles = short_tmp / "profiles"
+    _record(store, tree, short_tmp, profiles)
+    before = _blob_reads(store)
+    cache = 64 << 10
+    args = [*OFF, "--access-profiles", str(profiles), "--cache-size", str(cache)]
+    with mounted(TVIXFS, short_tmp, store.url, args) as mount:
+        assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
+        assert _blob_reads(store) - before <= 1 + cache // 2 // SMALL_SIZE
+        _start(mount, tree)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign", "empty"])
+def test_a_bad_profile_is_ignored_with_a_warning(
+    remote: tuple[RemoteFaults, Path], short_tmp: Path, damage: str
+) -> None:
+    store, tree = remote
+    profiles = short_tmp / "profiles"
+    data = _record(store, tree, short_tmp, profiles)
+    path = profiles / BASENAME
+    raw = path.read_bytes()
+    bad = {
+        "truncated": raw[: len(raw) // 2],
+        "flipped": raw[:40] + bytes([raw[40] ^ 1]) + raw[41:],
+        "foreign": b"#!/bin/sh\necho hello\n",
+        "empty": b"",
+    }[damage]
+    path.write_bytes(bad)
+    before = _blob_reads(store)
+    with mounted(TVIXFS, short_tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
+        _start(mount, tree)
+        assert _blob_reads(store) - before >= len(STARTUP)  # nothing was fetched ahead
+        assert "ignored" in mount.stderr()
+    # The mount recorded the start again and replaced the bad file.
+    again = ProfileFiles(profiles).load(BASENAME.encode())
+    assert again is not None
+    assert again[: len(STARTUP)] == data[: len(STARTUP)]
+
+
+def test_a_profile_file_refuses_damage() -> None:
+    chunks = [ChunkMeta(bytes([i]) * 32, i + 1) for i in range(5)]
+    data = encode(chunks)
+    assert decode(data) == chunks
+    assert decode(encode([])) == []
+    foreign = data.replace(MAGIC, b"x" * len(MAGIC))
+    for bad in (data[:-1], data[: len(MAGIC) + 3], data + b"x", b"", MAGIC, foreign):
+        with pytest.raises(ProfileError):
+            decode(bad)
+
+
+def test_profiles_are_bounded_and_crash_leftovers_harmless(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accessprofiles, "PROFILES", 3)
+    files = ProfileFiles(tmp_path / "p")
+    chunks = [ChunkMeta(b"\1" * 32, 10)]
+    names = [f"{i:032}-x".encode() for i in range(5)]
+    for name in names:
+        files.save(name, chunks)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [n.decode() for n in names[2:]]
+    # A writer that crashed before its rename leaves a temporary file, never a half profile.
+    (tmp_path / "p" / f"{names[4].decode()}{accessprofiles.TEMP_MARK}123").write_bytes(b"half")
+    assert files.load(names[4]) == chunks
+    # Names that are no store path basename are neither read nor written.
+    files.save(b"../escape", chunks)
+    assert files.load(b"../escape") is None
+    assert not (tmp_path / "escape").exists()
+    (tmp_path / "p" / names[3].decode()).write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING):
+        assert files.load(names[3]) is None
+    assert "ignored" in caplog.text

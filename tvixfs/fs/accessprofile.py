@@ -1,0 +1,128 @@
+"""Access profiles: a store path's start-up reads recorded once, fetched ahead the next time.
+
+A program starting reads the same files of its store path each time, one after the other: over
+a remote store, one round trip each, which sibling prefetch (siblings.py) hides only within a
+directory and only after the first miss there. So, as Nydus's prefetch lists do, the mount
+records which chunks were read in the first ``WINDOW`` seconds after a store path's first
+open (reads as the kernel sends them, whether the chunks were cached or not), and keeps them
+as the store path's profile (services/cache/accessprofiles.py). On a later mount, the first
+open of that store path starts fetching the profile's chunks into the chunk cache, in the order
+they were read, ``CALLS`` at a time (pipelined on a gRPC store's one connection): the program
+then finds most of its reads cached or under way instead of waiting a round trip for each.
+
+Where it pays: a remote store (over a local one the chunks are a disk read away), and a mount
+whose disk cache does not hold the blobs yet (a cleared or evicted cache, a new machine given
+the profiles of another). Bounded by the profile's own bounds, by ``CHUNK_CACHE_SHARE`` of the
+chunk cache (a replay must not push out what it fetched), and by the chunk cache's limit on
+fetches ahead (``ChunkCache.ahead``), shared with sibling prefetch, so that the reader's own
+fetches always find a worker thread. Chunks are hashed like any other fetch; a failed one is
+left to the read that needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import trio
+from cachetools import LRUCache
+
+from tvixfs.fs.chunkcache import ChunkCache
+from tvixfs.fs.reader import OpenFile
+from tvixfs.services.base import ChunkMeta
+from tvixfs.services.cache.accessprofiles import MAX_BYTES, MAX_CHUNKS, ProfileFiles
+
+log = logging.getLogger(__name__)
+
+WINDOW = 10.0  # seconds after a store path's first open whose reads make its profile
+CALLS = 8  # chunks fetched at once by one replay (each its own call)
+CHUNK_CACHE_SHARE = 2  # a replay fetches at most 1/this of the chunk cache
+STORE_PATHS = 4096  # store paths remembered as already opened in this mount
+
+
+class _Recording:
+    __slots__ = ("bytes", "chunks")
+
+    def __init__(self) -> None:
+        self.chunks: dict[bytes, ChunkMeta] = {}  # in the order first read
+        self.bytes = 0
+
+
+class AccessProfiles:
+    """Records the start-up reads of each store path and replays its profile on a cold mount."""
+
+    def __init__(self, files: ProfileFiles, chunks: ChunkCache) -> None:
+        self._files = files
+        self._chunks = chunks
+        self._opened: LRUCache[bytes, bool] = LRUCache(STORE_PATHS)
+        self._recording: dict[bytes, _Recording] = {}
+        self.replayed = 0  # chunks a replay has fetched (for tests and status)
+
+    def opened(self, store_path: bytes) -> None:
+        """A file of ``store_path`` was opened; the first time, start its replay and recording.
+        Never waits."""
+        if store_path in self._opened:
+            return
+        self._opened[store_path] = True
+        self._recording[store_path] = _Recording()
+        self._chunks.background.start_soon(self._run, store_path)
+
+    def read(self, file: OpenFile, offset: int, size: int) -> None:
+        """The kernel read ``[offset, offset + size)`` of an open file."""
+        recording = self._recording.get(file.origin)
+        if recording is None:
+            return
+        chunk_map = file.reads.chunk_map
+        end = min(offset + size, chunk_map.size)
+        if offset >= end:
+            return
+        for index in chunk_map.covering(offset, end):
+            chunk = chunk_map.chunks[index]
+            if chunk.digest in recording.chunks:
+                continue
+            if len(recording.chunks) >= MAX_CHUNKS or recording.bytes + chunk.size > MAX_BYTES:
+                return
+            recording.chunks[chunk.digest] = chunk
+            recording.bytes += chunk.size
+
+    async def _run(self, store_path: bytes) -> None:
+        profile: list[ChunkMeta] | None = None
+        try:
+            profile = await self._chunks.bridge.call(self._files.load, store_path)
+            if profile and self._chunks.blobs.capabilities.calls_are_remote:
+                self._chunks.background.start_soon(self._replay, profile)
+            await trio.sleep(WINDOW)
+        finally:
+            recording = self._recording.pop(store_path)
+            chunks = list(recording.chunks.values())
+            if chunks and chunks != profile:
+                # Also when the mount is ending (cancelled): the write is small and local.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._files.save, store_path, chunks)
+
+    async def _replay(self, profile: list[ChunkMeta]) -> None:
+        budget = self._chunks.cache.maxsize // CHUNK_CACHE_SHARE
+        wanted: list[ChunkMeta] = []
+        for chunk in profile:
+            if chunk.size > budget:
+                break
+            budget -= chunk.size
+            if not self._chunks.busy(chunk.digest):
+                wanted.append(chunk)
+        chunks = iter(wanted)
+        async with trio.open_nursery() as nursery:
+            for _ in range(CALLS):
+                nursery.start_soon(self._fetch, chunks)
+
+    async def _fetch(self, chunks: Iterator[ChunkMeta]) -> None:
+        for chunk in chunks:
+            if self._chunks.busy(chunk.digest):
+                continue
+            try:
+                async with self._chunks.ahead:
+                    # A profile is no store's word on the chunk: hashed here.
+                    outcomes = await self._chunks.fetch_run([chunk], check=True)
+                if isinstance(outcomes.get(chunk.digest), bytes):
+                    self.replayed += 1
+            except Exception as e:
+                log.debug("fetching chunk %s of an access profile failed: %s", chunk.digest.hex(), e)
