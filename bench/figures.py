@@ -20,7 +20,7 @@ from context import WORK, Context, cached_store, import_tree
 from measure import Samples, drop_caches, read_ahead_kb, read_file, run_quiet, timed, vm_rss
 from procs import Daemon, passthrough_mount, tvixfs_daemon, tvixfs_mount
 from report import Figure
-from startup import program_start, small_files
+from startup import elf_start, program_start, small_files
 from trees import count_entries, many_tree
 
 PROGRAM = "import json, email, http.client"
@@ -310,5 +310,6 @@ FIGURES: dict[str, Callable[[Context], list[Figure]]] = {
     "rss": rss,
     "import": import_speed,
     "program-start": program_start,
+    "elf-start": elf_start,
     "small-files": small_files,
 }

@@ -1,7 +1,10 @@
-"""A/B of sibling prefetch (issue 15): the program-start workloads with and without it.
+"""A/B of fetching ahead (issue 15): the program-start workloads with and without it.
 
-`.venv/bin/python bench/prefetch_ab.py [--reps N] [--links embedded loopback wan]` (as root,
-after bench/run.py has built its trees and stores once). Samples alternate between the two
+`.venv/bin/python bench/prefetch_ab.py [--reps N] [--links embedded loopback wan]
+[--actions cat python elf] [--off siblings|profiles]` (as root, after bench/run.py has built
+its trees and stores once). `--off siblings` compares with `--no-prefetch-siblings`;
+`--off profiles` compares mounts replaying access profiles (recorded by one earlier start in
+this run, bench/startup.py) with mounts without any. Samples alternate between the two
 settings, so load on a shared machine hits both alike. Bytes fetched are the `first-run`
 figure's business (bench/run.py).
 """
@@ -13,7 +16,7 @@ import sys
 
 from context import QUICK, context
 from measure import Samples
-from startup import _over
+from startup import _over, recorded_profiles
 
 OFF = ("--no-prefetch-siblings",)
 
@@ -22,20 +25,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--links", nargs="+", default=["embedded", "loopback", "wan"])
-    p.add_argument("--actions", nargs="+", default=["cat", "python"])
+    p.add_argument("--actions", nargs="+", default=["cat", "python"], choices=["cat", "python", "elf"])
+    p.add_argument("--off", choices=["siblings", "profiles"], default="siblings")
     args = p.parse_args()
     with context(QUICK) as ctx:
         results: dict[tuple[str, str, str], Samples] = {}
         for rep in range(args.reps):
             for action in args.actions:
                 for link in args.links:
-                    order = [("on", ()), ("off", OFF)]
+                    if args.off == "siblings":
+                        order = [("on", ()), ("off", OFF)]
+                    else:
+                        order = [("on", recorded_profiles(ctx, action)), ("off", ())]
                     for name, extra in order[rep % 2 :] + order[: rep % 2]:
                         samples = results.setdefault((action, link, name), Samples())
                         _over(ctx, samples, action, link, extra)
                         line = f"{action} {link} {name}: {samples.values[-1]:.3f} s"
                         print(line, file=sys.stderr, flush=True)
-        print("| workload | link | prefetch on (median) | off (median) | on/off |")
+        print(f"| workload | link | {args.off} on (median) | off (median) | on/off |")
         print("| --- | --- | --- | --- | --- |")
         for action in args.actions:
             for link in args.links:

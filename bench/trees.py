@@ -170,3 +170,39 @@ def many_tree(trees: Path, per_half: int) -> Path:
                 d += 1
 
     return _cached(trees / f"many-{per_half}x2", build)
+
+
+def elf_tree(trees: Path, program: Path) -> Path:
+    """A dynamically linked program and its whole `ldd` closure, laid out as a store path.
+
+    ``bin/<program>``, and ``lib/`` holding every shared library it needs and the dynamic
+    loader, all with mtime 1. Run as ``lib/<loader> --library-path lib bin/<program>``, the
+    libraries come from the tree, not from the machine. ``lib/sasl2`` is empty: pointed at by
+    SASL_PATH, Cyrus SASL (in curl's closure) loads no plugins from the machine.
+    """
+    listed = subprocess.run(["ldd", str(program)], capture_output=True, text=True, check=True).stdout
+    libs: dict[str, Path] = {}
+    for line in listed.splitlines():
+        words = line.split()
+        if "=>" in words and len(words) >= 3 and words[2].startswith("/"):
+            libs[words[0]] = Path(words[2])
+        elif words and words[0].startswith("/") and "ld-linux" in words[0]:
+            libs[Path(words[0]).name] = Path(words[0])
+
+    def build(dest: Path) -> None:
+        (dest / "bin").mkdir(parents=True)
+        (dest / "lib" / "sasl2").mkdir(parents=True)
+        shutil.copy2(program.resolve(), dest / "bin" / program.name)
+        for name, path in libs.items():
+            shutil.copy2(path.resolve(), dest / "lib" / name)
+        _mtime_one(dest)
+
+    return _cached(trees / f"elf-{program.name}-{len(libs)}libs-mtime1", build)
+
+
+def elf_loader(tree: Path) -> Path:
+    """The dynamic loader in an ``elf_tree``."""
+    found = sorted((tree / "lib").glob("ld-linux*"))
+    if not found:
+        raise RuntimeError(f"{tree} holds no dynamic loader")
+    return found[0]
