@@ -4,19 +4,20 @@ A program starting reads the same files of its store path each time, one after t
 a remote store, one round trip each, which sibling prefetch (siblings.py) hides only within a
 directory and only after the first miss there. So, as Nydus's prefetch lists do, the mount
 records which chunks were read in the first ``WINDOW`` seconds after a store path's first
-open (reads as the kernel sends them, whether the chunks were cached or not), and keeps them
+lookup (reads as the kernel sends them, whether the chunks were cached or not) and keeps them
 as the store path's profile (services/cache/accessprofiles.py). On a later mount, the first
-open of that store path starts fetching the profile's chunks into the chunk cache, in the order
-they were read, ``CALLS`` at a time (pipelined on a gRPC store's one connection): the program
-then finds most of its reads cached or under way instead of waiting a round trip for each.
+lookup of that store path starts fetching the profile's chunks into the chunk cache, in the
+order they were read, ``CALLS`` at a time (pipelined on a gRPC store's one connection): the
+program then finds most of its reads cached or under way instead of waiting a round trip each.
 
 Where it pays: a remote store (over a local one the chunks are a disk read away), and a mount
 whose disk cache does not hold the blobs yet (a cleared or evicted cache, a new machine given
-the profiles of another). Bounded by the profile's own bounds, by ``CHUNK_CACHE_SHARE`` of the
-chunk cache (a replay must not push out what it fetched), and by the chunk cache's limit on
-fetches ahead (``ChunkCache.ahead``), shared with sibling prefetch, so that the reader's own
-fetches always find a worker thread. Chunks are hashed like any other fetch; a failed one is
-left to the read that needs it.
+the profiles of another). Bounded: by the profile's own bounds; ``REPLAYS`` replays at once (a
+walk looking up many store paths starts no more); ``1 / CHUNK_CACHE_SHARE`` of the chunk cache
+per replay (it must not push out what it fetched); and the threads for fetches ahead
+(``ChunkCache.ahead``, shared with sibling prefetch, apart from the readers' own, so a reader's
+fetch never waits for a thread behind them). Chunks are hashed like any other fetch; a failed
+one is left to the read that needs it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from tvixfs.services.cache.accessprofiles import MAX_BYTES, MAX_CHUNKS, ProfileF
 
 log = logging.getLogger(__name__)
 
-WINDOW = 10.0  # seconds after a store path's first open whose reads make its profile
-CALLS = 8  # chunks fetched at once by one replay (each its own call)
+WINDOW = 10.0  # seconds after a store path's first lookup whose reads make its profile
+CALLS = 32  # chunks fetched at once by one replay (each its own call; see chunkcache.AHEAD_CALLS)
+REPLAYS = 2  # replays at once; a store path entered while they run gets none
 CHUNK_CACHE_SHARE = 2  # a replay fetches at most 1/this of the chunk cache
-STORE_PATHS = 4096  # store paths remembered as already opened in this mount
+STORE_PATHS = 4096  # store paths remembered as already entered in this mount
 
 
 class _Recording:
@@ -54,16 +56,17 @@ class AccessProfiles:
     def __init__(self, files: ProfileFiles, chunks: ChunkCache) -> None:
         self._files = files
         self._chunks = chunks
-        self._opened: LRUCache[bytes, bool] = LRUCache(STORE_PATHS)
+        self._entered: LRUCache[bytes, bool] = LRUCache(STORE_PATHS)
         self._recording: dict[bytes, _Recording] = {}
-        self.replayed = 0  # chunks a replay has fetched (for tests and status)
+        self._replays = 0
+        self.replayed = 0  # chunks replays have fetched
 
-    def opened(self, store_path: bytes) -> None:
-        """A file of ``store_path`` was opened; the first time, start its replay and recording.
+    def entered(self, store_path: bytes) -> None:
+        """``store_path`` was looked up; the first time, start its replay and recording.
         Never waits."""
-        if store_path in self._opened:
+        if store_path in self._entered:
             return
-        self._opened[store_path] = True
+        self._entered[store_path] = True
         self._recording[store_path] = _Recording()
         self._chunks.background.start_soon(self._run, store_path)
 
@@ -89,7 +92,8 @@ class AccessProfiles:
         profile: list[ChunkMeta] | None = None
         try:
             profile = await self._chunks.bridge.call(self._files.load, store_path)
-            if profile and self._chunks.blobs.capabilities.calls_are_remote:
+            if profile and self._chunks.blobs.capabilities.calls_are_remote and self._replays < REPLAYS:
+                self._replays += 1
                 self._chunks.background.start_soon(self._replay, profile)
             await trio.sleep(WINDOW)
         finally:
@@ -110,18 +114,20 @@ class AccessProfiles:
             if not self._chunks.busy(chunk.digest):
                 wanted.append(chunk)
         chunks = iter(wanted)
-        async with trio.open_nursery() as nursery:
-            for _ in range(CALLS):
-                nursery.start_soon(self._fetch, chunks)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(CALLS):
+                    nursery.start_soon(self._fetch, chunks)
+        finally:
+            self._replays -= 1
 
     async def _fetch(self, chunks: Iterator[ChunkMeta]) -> None:
         for chunk in chunks:
             if self._chunks.busy(chunk.digest):
                 continue
             try:
-                async with self._chunks.ahead:
-                    # A profile is no store's word on the chunk: hashed here.
-                    outcomes = await self._chunks.fetch_run([chunk], check=True)
+                # A profile is no store's word on the chunk: hashed here.
+                outcomes = await self._chunks.fetch_run([chunk], check=True, bridge=self._chunks.ahead)
                 if isinstance(outcomes.get(chunk.digest), bytes):
                     self.replayed += 1
             except Exception as e:

@@ -39,9 +39,11 @@ STREAM_ABOVE = 16 << 20
 UNAVAILABLE_SLOW = 1.0
 UNAVAILABLE_MEMORY = 1.0
 UNAVAILABLE_CHUNKS = 4096
-# Calls fetching chunks ahead of any reader (sibling prefetch, access profiles), together: fewer
-# than the bridge's threads, so that a reader's own fetch never waits for a thread behind them.
-AHEAD_CALLS = 8
+# Threads fetching chunks ahead of any reader (sibling prefetch, access profiles), together. They
+# are a budget of their own, so a reader's own fetch never waits for a thread behind them; and
+# many, because over a remote store each chunk is one round trip: a profile's 174 chunks over a
+# 20 ms link took 0.59 s 8 at a time, 0.25 s 24 at a time (bench/ANALYSIS.md, issue 15).
+AHEAD_CALLS = 32
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
@@ -113,7 +115,7 @@ class ChunkCache:
         self.stats = ReaderStats()
         # How long a read waits for a chunk fetched alone: what fetching ahead can hide.
         self.latency = Latency()
-        self.ahead = trio.CapacityLimiter(min(AHEAD_CALLS, max(int(bridge.limiter.total_tokens) // 2, 1)))
+        self.ahead = Bridge(AHEAD_CALLS, bridge.deadline)
 
     def wanted(self, digest: bytes) -> bool:
         """Whether a chunk is missing from the cache."""
@@ -154,8 +156,11 @@ class ChunkCache:
             # The read that needs these chunks fetches them again and reports the error.
             log.debug("readahead of %d chunks from %s failed: %s", len(chunks), chunks[0].digest.hex(), e)
 
-    async def fetch_run(self, chunks: list[ChunkMeta], check: bool) -> dict[bytes, bytes | Exception]:
-        """Fetch those of ``chunks`` that are neither cached nor being fetched, in one call."""
+    async def fetch_run(
+        self, chunks: list[ChunkMeta], check: bool, bridge: Bridge | None = None
+    ) -> dict[bytes, bytes | Exception]:
+        """Fetch those of ``chunks`` that are neither cached nor being fetched, in one call
+        (through ``bridge``, by default the readers' own)."""
         wanted = {
             c.digest: c
             for c in chunks
@@ -166,7 +171,7 @@ class ChunkCache:
             run = [wanted[d] for d in digests]
             started = trio.current_time()
             try:
-                outcomes = await self.bridge.call(_read_run, self.blobs, run, check)
+                outcomes = await (bridge or self.bridge).call(_read_run, self.blobs, run, check)
             except Exception as e:
                 for chunk in run:
                     self.fetched(chunk, e, started)

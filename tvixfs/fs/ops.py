@@ -318,6 +318,8 @@ class TvixOperations(pyfuse3.Operations):
             root = await self._roots.lookup(name)
             if root is None:
                 return negative_entry(self._options.negative_ttl)
+            if self._profiles is not None:
+                self._profiles.entered(root.name)
             return self._entry(self._inodes.for_root(root), ROOT_INODE, root.name)
         parent = self._inode(parent_inode)
         if not isinstance(parent.node, DirectoryNode):
@@ -435,8 +437,6 @@ class TvixOperations(pyfuse3.Operations):
         entry = self._inode(inode)
         if not isinstance(entry.node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if self._profiles is not None:
-            self._profiles.opened(entry.origin)
         file = await self._reader.open(entry.node, entry.origin)
         if self._siblings is not None:
             self._prefetch_siblings(entry)

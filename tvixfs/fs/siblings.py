@@ -51,8 +51,8 @@ DIRECTORIES = 4096  # directories whose spent budget is remembered
 SCAN_ENTRIES = 2048  # entries of a directory looked at per cold open
 # Batches running at once, and worker calls of all of them at once: over a remote store
 # each file is its own call (one round trip; in one call they would follow each other),
-# over a local one ``LOCAL_RUN`` files are one call, one after the other. The calls of all
-# batches together are limited by ``ChunkCache.ahead`` (shared with access profiles).
+# over a local one ``LOCAL_RUN`` files are one call, one after the other. The calls run on the
+# threads of ``ChunkCache.ahead`` (shared with access profiles), not on the readers' own.
 RUNNING = 4
 REMOTE_CALLS = 8
 LOCAL_RUN = 4
@@ -145,8 +145,7 @@ class SiblingPrefetch:
     async def _fetch_runs(self, runs: Iterator[list[ChunkMeta]]) -> None:
         for run in runs:
             try:
-                async with self._chunks.ahead:
-                    # Whole small blobs carry no chunk list the store vouched for: hashed here.
-                    await self._chunks.fetch_run(run, check=True)
+                # Whole small blobs carry no chunk list the store vouched for: hashed here.
+                await self._chunks.fetch_run(run, check=True, bridge=self._chunks.ahead)
             except Exception as e:
                 log.debug("fetching %d small files ahead failed: %s", len(run), e)
