@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,29 @@ def test_profiles_are_bounded_and_crash_leftovers_harmless(
     with caplog.at_level(logging.WARNING):
         assert files.load(names[3]) is None
     assert "ignored" in caplog.text
+
+
+def test_profiles_live_beside_the_disk_cache_and_outlive_clearing_it(
+    remote: tuple[RemoteFaults, Path], short_tmp: Path
+) -> None:
+    """The case a profile is for: the blobs are gone from the disk cache, the profile is not."""
+    store, tree = remote
+    cache = short_tmp / "cache"
+    args = [*OFF, "--disk-cache", str(cache)]
+    with mounted(TVIXFS, short_tmp, store.url, args) as mount:
+        _start(mount, tree)
+    profile = ProfileFiles(cache / accessprofiles.PROFILES_NAME).load(BASENAME.encode())
+    assert profile is not None
+    clear = [*TVIXFS, "cache", "clear", str(cache)]
+    cleared = subprocess.run(clear, check=False, capture_output=True, text=True)
+    assert cleared.returncode == 0, cleared.stderr
+    before = _blob_reads(store)
+    with mounted(TVIXFS, short_tmp, store.url, args) as mount:
+        assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
+        replayed = _blob_reads(store) - before
+        assert len(profile) - 1 <= replayed <= len(profile)
+        # The start finds every small file it reads cached: no further blob read.
+        for rel in STARTUP:
+            assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
+        assert _blob_reads(store) - before == replayed
+        _start(mount, tree)
