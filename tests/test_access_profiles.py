@@ -18,9 +18,17 @@ from mounting import TVIXFS, Mount, mounted, needs_fuse
 from uniquetrees import dump_nar
 
 from tvixfs.castore.digest import b3digest
-from tvixfs.services.base import ChunkMeta
 from tvixfs.services.cache import accessprofiles
-from tvixfs.services.cache.accessprofiles import MAGIC, ProfileError, ProfileFiles, decode, encode
+from tvixfs.services.cache.accessprofiles import (
+    MAGIC,
+    RECORD,
+    Entry,
+    Kind,
+    ProfileError,
+    ProfileFiles,
+    decode,
+    encode,
+)
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -62,6 +70,11 @@ def _blob_reads(store: RemoteFaults) -> int:
         time.sleep(SETTLE)
 
 
+def _stats(store: RemoteFaults) -> int:
+    """Blob stats (chunk list requests) the store has answered."""
+    return store.stats()["calls"].get("blob.stat", 0)
+
+
 STARTUP = [f"{sub}/f{i:02}.py" for sub in ("a", "b") for i in range(0, SMALL, 2)]
 
 
@@ -73,7 +86,7 @@ def _start(mount: Mount, tree: Path) -> None:
         assert f.read(100_000) == (tree / "big.so").read_bytes()[:100_000]
 
 
-def _record(store: RemoteFaults, tree: Path, tmp: Path, profiles: Path) -> list[ChunkMeta]:
+def _record(store: RemoteFaults, tree: Path, tmp: Path, profiles: Path) -> list[Entry]:
     with mounted(TVIXFS, tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
         _start(mount, tree)
     profile = ProfileFiles(profiles).load(BASENAME.encode())
@@ -91,20 +104,30 @@ def test_a_profile_is_recorded_and_replayed(remote: tuple[RemoteFaults, Path], s
     assert [c.digest for c in profile[: len(small)]] == small
     unread = {b3digest(p.read_bytes()) for p in tree.rglob("*.py")} - set(small)
     assert not digests & unread
-    assert len(profile) > len(small)  # and chunks of big.so
+    # And big.so: its chunk list (its open needed it), then the chunks read.
+    big = [e for e in profile if e.digest == b3digest((tree / "big.so").read_bytes())]
+    assert big == [Entry(Kind.CHUNK_LIST, big[0].digest, BIG)]
+    assert profile.index(big[0]) == len(small)
+    chunks = [e for e in profile if e.kind == Kind.CHUNK]
+    assert len(chunks) > len(small)
 
     before = _blob_reads(store)
+    stats_before = _stats(store)
     with mounted(TVIXFS, short_tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
-        # One open starts the replay: the profile's chunks, each once, and nothing else.
+        # One lookup starts the replay: the profile's chunks and chunk list, each once, and
+        # nothing else.
         first = mount.path(BASENAME, STARTUP[0])
         assert first.read_bytes() == (tree / STARTUP[0]).read_bytes()
         replayed = _blob_reads(store) - before
-        assert len(profile) - 1 <= replayed <= len(profile)
+        assert len(chunks) - 1 <= replayed <= len(chunks)
+        listed = _stats(store)
+        assert listed - stats_before == 2  # the mount's probe, big.so's chunk list
         # The start now finds every small file it reads cached: no further blob read.
         for rel in STARTUP:
             assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
         assert _blob_reads(store) - before == replayed
         _start(mount, tree)
+        assert _stats(store) == listed  # big.so's open found its chunk list
         # Files the profile does not name are read as before.
         other = mount.path(BASENAME, "c", "f00.py")
         assert other.read_bytes() == (tree / "c" / "f00.py").read_bytes()
@@ -165,12 +188,14 @@ def test_a_bad_profile_is_ignored_with_a_warning(
 
 
 def test_a_profile_file_refuses_damage() -> None:
-    chunks = [ChunkMeta(bytes([i]) * 32, i + 1) for i in range(5)]
-    data = encode(chunks)
-    assert decode(data) == chunks
+    entries = [Entry(Kind(i % 2), bytes([i]) * 32, i + 1) for i in range(5)]
+    data = encode(entries)
+    assert decode(data) == entries
     assert decode(encode([])) == []
     foreign = data.replace(MAGIC, b"x" * len(MAGIC))
-    for bad in (data[:-1], data[: len(MAGIC) + 3], data + b"x", b"", MAGIC, foreign):
+    body = MAGIC + RECORD.pack(7, b"\1" * 32, 1)
+    unknown_kind = body + b3digest(body)
+    for bad in (data[:-1], data[: len(MAGIC) + 3], data + b"x", b"", MAGIC, foreign, unknown_kind):
         with pytest.raises(ProfileError):
             decode(bad)
 
@@ -180,7 +205,7 @@ def test_profiles_are_bounded_and_crash_leftovers_harmless(
 ) -> None:
     monkeypatch.setattr(accessprofiles, "PROFILES", 3)
     files = ProfileFiles(tmp_path / "p")
-    chunks = [ChunkMeta(b"\1" * 32, 10)]
+    chunks = [Entry(Kind.CHUNK, b"\1" * 32, 10)]
     names = [f"{i:032}-x".encode() for i in range(5)]
     for name in names:
         files.save(name, chunks)
@@ -216,7 +241,8 @@ def test_profiles_live_beside_the_disk_cache_and_outlive_clearing_it(
     with mounted(TVIXFS, short_tmp, store.url, args) as mount:
         assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
         replayed = _blob_reads(store) - before
-        assert len(profile) - 1 <= replayed <= len(profile)
+        chunks = [e for e in profile if e.kind == Kind.CHUNK]
+        assert len(chunks) - 1 <= replayed <= len(chunks)
         # The start finds every small file it reads cached: no further blob read.
         for rel in STARTUP:
             assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel

@@ -4,11 +4,13 @@ A program starting reads the same files of its store path each time, one after t
 a remote store, one round trip each, which sibling prefetch (siblings.py) hides only within a
 directory and only after the first miss there. So, as Nydus's prefetch lists do, the mount
 records which chunks were read in the first ``WINDOW`` seconds after a store path's first
-lookup (reads as the kernel sends them, whether the chunks were cached or not) and keeps them
-as the store path's profile (services/cache/accessprofiles.py). On a later mount, the first
-lookup of that store path starts fetching the profile's chunks into the chunk cache, in the
-order they were read, ``CALLS`` at a time (pipelined on a gRPC store's one connection): the
-program then finds most of its reads cached or under way instead of waiting a round trip each.
+lookup (reads as the kernel sends them, whether the chunks were cached or not), and which files
+of several chunks were read (their open needs the chunk list, one more round trip), and keeps
+them as the store path's profile (services/cache/accessprofiles.py). On a later mount, the
+first lookup of that store path starts fetching the profile's chunks into the chunk cache and
+its chunk lists into the reader's, in the order first needed, ``CALLS`` at a time (pipelined
+on a gRPC store's one connection): the program then finds most of its opens and reads cached or
+under way instead of waiting a round trip each.
 
 Where it pays: a remote store (over a local one the chunks are a disk read away), and a mount
 whose disk cache does not hold the blobs yet (a cleared or evicted cache, a new machine given
@@ -28,10 +30,8 @@ from collections.abc import Iterator
 import trio
 from cachetools import LRUCache
 
-from tvixfs.fs.chunkcache import ChunkCache
-from tvixfs.fs.reader import OpenFile
-from tvixfs.services.base import ChunkMeta
-from tvixfs.services.cache.accessprofiles import MAX_BYTES, MAX_CHUNKS, ProfileFiles
+from tvixfs.fs.reader import BlobReader, OpenFile
+from tvixfs.services.cache.accessprofiles import MAX_BYTES, MAX_ENTRIES, Entry, Kind, ProfileFiles
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +43,36 @@ STORE_PATHS = 4096  # store paths remembered as already entered in this mount
 
 
 class _Recording:
-    __slots__ = ("bytes", "chunks")
+    __slots__ = ("bytes", "entries")
 
     def __init__(self) -> None:
-        self.chunks: dict[bytes, ChunkMeta] = {}  # in the order first read
-        self.bytes = 0
+        self.entries: dict[tuple[Kind, bytes], Entry] = {}  # in the order first needed
+        self.bytes = 0  # of the chunks
+
+    def add(self, entry: Entry) -> bool:
+        """Record ``entry`` unless it is recorded already; False once the profile is full."""
+        key = (entry.kind, entry.digest)
+        if key in self.entries:
+            return True
+        size = entry.size if entry.kind == Kind.CHUNK else 0
+        if len(self.entries) >= MAX_ENTRIES or self.bytes + size > MAX_BYTES:
+            return False
+        self.entries[key] = entry
+        self.bytes += size
+        return True
 
 
 class AccessProfiles:
     """Records the start-up reads of each store path and replays its profile on a cold mount."""
 
-    def __init__(self, files: ProfileFiles, chunks: ChunkCache) -> None:
+    def __init__(self, files: ProfileFiles, reader: BlobReader) -> None:
         self._files = files
-        self._chunks = chunks
+        self._reader = reader
+        self._chunks = reader.chunk_cache
         self._entered: LRUCache[bytes, bool] = LRUCache(STORE_PATHS)
         self._recording: dict[bytes, _Recording] = {}
         self._replays = 0
-        self.replayed = 0  # chunks replays have fetched
+        self.replayed = 0  # chunks and chunk lists replays have fetched
 
     def entered(self, store_path: bytes) -> None:
         """``store_path`` was looked up; the first time, start its replay and recording.
@@ -79,17 +92,15 @@ class AccessProfiles:
         end = min(offset + size, chunk_map.size)
         if offset >= end:
             return
+        if chunk_map.listed and not recording.add(Entry(Kind.CHUNK_LIST, file.node.digest, file.node.size)):
+            return
         for index in chunk_map.covering(offset, end):
             chunk = chunk_map.chunks[index]
-            if chunk.digest in recording.chunks:
-                continue
-            if len(recording.chunks) >= MAX_CHUNKS or recording.bytes + chunk.size > MAX_BYTES:
+            if not recording.add(Entry(Kind.CHUNK, chunk.digest, chunk.size)):
                 return
-            recording.chunks[chunk.digest] = chunk
-            recording.bytes += chunk.size
 
     async def _run(self, store_path: bytes) -> None:
-        profile: list[ChunkMeta] | None = None
+        profile: list[Entry] | None = None
         try:
             profile = await self._chunks.bridge.call(self._files.load, store_path)
             if profile and self._chunks.blobs.capabilities.calls_are_remote and self._replays < REPLAYS:
@@ -98,37 +109,42 @@ class AccessProfiles:
             await trio.sleep(WINDOW)
         finally:
             recording = self._recording.pop(store_path)
-            chunks = list(recording.chunks.values())
-            if chunks and chunks != profile:
+            entries = list(recording.entries.values())
+            if entries and entries != profile:
                 # Also when the mount is ending (cancelled): the write is small and local.
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._files.save, store_path, chunks)
+                    await trio.to_thread.run_sync(self._files.save, store_path, entries)
 
-    async def _replay(self, profile: list[ChunkMeta]) -> None:
+    async def _replay(self, profile: list[Entry]) -> None:
         budget = self._chunks.cache.maxsize // CHUNK_CACHE_SHARE
-        wanted: list[ChunkMeta] = []
-        for chunk in profile:
-            if chunk.size > budget:
-                break
-            budget -= chunk.size
-            if not self._chunks.busy(chunk.digest):
-                wanted.append(chunk)
-        chunks = iter(wanted)
+        wanted: list[Entry] = []
+        for entry in profile:
+            if entry.kind == Kind.CHUNK:
+                if entry.size > budget:
+                    break
+                budget -= entry.size
+                if self._chunks.busy(entry.digest):
+                    continue
+            wanted.append(entry)
+        entries = iter(wanted)
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(CALLS):
-                    nursery.start_soon(self._fetch, chunks)
+                    nursery.start_soon(self._fetch, entries)
         finally:
             self._replays -= 1
 
-    async def _fetch(self, chunks: Iterator[ChunkMeta]) -> None:
-        for chunk in chunks:
-            if self._chunks.busy(chunk.digest):
-                continue
+    async def _fetch(self, entries: Iterator[Entry]) -> None:
+        for entry in entries:
             try:
-                # A profile is no store's word on the chunk: hashed here.
-                outcomes = await self._chunks.fetch_run([chunk], check=True, bridge=self._chunks.ahead)
-                if isinstance(outcomes.get(chunk.digest), bytes):
+                if entry.kind == Kind.CHUNK_LIST:
+                    await self._reader.map_ahead(entry.digest, entry.size)
                     self.replayed += 1
+                elif not self._chunks.busy(entry.digest):
+                    # A profile is no store's word on the chunk: hashed here.
+                    ahead = self._chunks.ahead
+                    fetched = await self._chunks.fetch_run([entry.chunk], check=True, bridge=ahead)
+                    if isinstance(fetched.get(entry.digest), bytes):
+                        self.replayed += 1
             except Exception as e:
-                log.debug("fetching chunk %s of an access profile failed: %s", chunk.digest.hex(), e)
+                log.debug("fetching %s of an access profile failed: %s", entry, e)

@@ -225,7 +225,7 @@ class TvixOperations(pyfuse3.Operations):
         self._profiles = (
             None
             if options.access_profiles is None
-            else AccessProfiles(ProfileFiles(options.access_profiles), self._reader.chunk_cache)
+            else AccessProfiles(ProfileFiles(options.access_profiles), self._reader)
         )
         self._inodes = InodeTable(options.max_inodes)
         self._files: dict[int, OpenFile] = {}

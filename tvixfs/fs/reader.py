@@ -99,10 +99,19 @@ class BlobReader:
             check_covers(chunk_map, node)
         return OpenFile(node, origin, self._strategy(node, chunk_map))
 
-    async def _fetch_map(self, node: FileNode) -> ChunkMap:
-        chunk_map = await self._bridge.call(fetch_chunk_map, self._blobs, node)
+    async def map_ahead(self, digest: bytes, size: int) -> None:
+        """Learn a file's chunk map before an open needs it (access profiles), on the threads
+        for fetches ahead (``ChunkCache.ahead``). It is kept only if it covers ``size``, and
+        an open checks it against its own file as always."""
+        if digest not in self._maps:
+            node = FileNode(b"", digest, size)
+            await self._maps_inflight.run(digest, lambda: self._fetch_map(node, self._chunks.ahead))
+
+    async def _fetch_map(self, node: FileNode, bridge: Bridge | None = None) -> ChunkMap:
+        bridge = bridge or self._bridge
+        chunk_map = await bridge.call(fetch_chunk_map, self._blobs, node)
         if self._prove and chunk_map.listed and chunk_map.size == node.size:
-            await self._bridge.call(prove_chunk_list, self._blobs, node, chunk_map.chunks)
+            await bridge.call(prove_chunk_list, self._blobs, node, chunk_map.chunks)
         if chunk_map.size == node.size:
             self._maps[node.digest] = chunk_map
         return chunk_map

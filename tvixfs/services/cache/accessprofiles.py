@@ -1,16 +1,18 @@
-"""Access profiles on disk: which chunks a store path's files were read from as it started.
+"""Access profiles on disk: what a store path's start needed, in the order first needed.
 
-A profile is a list of chunks (digest and size), in the order they were first read, one file
-per store path, named by the store path's basename, in a directory of its own (the mount's
+A profile is a list of entries: chunks read (digest and size), and files of several chunks
+opened, whose chunk list the open needed (digest and size of the whole file). One file per
+store path, named by the store path's basename, in a directory of its own (the mount's
 ``--access-profiles``, by default ``profiles/`` of its ``--disk-cache``). It names content,
 never holds it: clearing or evicting the disk cache leaves the profiles, and a profile copied to
 another machine tells that machine's mount what to fetch ahead on its first cold start.
 
-Format: ``MAGIC``, then one ``RECORD`` per chunk, then the BLAKE3 digest of everything before
-it. Written to a temporary name, synced and renamed, so a crash leaves the old profile or the
-new one; one that does not check out (truncated, damaged, foreign) is ignored with a warning.
-Bounded: at most ``MAX_CHUNKS`` chunks of ``MAX_BYTES`` together per profile, ``PROFILES``
-profiles per directory (the least recently written go first).
+Format: ``MAGIC``, then one ``RECORD`` (kind, digest, size) per entry, then the BLAKE3 digest
+of everything before it. Written to a temporary name, synced and renamed, so a crash leaves the
+old profile or the new one; one that does not check out (truncated, damaged, foreign) is
+ignored with a warning. Bounded: at most ``MAX_ENTRIES`` entries, chunks of ``MAX_BYTES``
+together, per profile; ``PROFILES`` profiles per directory (the least recently written go
+first).
 
 Blocking file I/O: called from worker threads.
 """
@@ -22,6 +24,8 @@ import os
 import struct
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 from tvixfs.castore.digest import DIGEST_SIZE, b3digest
@@ -32,9 +36,9 @@ from tvixfs.store.storepath import StorePath
 log = logging.getLogger(__name__)
 
 PROFILES_NAME = "profiles"  # the directory of profiles in a --disk-cache directory
-MAGIC = b"tvixfs access profile 1\n"
-RECORD = struct.Struct(f">{DIGEST_SIZE}sQ")
-MAX_CHUNKS = 4096
+MAGIC = b"tvixfs access profile 2\n"
+RECORD = struct.Struct(f">B{DIGEST_SIZE}sQ")
+MAX_ENTRIES = 4096
 MAX_BYTES = 64 << 20
 PROFILES = 1024
 TEMP_MARK = ".tmp-"
@@ -46,25 +50,46 @@ class ProfileError(ValueError):
     """A profile file that does not check out."""
 
 
-def encode(chunks: Sequence[ChunkMeta]) -> bytes:
-    body = MAGIC + b"".join(RECORD.pack(c.digest, c.size) for c in chunks)
+class Kind(IntEnum):
+    CHUNK = 0  # a chunk read: fetched ahead
+    CHUNK_LIST = 1  # a file of several chunks opened: its chunk list fetched ahead
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: Kind
+    digest: bytes
+    size: int
+
+    @property
+    def chunk(self) -> ChunkMeta:
+        return ChunkMeta(self.digest, self.size)
+
+
+def encode(entries: Sequence[Entry]) -> bytes:
+    body = MAGIC + b"".join(RECORD.pack(e.kind, e.digest, e.size) for e in entries)
     return body + b3digest(body)
 
 
-def decode(data: bytes) -> list[ChunkMeta]:
-    """The chunks of a profile file's bytes; ProfileError unless they check out."""
+def decode(data: bytes) -> list[Entry]:
+    """The entries of a profile file's bytes; ProfileError unless they check out."""
     if not data.startswith(MAGIC):
         raise ProfileError("not an access profile")
     body, digest = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
     records = len(body) - len(MAGIC)
     if records < 0 or records % RECORD.size or b3digest(body) != digest:
         raise ProfileError("truncated or damaged")
-    if records // RECORD.size > MAX_CHUNKS:
-        raise ProfileError(f"more than {MAX_CHUNKS} chunks")
-    chunks = [ChunkMeta(d, size) for d, size in RECORD.iter_unpack(body[len(MAGIC) :])]
-    if sum(c.size for c in chunks) > MAX_BYTES:
+    if records // RECORD.size > MAX_ENTRIES:
+        raise ProfileError(f"more than {MAX_ENTRIES} entries")
+    kinds = set(Kind)
+    entries: list[Entry] = []
+    for kind, digest, size in RECORD.iter_unpack(body[len(MAGIC) :]):
+        if kind not in kinds:
+            raise ProfileError(f"unknown entry kind {kind}")
+        entries.append(Entry(Kind(kind), digest, size))
+    if sum(e.size for e in entries if e.kind == Kind.CHUNK) > MAX_BYTES:
         raise ProfileError(f"more than {MAX_BYTES} bytes of chunks")
-    return chunks
+    return entries
 
 
 def file_name(store_path: bytes) -> str | None:
@@ -81,7 +106,7 @@ class ProfileFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def load(self, store_path: bytes) -> list[ChunkMeta] | None:
+    def load(self, store_path: bytes) -> list[Entry] | None:
         """The store path's profile, or None if it has none or a bad one (logged)."""
         name = file_name(store_path)
         if name is None:
@@ -100,16 +125,16 @@ class ProfileFiles:
             log.warning("access profile %s ignored: %s", path, e)
             return None
 
-    def save(self, store_path: bytes, chunks: Sequence[ChunkMeta]) -> None:
+    def save(self, store_path: bytes, entries: Sequence[Entry]) -> None:
         """Replace the store path's profile; a failure is logged, never raised."""
         name = file_name(store_path)
-        if name is None or not chunks:
+        if name is None or not entries:
             return
         temp = self.directory / f"{name}{TEMP_MARK}{os.getpid()}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with temp.open("wb") as f:
-                f.write(encode(chunks[:MAX_CHUNKS]))
+                f.write(encode(entries[:MAX_ENTRIES]))
                 f.flush()
                 os.fsync(f.fileno())
             temp.replace(self.directory / name)
