@@ -13,11 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from faultstore import RemoteFaults, spawn_faultstore
 from mounting import TVIXFS, Mount, mounted, needs_fuse
 from uniquetrees import dump_nar
 
 from tvixfs.castore.digest import b3digest
+from tvixfs.fs import accessprofile
+from tvixfs.fs.accessprofile import AccessProfiles
+from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.reader import BlobReader
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.cache import accessprofiles
 from tvixfs.services.cache.accessprofiles import (
     MAGIC,
@@ -248,3 +255,31 @@ def test_profiles_live_beside_the_disk_cache_and_outlive_clearing_it(
             assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
         assert _blob_reads(store) - before == replayed
         _start(mount, tree)
+
+
+def test_a_walk_records_a_bounded_number_of_store_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, over a memory store: store paths entered while ``RECORDINGS`` are being
+    recorded start nothing, and are recorded when entered again once there is room."""
+    monkeypatch.setattr(accessprofile, "WINDOW", 0.5)
+
+    async def main() -> None:
+        store = open_memory_store()
+        names = [f"{i:032}-p".encode() for i in range(accessprofile.RECORDINGS + 5)]
+        async with trio.open_nursery() as nursery:
+            profiles = AccessProfiles(ProfileFiles(tmp_path), BlobReader(Bridge(), store.blobs, nursery))
+            for name in names:
+                profiles.entered(name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == accessprofile.RECORDINGS
+            with trio.fail_after(30):  # a hang detector only
+                while nursery.child_tasks:  # their windows end
+                    await trio.sleep(0.05)
+            profiles.entered(names[0])  # recorded already
+            profiles.entered(names[-1])  # turned away before
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == 1
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

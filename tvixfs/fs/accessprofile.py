@@ -14,8 +14,9 @@ under way instead of waiting a round trip each.
 
 Where it pays: a remote store (over a local one the chunks are a disk read away), and a mount
 whose disk cache does not hold the blobs yet (a cleared or evicted cache, a new machine given
-the profiles of another). Bounded: by the profile's own bounds; ``REPLAYS`` replays at once (a
-walk looking up many store paths starts no more); ``1 / CHUNK_CACHE_SHARE`` of the chunk cache
+the profiles of another). Bounded: by the profile's own bounds; ``RECORDINGS`` store paths
+recorded and ``REPLAYS`` replayed at once (a walk looking up many store paths starts no
+more); ``1 / CHUNK_CACHE_SHARE`` of the chunk cache
 per replay (it must not push out what it fetched); and the threads for fetches ahead
 (``ChunkCache.ahead``, shared with sibling prefetch, apart from the readers' own, so a reader's
 fetch never waits for a thread behind them). Chunks are hashed like any other fetch; a failed
@@ -40,6 +41,9 @@ CALLS = 32  # chunks fetched at once by one replay (each its own call; see chunk
 REPLAYS = 2  # replays at once; a store path entered while they run gets none
 CHUNK_CACHE_SHARE = 2  # a replay fetches at most 1/this of the chunk cache
 STORE_PATHS = 4096  # store paths remembered as already entered in this mount
+# Store paths recorded at once: a walk looking up thousands within WINDOW starts no more (one
+# entered while this many are recording is neither recorded nor replayed, until entered again).
+RECORDINGS = 64
 
 
 class _Recording:
@@ -77,7 +81,7 @@ class AccessProfiles:
     def entered(self, store_path: bytes) -> None:
         """``store_path`` was looked up; the first time, start its replay and recording.
         Never waits."""
-        if store_path in self._entered:
+        if store_path in self._entered or len(self._recording) >= RECORDINGS:
             return
         self._entered[store_path] = True
         self._recording[store_path] = _Recording()
@@ -102,7 +106,10 @@ class AccessProfiles:
     async def _run(self, store_path: bytes) -> None:
         profile: list[Entry] | None = None
         try:
-            profile = await self._chunks.bridge.call(self._files.load, store_path)
+            try:
+                profile = await self._chunks.bridge.call(self._files.load, store_path)
+            except Exception as e:  # the bridge's deadline: its threads all busy that long
+                log.warning("access profile of %s not loaded: %s", store_path.decode(errors="replace"), e)
             if profile and self._chunks.blobs.capabilities.calls_are_remote and self._replays < REPLAYS:
                 self._replays += 1
                 self._chunks.background.start_soon(self._replay, profile)
