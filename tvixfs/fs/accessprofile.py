@@ -76,7 +76,6 @@ class AccessProfiles:
         self._entered: LRUCache[bytes, bool] = LRUCache(STORE_PATHS)
         self._recording: dict[bytes, _Recording] = {}
         self._replays = 0
-        self.replayed = 0  # chunks and chunk lists replays have fetched
 
     def entered(self, store_path: bytes) -> None:
         """``store_path`` was looked up; the first time, start its replay and recording.
@@ -146,12 +145,8 @@ class AccessProfiles:
             try:
                 if entry.kind == Kind.CHUNK_LIST:
                     await self._reader.map_ahead(entry.digest, entry.size)
-                    self.replayed += 1
                 elif not self._chunks.busy(entry.digest):
                     # A profile is no store's word on the chunk: hashed here.
-                    ahead = self._chunks.ahead
-                    fetched = await self._chunks.fetch_run([entry.chunk], check=True, bridge=ahead)
-                    if isinstance(fetched.get(entry.digest), bytes):
-                        self.replayed += 1
+                    await self._chunks.fetch_run([entry.chunk], check=True, bridge=self._chunks.ahead)
             except Exception as e:
                 log.debug("fetching %s of an access profile failed: %s", entry, e)
