@@ -283,3 +283,23 @@ def test_a_walk_records_a_bounded_number_of_store_paths(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_profile_directory_that_is_a_file_is_one_clear_error(short_tmp: Path) -> None:
+    (short_tmp / "file").write_bytes(b"x")
+    mountpoint = short_tmp / "mnt"
+    mountpoint.mkdir()
+    argv = [
+        *TVIXFS,
+        "mount",
+        "--store",
+        "memory://",
+        "--access-profiles",
+        str(short_tmp / "file"),
+        str(mountpoint),
+    ]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"tvixfs: error: --access-profiles: {short_tmp / 'file'} is not a directory"
+    ]
