@@ -41,8 +41,7 @@ UNAVAILABLE_MEMORY = 1.0
 UNAVAILABLE_CHUNKS = 4096
 # Threads fetching chunks ahead of any reader (sibling prefetch, access profiles), together. They
 # are a budget of their own, so a reader's own fetch never waits for a thread behind them; and
-# many, because over a remote store each chunk is one round trip: a profile's 174 chunks over a
-# 20 ms link took 0.59 s 8 at a time, 0.25 s 24 at a time (bench/ANALYSIS.md, issue 15).
+# many, because over a remote store each chunk is one round trip (figures: bench/ANALYSIS.md).
 AHEAD_CALLS = 32
 
 

@@ -62,8 +62,8 @@ LOCAL_RUN = 4
 # reading and hashing compete with the program for the CPU (figures: bench/ANALYSIS.md).
 SLOW_FETCH = 0.005
 # Where a file fetched alone takes this long (a store across a WAN), a directory's budget is
-# doubled: the Python start over a 20 ms link then waits for 27 files of its own instead of 50
-# (its two biggest directories fit), loopback gRPC keeps the smaller budget (bench/ANALYSIS.md).
+# doubled: there each miss costs more than the bytes fetched ahead cost the CPU; a nearer store
+# keeps the smaller budget (figures: bench/ANALYSIS.md).
 FAR_FETCH = 0.015
 
 
