@@ -12,9 +12,15 @@ hashed by both blocks: ~5 % more bytes hashed, all of it off the event loop (han
 crossing chunk's end on to the next block instead saved nothing measurable).
 
 The pass keeps ``window`` bytes ahead of the reader read or being read, drops each block once
-the reader has had all of it (or is ``window`` past it), and reuses the buffers of dropped
-blocks: it holds blocks covering at most ``2 * window`` bytes plus two, and ``SPARE_BLOCKS``
-spare buffers (~40 MiB with the defaults). Nothing of it enters the chunk cache: the kernel
+the reader has had all of it (or is ``LAG`` past it), and reuses the buffers of dropped
+blocks: it holds blocks covering at most ``LAG + window`` bytes plus two, and ``SPARE_BLOCKS``
+spare buffers (~56 MiB with the defaults). The kernel's reads arrive out of order, and a
+reader with small buffers (``cat``: 128 KiB) makes it send the next readahead window before
+the rest of the current one: reads 7 MiB behind or ahead of the furthest so far, with a 4 MiB
+window, in a cold 256 MiB ``cat``. Every read within ``LAG`` of the furthest belongs to the
+pass and is answered from its block (chunk by chunk if that was dropped already). When such
+a read ended the pass instead, a new one read the same blocks again: ~25 passes and twice the
+daemon CPU for one ``cat``. Nothing of it enters the chunk cache: the kernel
 keeps the pages (``keep_cache``), and a long file would only push other files' chunks out. A
 block that fails (a damaged or missing chunk, a store
 timeout) answers nothing: the reads that need it go the chunk path, which fetches the chunks
@@ -50,6 +56,9 @@ SPARE_BLOCKS = 2
 # to a new one.
 MAX_PASSES = 4
 PASS_IDLE = 5.0
+# How far from the furthest read a read still belongs to the pass (see the module docstring);
+# at least the kernel's readahead window (fs/tuning.py) twice over.
+LAG = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +134,9 @@ class SequentialPass:
         """Whether a read at ``offset`` belongs to this pass rather than a jump elsewhere.
 
         The kernel sends a readahead window as concurrent requests that arrive out of order:
-        a read up to ``window`` behind or ahead of the furthest one is still part of the pass.
+        a read up to ``LAG`` behind or ahead of the furthest one is still part of the pass.
         """
-        return not self._closed and self._furthest - self._window <= offset <= self._furthest + self._window
+        return not self._closed and abs(offset - self._furthest) <= LAG
 
     def close(self) -> None:
         """Drop every block; from now on the pass holds no read."""
@@ -158,11 +167,11 @@ class SequentialPass:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _drop_behind(self) -> None:
-        """Drop the blocks read in full, and any left behind by more than the window."""
+        """Drop the blocks read in full, and any left behind by more than ``LAG``."""
         for index in self._served:
             self._drop(index)
         self._served.clear()
-        while self._kept < (self._furthest - self._window) // BLOCK:
+        while self._kept < (self._furthest - LAG) // BLOCK:
             self._drop(self._kept)
             self._kept += 1
 
