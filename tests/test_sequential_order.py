@@ -85,11 +85,45 @@ async def test_reads_ahead_of_the_window_and_stragglers_stay_in_one_pass(
     pieces = {offset: bytes(await reader.read(file, offset, KERNEL_READ)) for offset in order}
     assert b"".join(pieces[o] for o in sorted(pieces)) == data
     assert reader.stats.chunks_fetched == 0  # no read fell back to the chunk cache
+    # One pass: each chunk read once by every block it overlaps. The blocks lie on the grid of
+    # the first read's end (128 KiB), as the kernel's later reads do.
+    phase, block = KERNEL_READ % sequential.KERNEL_READ, sequential.BLOCK
     start = 0
-    for chunk in chunks:  # one pass: each chunk read once by every block it overlaps
-        blocks = (start + chunk.size - 1) // sequential.BLOCK - start // sequential.BLOCK + 1
+    for chunk in chunks:
+        blocks = (start + chunk.size - 1 - phase) // block - (start - phase) // block + 1
         assert counted.reads[chunk.digest] == blocks, (start, chunk.size)
         start += chunk.size
+
+
+async def test_reads_after_a_half_first_read_each_come_from_one_block(
+    store: Store, background: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader with 128 KiB buffers gets a first kernel read of 512 KiB, and every later one
+    (1 MiB) 512 KiB off the 1 MiB grid: the blocks follow that phase, so no read waits for two
+    blocks or is joined from them."""
+    monkeypatch.setattr(sequential, "BLOCK", 2 * 1024 * 1024)
+    monkeypatch.setattr(reader_module, "PASS_MIN", 1024 * 1024)
+    size = 9 * 1024 * 1024 + 17
+    data = os.urandom(size)
+    digest = store.blobs.put([data])
+    filled: list[tuple[int, int]] = []
+    fill = sequential._Source.fill
+
+    def recorded(source: sequential._Source, start: int, end: int, spare: bytearray | None) -> bytearray:
+        filled.append((start, end))
+        return fill(source, start, end, spare)
+
+    monkeypatch.setattr(sequential._Source, "fill", recorded)
+    reader = BlobReader(Bridge(), store.blobs, background, readahead_bytes=1024 * 1024)
+    file = await reader.open(FileNode(b"big", digest, size), b"test")
+    half = sequential.KERNEL_READ // 2
+    reads = [(0, half)] + [(o, sequential.KERNEL_READ) for o in range(half, size, sequential.KERNEL_READ)]
+    pieces = [bytes(await reader.read(file, offset, length)) for offset, length in reads]
+    assert b"".join(pieces) == data
+    assert (0, half) in filled  # the head block, before the phase
+    for offset, length in reads:
+        end = min(offset + length, size)
+        assert any(start <= offset and end <= stop for start, stop in filled), (offset, filled)
 
 
 def _cat_bytes(path: Path) -> bytes:

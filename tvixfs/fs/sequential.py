@@ -6,8 +6,9 @@ event loop thread, which also replies to the kernel, and the per-chunk bookkeepi
 claims, one result per chunk) ran there too. Here a worker thread reads whole ``BLOCK``-sized,
 ``BLOCK``-aligned stretches of the file straight into one buffer each (``read_into``: one
 copy, from the chunk file into the buffer) and verifies every chunk they touch, whole, before
-the buffer is used; the kernel's reads (1 MiB, 1 MiB-aligned, during readahead) are then
-answered with slices of it, uncopied. A chunk that crosses a block boundary is read and
+the buffer is used; the kernel's reads (1 MiB during readahead, all at the phase of the
+pass's first read, which the block grid follows) are then answered with slices of it,
+uncopied. A chunk that crosses a block boundary is read and
 hashed by both blocks: ~5 % more bytes hashed, all of it off the event loop (handing the
 crossing chunk's end on to the next block instead saved nothing measurable).
 
@@ -46,9 +47,8 @@ from tvixfs.services.chunkcheck import ChunkCheck
 
 log = logging.getLogger(__name__)
 
-# Bytes per worker thread call, and the alignment of the buffers (a multiple of the kernel's
-# largest read, 1 MiB, so that its reads never straddle two buffers; figures in
-# bench/ANALYSIS.md).
+# Bytes per worker thread call (a multiple of the kernel's largest read, KERNEL_READ, so that
+# its reads, on the grid of the pass, never straddle two buffers; figures in bench/ANALYSIS.md).
 BLOCK = 8 << 20
 SPARE_BLOCKS = 2
 # At most MAX_PASSES passes at once (each holds up to ~40 MiB of blocks); beyond that, reads
@@ -59,6 +59,9 @@ PASS_IDLE = 5.0
 # How far from the furthest read a read still belongs to the pass (see the module docstring);
 # at least the kernel's readahead window (fs/tuning.py) twice over.
 LAG = 16 << 20
+# The kernel's largest read (FUSE max_pages 256): it cuts each readahead window into reads of
+# this size from the window's start, so they share the phase of the first read's end.
+KERNEL_READ = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ class SequentialPass:
         background: trio.Nursery,
         window: int,
         offset: int,
+        first_end: int,
     ) -> None:
         self._bridge = bridge
         self._source = _Source(blobs, chunk_map, check)
@@ -124,8 +128,13 @@ class SequentialPass:
         self._blocks: dict[int, _Block] = {}
         self._served: list[int] = []  # blocks read in full, to drop at the next read
         self._spare: list[bytearray] = []  # buffers of dropped blocks, nobody else's any more
+        # Blocks start at phase + k * BLOCK (block -1 is the head before the phase): a reader
+        # with small buffers (cat: 128 KiB) gets a first readahead of 512 KiB, and every
+        # later kernel read is 512 KiB off the 1 MiB grid; on a grid of the same phase no read
+        # straddles two blocks (waiting for both, and joined by a copy).
+        self._phase = first_end % min(KERNEL_READ, BLOCK)
         self._furthest = offset  # where the furthest read so far ended
-        self._kept = offset // BLOCK  # the blocks below this one were dropped
+        self._kept = self._index(offset)  # the blocks below this one were dropped
         self._next = self._kept  # the first block not started yet
         self._closed = False
         self.last_used = trio.current_time()
@@ -151,14 +160,14 @@ class SequentialPass:
         self._drop_behind()
         self._start_blocks(self._furthest + self._window)
         pieces: list[memoryview] = []
-        for index in range(offset // BLOCK, (end - 1) // BLOCK + 1):
+        for index in range(self._index(offset), self._index(end - 1) + 1):
             block = self._blocks.get(index)
             if block is None:  # dropped already: read again, long after the others
                 return None
             await block.done.wait()
             if block.data is None:
                 return None
-            base = index * BLOCK
+            base = self._start(index)
             low, high = max(offset, base) - base, min(end - base, len(block.data))
             pieces.append(memoryview(block.data)[low:high])
             block.served += high - low
@@ -171,7 +180,7 @@ class SequentialPass:
         for index in self._served:
             self._drop(index)
         self._served.clear()
-        while self._kept < (self._furthest - LAG) // BLOCK:
+        while self._kept < self._index(self._furthest - LAG):
             self._drop(self._kept)
             self._kept += 1
 
@@ -193,15 +202,22 @@ class SequentialPass:
 
     def _start_blocks(self, until: int) -> None:
         until = min(until, self._size)
-        while self._next * BLOCK < until:
+        while self._start(self._next) < until:
             block = _Block()
             self._blocks[self._next] = block
             self._background.start_soon(self._read_block, self._next, block)
             self._next += 1
 
+    def _index(self, offset: int) -> int:
+        """The block holding byte ``offset`` (-1: the head before the phase)."""
+        return (offset - self._phase) // BLOCK
+
+    def _start(self, index: int) -> int:
+        return max(0, self._phase + index * BLOCK)
+
     async def _read_block(self, index: int, block: _Block) -> None:
-        start = index * BLOCK
-        end = min(start + BLOCK, self._size)
+        start = self._start(index)
+        end = min(self._start(index + 1), self._size)
         spare = self._spare.pop() if self._spare and end - start == BLOCK else None
         try:
             block.data = await self._bridge.call(self._source.fill, start, end, spare)
@@ -259,6 +275,7 @@ class PassReads(ChunkReads):
                 background=chunks.background,
                 window=chunks.readahead,
                 offset=offset,
+                first_end=end,
             )
             self._passes.add(passing)
         if passing is not None:
