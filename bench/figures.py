@@ -98,7 +98,8 @@ def _readahead_note(sides: dict[str, set[int]]) -> str:
 
 def _cat_cold(samples: Samples, cpu: Samples, path: Path, pid: int) -> None:
     """The plain harness of issue 18: the file looked up untimed, then `cat` timed (128 KiB
-    reads, which make the kernel send its readahead out of order), and the daemon's CPU."""
+    reads and posix_fadvise(SEQUENTIAL): a doubled readahead window, its reads 512 KiB off
+    the 1 MiB grid and out of order; bench/ANALYSIS.md), and the daemon's CPU."""
     os.stat(path)
     before = cpu_seconds(pid)
     samples.add(timed(lambda: run_quiet(["cat", path])))
