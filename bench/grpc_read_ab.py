@@ -95,6 +95,11 @@ def sample(code: str, store_url: str, file: str, work: Path, over_grpc: bool) ->
         cpu0 = [cpu_seconds(p) for p in pids]
         th0 = [threads(p) for p in pids]
         sw0 = [switches(p) for p in pids]
+        perf = None
+        if os.environ.get("AB_PERF"):
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "-o", os.environ["AB_PERF"],
+                                     "-p", ",".join(map(str, pids))], stderr=subprocess.DEVNULL)  # fmt: skip
+            time.sleep(0.5)
         start = time.perf_counter()
         if os.environ.get("AB_TRACE"):
             marks = []
@@ -106,6 +111,9 @@ def sample(code: str, store_url: str, file: str, work: Path, over_grpc: bool) ->
         else:
             read_file(path)
         wall = time.perf_counter() - start
+        if perf is not None:
+            perf.send_signal(2)
+            perf.wait()
         cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
         sw = sum(switches(p) for p in pids) - sum(sw0)
         if os.environ.get("AB_THREADS"):

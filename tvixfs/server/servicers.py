@@ -39,9 +39,11 @@ from tvixfs.store.storepath import HASH_SIZE
 
 Handlers = dict[Method, Callable[[Any], Any]]
 
-# Bytes per BlobChunk sent by Read: as fast as any size measured, and a quarter of the 4 MiB a
-# default gRPC client accepts (figures: bench/ANALYSIS.md, "Figures behind constants").
-READ_MESSAGE_SIZE = 1 << 20
+# Bytes per BlobChunk sent by Read: half the 4 MiB a default gRPC client accepts. Each message
+# costs grpcio's sync server two thread hand-offs; against 1 MiB, 2 MiB messages save about a
+# fifth of the context switches of a big read and some daemon CPU (figures: bench/ANALYSIS.md,
+# "Figures behind constants").
+READ_MESSAGE_SIZE = 2 << 20
 
 # How a Read stream of a blob of many chunks reads them: by threads shared by all streams, in
 # batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. It pays
