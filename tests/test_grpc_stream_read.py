@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from test_metrics import metrics_url, scrape
 
 from tvixfs.fs import wholeblob
 from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.backends.memoryfs import in_memory
 from tvixfs.services.base import ChunkMeta
 from tvixfs.store.storepath import StorePath
 
@@ -30,16 +32,30 @@ SIZE = 24 << 20  # enough for the whole-blob stream: 1 MiB read, 16 MiB or more 
 KERNEL_READ = 1 << 20
 
 
+@pytest.fixture(params=["disk", "memory"])
+def store_parent(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Path]:
+    """Where the store lives: on disk the daemon reads chunk files ahead on threads, on tmpfs
+    inline (``BlobCapabilities.reads_from_memory``); both paths must serve the same bytes."""
+    if request.param == "disk":
+        yield short_tmp
+        return
+    if not in_memory(Path("/dev/shm")):
+        pytest.skip("/dev/shm is not tmpfs here")
+    with tempfile.TemporaryDirectory(prefix="tvx", dir="/dev/shm") as parent:
+        yield Path(parent)
+
+
 @pytest.fixture
-def big_store(short_tmp: Path, tmp_path: Path) -> tuple[Path, str, bytes, list[ChunkMeta]]:
+def big_store(store_parent: Path, tmp_path: Path) -> tuple[Path, str, bytes, list[ChunkMeta]]:
     """A local store holding one big random file; (store dir, basename, bytes, chunks)."""
     assert SIZE >= wholeblob.WHOLE_READ_AFTER + wholeblob.WHOLE_READ_REST + KERNEL_READ
     data = os.urandom(SIZE)
     (tmp_path / "big.bin").write_bytes(data)
-    store_dir = short_tmp / "store"
+    store_dir = store_parent / "store"
     basename = import_tree(store_dir, tmp_path / "big.bin", "big")
     store = open_local_store(store_dir)
     try:
+        assert store.blobs.capabilities.reads_from_memory == in_memory(store_parent)
         info = store.pathinfos.get(StorePath.from_basename(basename).digest)
         assert info is not None and info.node.HasField("file")
         chunks = store.blobs.stat(info.node.file.digest, send_chunks=True)

@@ -65,9 +65,11 @@ class BlobServicer:
         self._blobs = blobs
         self._message_size = message_size
         # Only a store that checks every chunk it reads, and reads it in this process: over a
-        # remote store one stream of the whole blob is far cheaper than a call per chunk.
+        # remote store one stream of the whole blob is far cheaper than a call per chunk. Not
+        # a store in memory: no disk to wait for, only hand-offs to pay (bench/ANALYSIS.md).
         can = blobs.capabilities
-        self._read_ahead = read_ahead if can.verifies_chunk_reads and not can.calls_are_remote else None
+        local = can.verifies_chunk_reads and not can.calls_are_remote
+        self._read_ahead = read_ahead if local and not can.reads_from_memory else None
         self._slots = read_ahead_slots or ReadAheadSlots(DEFAULT_READ_AHEAD_STREAMS)
 
     def handlers(self) -> Handlers:
