@@ -11,7 +11,9 @@ front to back in 1 MiB blocks, timed. Besides the wall time it records, from /pr
 (utime + stime) of the mount and of the daemon during the read, and the context switches of
 their threads. ``--embedded`` adds the `cold-read` sample of the first variant (the mount
 reading the store directly), the figure's denominator. Variants alternate in rotating order,
-so load from others on the shared machine hits each alike.
+so load from others on the shared machine hits each alike. A variant's ``AB_UNIX=1`` serves
+over a unix socket instead of TCP; ``AB_TRACE``, ``AB_THREADS``, ``AB_PERF`` print when each
+MiB arrived, CPU (or ``switches``) per thread, and record a perf profile.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ def sample(code: str, store_url: str, file: str, work: Path, over_grpc: bool) ->
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
-        daemon = stack.enter_context(tvixfs_daemon(store_url, logs / "daemon.log")) if over_grpc else None
+        unix = work / "daemon.sock" if os.environ.get("AB_UNIX") else None
+        daemon = None
+        if over_grpc:
+            daemon = stack.enter_context(tvixfs_daemon(store_url, logs / "daemon.log", unix))
         mnt = Path(tempfile.mkdtemp(prefix="grpcab-mnt", dir="/tmp"))
         stack.callback(mnt.rmdir)
         mount = stack.enter_context(tvixfs_mount(store_url if daemon is None else daemon.url, mnt,
@@ -157,7 +162,8 @@ def main() -> int:
                 results[name].append(s)
                 print(f"{name}: {s['wall']:.3f} s, mount {s['mount']:.2f} s, daemon {s['daemon']:.2f} s, "
                       f"{s['switches']:.0f} switches", file=sys.stderr, flush=True)  # fmt: skip
-        print(f"| variant ({args.mib} MiB, {args.reps} reps, medians) | wall | mount CPU | daemon CPU | switches |")
+        head = f"variant ({args.mib} MiB, {args.reps} reps, medians)"
+        print(f"| {head} | wall | mount CPU | daemon CPU | switches |")
         print("| --- | --- | --- | --- | --- |")
         for name, samples in results.items():
             med = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
