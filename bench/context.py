@@ -51,6 +51,7 @@ class Config:
     import_reps: int
     walk_entries: int = 24_000
     ram_size: str = "6g"
+    metrics_reps: int = 15
 
 
 FULL = Config(
@@ -59,7 +60,7 @@ FULL = Config(
 )  # fmt: skip
 QUICK = Config(
     big_mib=64, many_per_half=5_000, cold_reps=3, warm_reps=5, walk_reps=2,
-    program_reps=2, rss_reps=1, import_reps=2,
+    program_reps=2, rss_reps=1, import_reps=2, metrics_reps=3,
 )  # fmt: skip
 
 

@@ -80,6 +80,15 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, its exited threads included (/proc/PID/stat).
+
+    Less disturbed by the machine's other load than wall time; resolution one clock tick.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_rss(pid: int) -> int:
     """Resident set size of a process in bytes, from /proc/PID/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -131,15 +131,17 @@ def tvixfs_mount(
 
 
 @contextmanager
-def tvixfs_daemon(store_url: str, log: Path) -> Iterator[Daemon]:
-    """`tvixfs daemon` on 127.0.0.1 inside a fresh network namespace with only loopback up."""
-    listen = f"127.0.0.1:{DAEMON_PORT}"
+def tvixfs_daemon(store_url: str, log: Path, unix: Path | None = None) -> Iterator[Daemon]:
+    """`tvixfs daemon` on 127.0.0.1 (or the unix socket ``unix``) inside a fresh network
+    namespace with only loopback up."""
+    listen = f"127.0.0.1:{DAEMON_PORT}" if unix is None else f"unix:{unix}"
+    url = f"grpc+http://{listen}" if unix is None else f"grpc+unix://{unix}"
     argv = [
         "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
         str(TVIXFS), "daemon", "--listen", listen, "--store", store_url,
     ]  # fmt: skip
     with _notified(argv, log, None) as pid:
-        yield Daemon(pid, log, f"grpc+http://{listen}")
+        yield Daemon(pid, log, url)
 
 
 @contextmanager

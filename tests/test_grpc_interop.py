@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpcserver import running_daemon
 
+from tvixfs.server.servicers import READ_MESSAGE_SIZE
+
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +106,7 @@ def test_independent_client(
         "hello_chunks": 0,
         "big_digest": blake3.blake3(BIG).hexdigest(),
         "big_equal": True,
-        "big_largest_message": 1 << 20,
+        "big_largest_message": READ_MESSAGE_SIZE,  # below a stock client's 4 MiB limit
         "stat_absent": "NOT_FOUND",
         "read_short_digest": "INVALID_ARGUMENT",
         "keep_digest": KEEP_DIGEST,

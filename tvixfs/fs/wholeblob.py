@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 IDLE_SECONDS = 5.0
 # A pass that started at byte 0 and has read this far in order switches to one read of the
 # whole blob, if WHOLE_READ_REST bytes or more remain: that read fetches the first part again,
-# and saves a call per chunk on the rest. (A program that only peeks at the start of a big
-# file never gets that far.)
-WHOLE_READ_AFTER = 8 << 20
+# and saves a call per chunk on the rest. One full kernel read (1 MiB) is enough: the chunks
+# fetched one by one before the switch cost both processes more than the start read again
+# (figures: bench/ANALYSIS.md). A program that peeks at a header never gets that far; one that
+# stops or jumps after the switch stops the stream within ``window`` bytes.
+WHOLE_READ_AFTER = 1 << 20
 WHOLE_READ_REST = 16 << 20
 
 

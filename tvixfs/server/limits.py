@@ -230,8 +230,12 @@ class StreamGate:
         waiting = stream.waiting_since
         if waiting is not None and now - waiting > self.limits.idle_timeout:
             return f"its client took nothing for {self.limits.idle_timeout:g} s (--stream-idle-timeout)"
-        # A stream that is working gets one more tick to end itself with DEADLINE_EXCEEDED.
-        if now - stream.started > self.limits.stream_timeout + (0 if waiting is not None else self._tick):
+        # Past its age a stream ends itself with DEADLINE_EXCEEDED, a status its client can
+        # read, once its current message is taken (or made): it gets a tick for that, or while
+        # it waits for a client that is still taking, up to the idle timeout. Cancelled, the
+        # client would only see CANCELLED.
+        grace = self._tick if waiting is None else self.limits.idle_timeout
+        if now - stream.started > self.limits.stream_timeout + grace:
             return f"open longer than {self.limits.stream_timeout:g} s (--stream-timeout)"
         return None
 

@@ -39,9 +39,11 @@ from tvixfs.store.storepath import HASH_SIZE
 
 Handlers = dict[Method, Callable[[Any], Any]]
 
-# Bytes per BlobChunk sent by Read: as fast as any size measured, and a quarter of the 4 MiB a
-# default gRPC client accepts (figures: bench/ANALYSIS.md, "Figures behind constants").
-READ_MESSAGE_SIZE = 1 << 20
+# Bytes per BlobChunk sent by Read: half the 4 MiB a default gRPC client accepts. Each message
+# costs grpcio's sync server two thread hand-offs; against 1 MiB, 2 MiB messages save about a
+# fifth of the context switches of a big read and some daemon CPU (figures: bench/ANALYSIS.md,
+# "Figures behind constants").
+READ_MESSAGE_SIZE = 2 << 20
 
 # How a Read stream of a blob of many chunks reads them: by threads shared by all streams, in
 # batches of about READ_AHEAD_BATCH bytes, up to READ_AHEAD bytes before they are due. It pays
@@ -63,9 +65,11 @@ class BlobServicer:
         self._blobs = blobs
         self._message_size = message_size
         # Only a store that checks every chunk it reads, and reads it in this process: over a
-        # remote store one stream of the whole blob is far cheaper than a call per chunk.
+        # remote store one stream of the whole blob is far cheaper than a call per chunk. Not
+        # a store in memory: no disk to wait for, only hand-offs to pay (bench/ANALYSIS.md).
         can = blobs.capabilities
-        self._read_ahead = read_ahead if can.verifies_chunk_reads and not can.calls_are_remote else None
+        local = can.verifies_chunk_reads and not can.calls_are_remote
+        self._read_ahead = read_ahead if local and not can.reads_from_memory else None
         self._slots = read_ahead_slots or ReadAheadSlots(DEFAULT_READ_AHEAD_STREAMS)
 
     def handlers(self) -> Handlers:

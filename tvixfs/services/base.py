@@ -46,6 +46,9 @@ class BlobCapabilities:
     # the whole blob than with one per chunk, and puts are worth running in parallel threads
     # (they wait for the network, not for the CPU).
     calls_are_remote: bool = False
+    # Reads never wait for a disk (the store's files are in memory, on tmpfs): reading ahead
+    # on other threads would hide no latency and cost a thread hand-off per batch.
+    reads_from_memory: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.backends.chunkfiles import ChunkFiles
 from tvixfs.services.backends.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
+from tvixfs.services.backends.memoryfs import in_memory
 from tvixfs.services.base import (
     BlobCapabilities,
     BlobService,
@@ -77,11 +78,13 @@ def _guarded(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[
 
 
 class LocalBlobService(BlobService):
-    capabilities = BlobCapabilities(verifies_chunk_reads=True)  # chunk files are hashed as read
-
     def __init__(self, backend: LocalBackend) -> None:
         self._backend = backend
         self._chunks = backend.chunks
+        # Chunk files are hashed as read.
+        self.capabilities = BlobCapabilities(
+            verifies_chunk_reads=True, reads_from_memory=in_memory(backend.chunks.root)
+        )
 
     def _chunk_list(self, digest: bytes) -> list[ChunkMeta] | None:
         packed = self._backend.pending_chunks(digest)
