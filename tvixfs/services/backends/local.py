@@ -211,12 +211,13 @@ def _load_directory(conn: sqlite3.Connection, digest: bytes) -> Directory | None
     row = conn.execute("SELECT data FROM directories WHERE digest = ?", (digest,)).fetchone()
     if row is None:
         return None
-    data = bytes(row[0])
+    # Rows hold the canonical encoding (put_many writes ``to_bytes``, fsck checks it), so the
+    # stored bytes' hash is the directory's digest: checked without encoding it again.
     try:
-        directory = Directory.from_bytes(data)
+        directory = Directory.from_canonical_bytes(bytes(row[0]))
     except ValidationError as e:
         raise CorruptDataError(f"stored directory {digest.hex()} is invalid: {e}") from None
-    if b3digest(data) != digest:
+    if directory.digest() != digest:
         raise CorruptDataError(f"stored directory {digest.hex()} does not match its digest")
     return directory
 
