@@ -121,9 +121,12 @@ class LocalBlobService(BlobService):
 
     def read(self, digest: bytes) -> Iterator[bytes]:
         check_digest(digest)
-        # A chunk file first: the mount reads chunks by digest, and a one-chunk blob is its chunk.
-        size = self._chunks.size(digest)
-        chunks = [ChunkMeta(digest, size)] if size is not None else self._chunk_list(digest)
+        # A chunk file first: the mount reads chunks by digest, and a one-chunk blob is its
+        # chunk. Read at once: opening it is how to learn whether it is there.
+        whole = self._chunks.read_if_present(digest)
+        if whole is not None:
+            return iter((whole,))
+        chunks = self._chunk_list(digest)
         if chunks is None:
             raise NotFoundError(f"blob {digest.hex()} not found")
         return (self._chunks.read(c.digest, c.size) for c in chunks)
