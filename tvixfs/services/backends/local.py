@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from tvixfs.castore.chunking import chunk_stream
-from tvixfs.castore.digest import b3digest, check_digest, new_hasher
+from tvixfs.castore.digest import DIGEST_SIZE, b3digest, check_digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -130,6 +130,11 @@ class LocalBlobService(BlobService):
         if chunks is None:
             raise NotFoundError(f"blob {digest.hex()} not found")
         return (self._chunks.read(c.digest, c.size) for c in chunks)
+
+    def read_resident(self, digest: bytes, size: int) -> bytes | None:
+        # Only a chunk file's bytes (a one-chunk blob is its chunk): a blob of several is
+        # read the ordinary way.
+        return self._chunks.read_resident(digest, size) if len(digest) == DIGEST_SIZE else None
 
     def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
         check_digest(digest)
