@@ -20,6 +20,8 @@ from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.backends.resident import open_resident
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.errors import CorruptDataError
+from tvixfs.services.meteredstore import metered
+from tvixfs.services.metrics import Metrics
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -130,3 +132,11 @@ def test_big_chunks_and_other_stores_take_the_thread(store: Store, tmp_path: Pat
     small = memory.blobs.put([b"small"])
     assert memory.blobs.read_resident(small, 5) is None
     assert _get(memory, ChunkMeta(small, 5)) == (b"small", 1)
+
+
+def test_the_metrics_wrapper_passes_resident_reads_on(store: Store, tmp_path: Path) -> None:
+    _resident_here(tmp_path)
+    data = os.urandom(3000)
+    digest = store.blobs.put([data])
+    wrapped = metered(store, Metrics())
+    assert _get(wrapped, ChunkMeta(digest, len(data))) == (data, 0)
