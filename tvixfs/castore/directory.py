@@ -8,7 +8,7 @@ nodes so that callers never look at an unchecked field.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tvixfs.castore.digest import b3digest
 from tvixfs.castore.errors import ValidationError
@@ -29,6 +29,8 @@ class Directory:
     directories: tuple[DirectoryNode, ...] = ()
     files: tuple[FileNode, ...] = ()
     symlinks: tuple[SymlinkNode, ...] = ()
+    # The digest, once known: computed by ``digest`` or taken from the bytes it was read from.
+    _digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         seen: set[bytes] = set()
@@ -67,6 +69,20 @@ class Directory:
         return cls.from_proto(msg)
 
     @classmethod
+    def from_canonical_bytes(cls, data: bytes) -> Directory:
+        """Parse bytes known to be a directory's canonical encoding (``to_bytes``), such as
+        a store's own row: its digest is then the hash of ``data``, taken without encoding
+        it again (a store path's first directory load re-encoded ~1,300 directories).
+
+        Only for bytes whose writer guarantees the canonical form (the embedded store writes
+        ``to_bytes`` and fsck checks it): a non-canonical encoding would get a digest other
+        than ``digest`` computes. Bytes from the network go through ``from_bytes``.
+        """
+        directory = cls.from_bytes(data)
+        object.__setattr__(directory, "_digest", b3digest(data))
+        return directory
+
+    @classmethod
     def of(cls, nodes: list[Node]) -> Directory:
         """Build from entries in any order (as a directory walk yields them)."""
         dirs = sorted((n for n in nodes if isinstance(n, DirectoryNode)), key=_name)
@@ -86,7 +102,11 @@ class Directory:
         return self.to_proto().SerializeToString(deterministic=True)
 
     def digest(self) -> bytes:
-        return b3digest(self.to_bytes())
+        found = self._digest
+        if found is None:
+            found = b3digest(self.to_bytes())
+            object.__setattr__(self, "_digest", found)  # immutable: computed once
+        return found
 
     def entries(self) -> list[Node]:
         """All entries sorted bytewise by name: the order of a NAR and of a listing."""

@@ -7,7 +7,8 @@ worker thread, so each byte is hashed once. A corrupt or missing chunk fails tha
 EIO, never returns wrong bytes, and is never cached, so a later read asks the store again.
 Concurrent fetches of one chunk (parallel readers, the kernel's readahead, ours, a whole-blob
 stream's claims) share one fetch (``InFlight``). Several chunks are fetched in one worker
-thread call where a read or a readahead run needs them (``fetch_run``).
+thread call where a read or a readahead run needs them (``fetch_run``). A small chunk that the
+store holds in memory (the page cache, for the embedded store) is read on the event loop.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ UNAVAILABLE_CHUNKS = 4096
 # are a budget of their own, so a reader's own fetch never waits for a thread behind them; and
 # many, because over a remote store each chunk is one round trip (figures: bench/ANALYSIS.md).
 AHEAD_CALLS = 32
+# Chunks up to this size are read on the event loop where the store has them in memory
+# (``BlobService.read_resident``): reading and hashing them costs less than the thread hop.
+RESIDENT_MAX = 128 << 10
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
@@ -130,6 +134,12 @@ class ChunkCache:
         if data is not None:
             self.stats.cache_hits += 1
             return data
+        if chunk.size <= RESIDENT_MAX and chunk.digest not in self.inflight:
+            # Small and in memory already: read here, without the hop to a worker thread.
+            data = self.blobs.read_resident(chunk.digest, chunk.size)
+            if data is not None:
+                self.fetched(chunk, data)
+                return data
         return await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
 
     def start_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:

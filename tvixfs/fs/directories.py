@@ -2,7 +2,8 @@
 
 On a miss the whole subtree is asked for in one recursive Get (one round trip fills a store
 path's tree when it is first entered), unless the parent says the subtree is large compared
-with the cache, in which case only the one directory is fetched. Every directory of a recursive
+with the cache, or the caller asks for the one directory only (a lookup over a store in this
+process), in which case only the one directory is fetched. Every directory of a recursive
 answer must have been referred to by one received before it; the digest that keys the cache
 is computed from the directory itself (in the pump thread, off the event loop), so a store
 cannot make one directory appear under another's digest.
@@ -107,16 +108,24 @@ class Directories:
         """The listing if it is cached, without asking the store."""
         return self._cache.get(digest)
 
-    async def get(self, node: DirectoryNode) -> Listing:
+    async def get(self, node: DirectoryNode, subtree: bool = True) -> Listing:
+        """The listing; on a miss with ``subtree``, its whole subtree is fetched with it.
+
+        Without ``subtree`` only this directory is: where a call is cheap (a store read in
+        this process), a lookup fetches just the directory it looks in, and the subtree waits
+        for an ``opendir`` (a walk, which wants it). A program starting looks up files in a
+        few tens of directories of a tree of hundreds: loading and checking all of them held
+        up its first lookup by about 100 ms (figures in bench/ANALYSIS.md).
+        """
         found = self._cache.get(node.digest)
         if found is not None:
             return found
-        return await self._inflight.run(node.digest, lambda: self._fetch(node))
+        return await self._inflight.run(node.digest, lambda: self._fetch(node, subtree))
 
-    async def _fetch(self, node: DirectoryNode) -> Listing:
+    async def _fetch(self, node: DirectoryNode, recursive: bool) -> Listing:
         root = self._roots.get(node.digest, node.digest)
         try:
-            return await self._fetch_direct(node, root)
+            return await self._fetch_direct(node, root, recursive)
         except NotFoundError:
             if root == node.digest:
                 raise
@@ -136,9 +145,9 @@ class Directories:
             self._store(digest, listing, root)
         return wanted
 
-    async def _fetch_direct(self, node: DirectoryNode, root: bytes) -> Listing:
+    async def _fetch_direct(self, node: DirectoryNode, root: bytes, recursive: bool) -> Listing:
         # ``size`` is advisory (tvix and snix write other values), good enough to choose.
-        if node.size > self._cache.maxsize // 4:
+        if not recursive or node.size > self._cache.maxsize // 4:
             listing = await self._bridge.call(_checked_one, self._service, node.digest)
             self._store(node.digest, listing, root)
             return listing

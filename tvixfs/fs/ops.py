@@ -214,6 +214,8 @@ class TvixOperations(pyfuse3.Operations):
         self._directories = Directories(
             Bridge(options.threads, options.deadline), store.directories, options.directory_cache_entries
         )
+        # A lookup's miss fetches the subtree too only where each call is a round trip.
+        self._lookup_subtrees = store.blobs.capabilities.calls_are_remote
         self._reader = BlobReader(
             Bridge(options.threads, options.deadline),
             store.blobs,
@@ -324,7 +326,7 @@ class TvixOperations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         if not isinstance(parent.node, DirectoryNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        listing = await self._directories.get(parent.node)
+        listing = await self._directories.get(parent.node, subtree=self._lookup_subtrees)
         child = listing.find(name)
         if child is None:
             return negative_entry(FOREVER)

@@ -109,6 +109,17 @@ class BlobService(ABC):
         ):
             yield verified(data, chunk.digest, chunk.size, what)
 
+    def read_resident(self, digest: bytes, size: int) -> bytes | None:
+        """The bytes of a chunk (or blob) of ``size`` bytes, checked against ``digest``, if
+        the store can hand them over at once, without waiting on a disk or a network; else
+        None, and the caller reads them the ordinary way, which reports any error.
+
+        Safe to call from an event loop: the mount asks this first for small chunks, saving
+        the hop to a worker thread. A store whose bytes may be in the page cache (the
+        embedded store's chunk files) overrides it.
+        """
+        return None
+
     def forked_writer(self) -> ForkedWriter | None:
         """How forked processes can write into this store themselves, if they can (an
         embedded store's chunk files); None: every blob goes through ``put``."""

@@ -118,6 +118,12 @@ class MeteredBlobService(BlobService):
     def put(self, data: Iterable[bytes]) -> bytes:
         return self._meter.call("put", self.inner.put, data)
 
+    def read_resident(self, digest: bytes, size: int) -> bytes | None:
+        data = self._meter.call("read_resident", self.inner.read_resident, digest, size)
+        if data is not None:
+            self._fetched.inc(len(data))
+        return data
+
     def has(self, digest: bytes) -> bool:
         return self._meter.call("has", self.inner.has, digest)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import cast
 
 from tvixfs.castore.digest import b3digest, new_hasher
+from tvixfs.services.backends.resident import open_resident
 from tvixfs.services.errors import CorruptDataError
 
 TEMP_MARK = ".tmp-"
@@ -59,12 +60,6 @@ class ChunkFiles:
     def path(self, digest: bytes) -> Path:
         name = digest.hex()
         return self.root / name[:2] / name
-
-    def size(self, digest: bytes) -> int | None:
-        try:
-            return os.stat(self.path(digest)).st_size
-        except FileNotFoundError:
-            return None
 
     def write(self, digest: bytes, data: memoryview) -> None:
         """Store a chunk under its digest's name; durable only after the next ``sync``.
@@ -113,18 +108,44 @@ class ChunkFiles:
 
     def read(self, digest: bytes, expected_size: int | None = None) -> bytes:
         """The verified bytes of one chunk; CorruptDataError if missing or damaged."""
-        path = self.path(digest)
+        data = self.read_if_present(digest, expected_size)
+        if data is None:
+            raise CorruptDataError(f"chunk {digest.hex()} is missing from {self.root}")
+        return data
+
+    def read_if_present(self, digest: bytes, expected_size: int | None = None) -> bytes | None:
+        """The verified bytes of one chunk, or None if there is no such file; CorruptDataError
+        if damaged. Asking by opening it, not by a stat first: one lookup of its name in the
+        fan-out directory, not two."""
+        name = digest.hex()
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"{self._root_name}/{name[:2]}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise CorruptDataError(f"chunk {digest.hex()} is missing from {self.root}") from None
+            return None
+        return self._verified(fd, digest, expected_size)
+
+    def read_resident(self, digest: bytes, size: int) -> bytes | None:
+        """The verified bytes of one chunk if reading them cannot wait on a disk (resident.py);
+        else None, also if it is missing or damaged: ``read`` then says what is wrong. Cheap
+        enough for an event loop with chunks of some tens of KiB."""
+        name = digest.hex()
+        fd = open_resident(f"{self._root_name}/{name[:2]}/{name}", size)
+        if fd is None:
+            return None
+        try:
+            return self._verified(fd, digest, size)
+        except CorruptDataError:
+            return None
+
+    def _verified(self, fd: int, digest: bytes, expected_size: int | None) -> bytes:
+        """Read the chunk file open on ``fd`` (and close it); CorruptDataError if damaged."""
         try:
             # One byte more than expected, so that a longer file shows as damaged.
             data = _read_up_to(fd, (os.fstat(fd).st_size if expected_size is None else expected_size) + 1)
         finally:
             os.close(fd)
         if (expected_size is not None and len(data) != expected_size) or b3digest(data) != digest:
-            raise CorruptDataError(f"chunk file {path} does not match its digest")
+            raise CorruptDataError(f"chunk file {self.path(digest)} does not match its digest")
         return data
 
     def read_into(self, digest: bytes, views: Sequence[memoryview]) -> bool:

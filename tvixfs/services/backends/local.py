@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from tvixfs.castore.chunking import chunk_stream
-from tvixfs.castore.digest import b3digest, check_digest, new_hasher
+from tvixfs.castore.digest import DIGEST_SIZE, b3digest, check_digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -124,12 +124,20 @@ class LocalBlobService(BlobService):
 
     def read(self, digest: bytes) -> Iterator[bytes]:
         check_digest(digest)
-        # A chunk file first: the mount reads chunks by digest, and a one-chunk blob is its chunk.
-        size = self._chunks.size(digest)
-        chunks = [ChunkMeta(digest, size)] if size is not None else self._chunk_list(digest)
+        # A chunk file first: the mount reads chunks by digest, and a one-chunk blob is its
+        # chunk. Read at once: opening it is how to learn whether it is there.
+        whole = self._chunks.read_if_present(digest)
+        if whole is not None:
+            return iter((whole,))
+        chunks = self._chunk_list(digest)
         if chunks is None:
             raise NotFoundError(f"blob {digest.hex()} not found")
         return (self._chunks.read(c.digest, c.size) for c in chunks)
+
+    def read_resident(self, digest: bytes, size: int) -> bytes | None:
+        # Only a chunk file's bytes (a one-chunk blob is its chunk): a blob of several is
+        # read the ordinary way.
+        return self._chunks.read_resident(digest, size) if len(digest) == DIGEST_SIZE else None
 
     def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
         check_digest(digest)
@@ -214,12 +222,13 @@ def _load_directory(conn: sqlite3.Connection, digest: bytes) -> Directory | None
     row = conn.execute("SELECT data FROM directories WHERE digest = ?", (digest,)).fetchone()
     if row is None:
         return None
-    data = bytes(row[0])
+    # Rows hold the canonical encoding (put_many writes ``to_bytes``, fsck checks it), so the
+    # stored bytes' hash is the directory's digest: checked without encoding it again.
     try:
-        directory = Directory.from_bytes(data)
+        directory = Directory.from_canonical_bytes(bytes(row[0]))
     except ValidationError as e:
         raise CorruptDataError(f"stored directory {digest.hex()} is invalid: {e}") from None
-    if b3digest(data) != digest:
+    if directory.digest() != digest:
         raise CorruptDataError(f"stored directory {digest.hex()} does not match its digest")
     return directory
 
