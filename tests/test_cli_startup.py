@@ -17,9 +17,11 @@ import typer
 from tvixfs import cli
 from tvixfs.cli.app import app
 
-# Modules the serving, maintenance and signing commands need, and `import` must not load.
+# Modules the serving, maintenance and signing commands, TLS and the chunk workers (an import
+# of more than a few files) need, and an import of a small tree must not load.
 NOT_FOR_IMPORT = (
     "grpc", "trio", "pyfuse3", "cryptography", "prometheus_client", "obstore", "tvixfs.maintenance",
+    "ssl", "multiprocessing",
 )  # fmt: skip
 
 
