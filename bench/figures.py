@@ -257,11 +257,19 @@ def rss(ctx: Context) -> list[Figure]:
 
 def import_speed(ctx: Context) -> list[Figure]:
     """Import into fresh stores on disk (bench/work/scratch): where a real store would live."""
-    tree = ctx.trees["python"]
-    fig = Figure(
-        f"tvixfs import of a Python install ({ctx.entries('python')} entries)",
-        "nix-store --add (chroot store)", "s", "higher", 1.0,
-    )  # fmt: skip
+    title = f"tvixfs import of a Python install ({ctx.entries('python')} entries)"
+    return [_import_figure(ctx, title, ctx.trees["python"], "python")]
+
+
+def import_big(ctx: Context) -> list[Figure]:
+    """The same for a big system tree, imported where it is (`Config.big_import`)."""
+    tree = Path(ctx.config.big_import)
+    title = f"tvixfs import of {tree} ({count_entries(tree) + 1} entries)"
+    return [_import_figure(ctx, title, tree, tree.name)]
+
+
+def _import_figure(ctx: Context, title: str, tree: Path, name: str) -> Figure:
+    fig = Figure(title, "nix-store --add (chroot store)", "s", "higher", 1.0)
     scratch = WORK / "scratch"
     _rmtree_nix(scratch)
     scratch.mkdir(parents=True)
@@ -272,7 +280,7 @@ def import_speed(ctx: Context) -> list[Figure]:
 
     def ours() -> None:
         dest = scratch / f"tvixfs-store-{next(reps)}"
-        fig.tvixfs.add(timed(lambda: import_tree(f"local://{dest}", tree, "python")))
+        fig.tvixfs.add(timed(lambda: import_tree(f"local://{dest}", tree, name)))
 
     def theirs() -> None:
         dest = scratch / f"nix-root-{next(reps)}"
@@ -283,7 +291,7 @@ def import_speed(ctx: Context) -> list[Figure]:
         _pairs(ctx.config.import_reps, ours, theirs)
     finally:
         _rmtree_nix(scratch)
-    return [fig]
+    return fig
 
 
 def _rmtree_nix(root: Path) -> None:
@@ -309,6 +317,7 @@ FIGURES: dict[str, Callable[[Context], list[Figure]]] = {
     "first-run": first_run,
     "rss": rss,
     "import": import_speed,
+    "import-big": import_big,
     "program-start": program_start,
     "small-files": small_files,
 }
