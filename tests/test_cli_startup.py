@@ -17,11 +17,12 @@ import typer
 from tvixfs import cli
 from tvixfs.cli.app import app
 
-# Modules the serving, maintenance and signing commands, TLS and the chunk workers (an import
-# of more than a few files) need, and an import of a small tree must not load.
+# Modules the serving, maintenance and signing commands, TLS, the chunk workers (an import of
+# more than a few files) and FastCDC (a file bigger than one chunk) need, and an import of a
+# small tree must not load.
 NOT_FOR_IMPORT = (
     "grpc", "trio", "pyfuse3", "cryptography", "prometheus_client", "obstore", "tvixfs.maintenance",
-    "ssl", "multiprocessing",
+    "ssl", "multiprocessing", "fastcdc",
 )  # fmt: skip
 
 
