@@ -49,9 +49,6 @@ class Config:
     program_reps: int
     rss_reps: int
     import_reps: int
-    # The big import figure's tree, imported in place: a system tree of tens of thousands of
-    # files (the quick mode takes a part of it).
-    big_import: str = "/usr/share"
     walk_entries: int = 24_000
     ram_size: str = "6g"
 
@@ -62,7 +59,7 @@ FULL = Config(
 )  # fmt: skip
 QUICK = Config(
     big_mib=64, many_per_half=5_000, cold_reps=3, warm_reps=5, walk_reps=2,
-    program_reps=2, rss_reps=1, import_reps=2, big_import="/usr/share/man",
+    program_reps=2, rss_reps=1, import_reps=2,
 )  # fmt: skip
 
 
