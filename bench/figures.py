@@ -290,11 +290,22 @@ def rss(ctx: Context) -> list[Figure]:
 
 def import_speed(ctx: Context) -> list[Figure]:
     """Import into fresh stores on disk (bench/work/scratch): where a real store would live."""
-    tree = ctx.trees["python"]
-    fig = Figure(
-        f"tvixfs import of a Python install ({ctx.entries('python')} entries)",
-        "nix-store --add (chroot store)", "s", "higher", 1.0,
-    )  # fmt: skip
+    title = f"tvixfs import of a Python install ({ctx.entries('python')} entries)"
+    return [_import_figure(ctx, title, ctx.trees["python"], "python")]
+
+
+def import_big(ctx: Context) -> list[Figure]:
+    """The same for a big system tree, imported where it is: `/usr/share` (669 MB, 54k entries
+    on the development machine), or a part of it with `--quick`."""
+    from context import QUICK  # here, not at the top, keeps this figure's edits in one place
+
+    tree = Path("/usr/share/man" if ctx.config == QUICK else "/usr/share")
+    title = f"tvixfs import of {tree} ({count_entries(tree) + 1} entries)"
+    return [_import_figure(ctx, title, tree, tree.name)]
+
+
+def _import_figure(ctx: Context, title: str, tree: Path, name: str) -> Figure:
+    fig = Figure(title, "nix-store --add (chroot store)", "s", "higher", 1.0)
     scratch = WORK / "scratch"
     _rmtree_nix(scratch)
     scratch.mkdir(parents=True)
@@ -305,7 +316,7 @@ def import_speed(ctx: Context) -> list[Figure]:
 
     def ours() -> None:
         dest = scratch / f"tvixfs-store-{next(reps)}"
-        fig.tvixfs.add(timed(lambda: import_tree(f"local://{dest}", tree, "python")))
+        fig.tvixfs.add(timed(lambda: import_tree(f"local://{dest}", tree, name)))
 
     def theirs() -> None:
         dest = scratch / f"nix-root-{next(reps)}"
@@ -316,7 +327,7 @@ def import_speed(ctx: Context) -> list[Figure]:
         _pairs(ctx.config.import_reps, ours, theirs)
     finally:
         _rmtree_nix(scratch)
-    return [fig]
+    return fig
 
 
 def _rmtree_nix(root: Path) -> None:
@@ -341,6 +352,7 @@ FIGURES: dict[str, Callable[[Context], list[Figure]]] = {
     "grpc-read": grpc_read,
     "first-run": first_run,
     "rss": rss,
+    "import-big": import_big,
     "import": import_speed,
     "program-start": program_start,
     "elf-start": elf_start,

@@ -56,7 +56,10 @@ def blob_of(store_dir: Path, info: pathinfo_pb2.PathInfo, name: bytes) -> bytes:
 
 
 def chunk_path(store_dir: Path, digest: bytes) -> Path:
-    return store_dir / "chunks" / digest.hex()[:2] / digest.hex()
+    """Where the chunk's file is, its fan-out directory made (a store makes it on first use)."""
+    fan_out = store_dir / "chunks" / digest.hex()[:2]
+    fan_out.mkdir(exist_ok=True)
+    return fan_out / digest.hex()
 
 
 def execute(store_dir: Path, sql: str, *args: object) -> None:
@@ -181,6 +184,8 @@ def test_leftovers_are_counted_and_removed_stray_files_are_problems(
     assert leftovers.returncode == 0
     assert "1 unreferenced chunk files, 1 temporary files;" in leftovers.stdout
 
+    (store_dir / "chunks" / "00").mkdir(exist_ok=True)
+    (store_dir / "chunks" / "01").mkdir(exist_ok=True)
     stray = store_dir / "chunks" / "00" / "README"
     stray.write_text("not mine")
     stray_dir = store_dir / "chunks" / "01" / "sub"
@@ -210,13 +215,14 @@ def test_what_cannot_be_checked_exits_2(tvixfs_cmd: list[str], url: str) -> None
     assert len(result.stderr.splitlines()) == 1
 
 
-def test_missing_chunk_directory_is_found_and_recreated(tvixfs_cmd: list[str], tmp_path: Path) -> None:
+def test_missing_chunk_root_is_found_and_recreated(tvixfs_cmd: list[str], tmp_path: Path) -> None:
+    """Fan-out directories come with the first write into them; the chunk root must be there."""
     store_dir = tmp_path / "store"
     open_local_store(store_dir).close()
-    (store_dir / "chunks" / "ff").rmdir()
+    (store_dir / "chunks").rmdir()
     found = run_fsck(tvixfs_cmd, store_dir)
     assert found.returncode == 1
-    assert found.stdout.startswith("chunk directories missing")
+    assert found.stdout.startswith("chunk directory missing")
     assert run_fsck(tvixfs_cmd, store_dir, "--repair").returncode == 0
     assert (store_dir / "chunks" / "ff").is_dir()
     assert run_fsck(tvixfs_cmd, store_dir).returncode == 0

@@ -65,7 +65,7 @@ def fsck(store_dir: Path) -> tuple[FsckResult, list[str]]:
 def test_new_store_is_private_and_laid_out(store: Store, store_dir: Path) -> None:
     assert (store_dir / "db.sqlite").is_file()
     assert store_dir.stat().st_mode & 0o777 == 0o700
-    assert len(list((store_dir / "chunks").iterdir())) == 256
+    assert list((store_dir / "chunks").iterdir()) == []  # fan-outs come with the first writes
 
 
 def test_identical_data_is_stored_once(store: Store, store_dir: Path) -> None:
@@ -315,6 +315,7 @@ def test_put_never_trusts_a_chunk_file_it_did_not_commit(store: Store, store_dir
     for data, leftover in ((empty_one, b""), (garbage_one, os.urandom(len(garbage_one)))):
         digest = b3digest(data)
         path = store_dir / "chunks" / digest.hex()[:2] / digest.hex()
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(leftover)
         assert store.blobs.put([data]) == digest
         assert path.read_bytes() == data

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from fastcdc.fastcdc_cy import fastcdc_cy  # the compiled cutter; the pure one is ~100x slower
-
 MIN_CHUNK = 64 * 1024
 AVG_CHUNK = 256 * 1024
 MAX_CHUNK = 1024 * 1024
@@ -39,6 +37,10 @@ SIZES = (MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
 
 
 def _cuts(data: bytes, sizes: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
+    # The compiled cutter (the pure one is ~100x slower), imported on first use: fastcdc also
+    # imports click, ~30 ms that an import of small files only (never cut) need not pay.
+    from fastcdc.fastcdc_cy import fastcdc_cy
+
     for chunk in fastcdc_cy(data, *sizes):
         yield chunk.offset, chunk.length
 

@@ -9,7 +9,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Annotated, Any, cast
+from typing import IO, TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -19,17 +19,19 @@ from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvixfs.cli.app import StoreOptions, app, fail, log, store_options
 from tvixfs.cli.progress import CountingReader, Progress
 from tvixfs.importers.ingest import ingest_nar, ingest_path
-from tvixfs.importers.nixsource import NixSource, import_from_nix, parse_nix_path
 from tvixfs.services.base import Store
 from tvixfs.services.errors import NotFoundError
-from tvixfs.services.narrender import rendered_nar
-from tvixfs.services.rootnodes import RootNodes, StorePathRoot
-from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
 from tvixfs.store.nar import file_contents
 from tvixfs.store.nixtext import format_hash, signatures_narinfo
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.pathinfojson import pathinfo_json
 from tvixfs.store.storepath import STORE_DIR, StorePath, check_name
+
+if TYPE_CHECKING:
+    from tvixfs.services.rootnodes import StorePathRoot
+
+# Modules only some commands need are imported in those commands: `import` starts without
+# them (cryptography for signatures, the NAR renderer, the Nix reader).
 
 # Symlinks followed while resolving one path, as Linux allows (ELOOP beyond).
 MAX_SYMLINKS = 40
@@ -55,6 +57,12 @@ def _opened(
 ) -> Iterator[Store]:
     """The store, signing what is put into it (``--sign-key``) and refusing what no trusted key
     signed (``--trusted-public-key``)."""
+    if sign_key is None and not trusted:
+        with where.open() as opened:
+            yield opened
+        return
+    from tvixfs.services.trust import load_public_keys, load_secret_key, with_trust
+
     key = load_secret_key(sign_key) if sign_key is not None else None
     keys = load_public_keys(trusted)
     with where.open() as opened:
@@ -155,6 +163,8 @@ def import_nix(
     trusted_public_key: TrustedKeyOpt = None,
 ) -> None:
     """Copy store paths from a Nix store, verified against Nix's narHash; prints each one."""
+    from tvixfs.importers.nixsource import NixSource, import_from_nix, parse_nix_path
+
     with _opened(where, sign_key=sign_key, trusted=trusted_public_key) as opened:
         wanted = [parse_nix_path(p) for p in paths]
         import_from_nix(
@@ -176,6 +186,8 @@ def export_nar(
     where: StoreOptions,
 ) -> None:
     """Write the NAR of a path to standard output, byte for byte what `nix-store --dump` gives."""
+    from tvixfs.services.narrender import rendered_nar
+
     with where.open(create="never") as opened:
         node = _resolve(opened, path, follow_last=False)
         recorded = _recorded_nar(opened, path)
@@ -317,6 +329,8 @@ def cat(
 
 def _stored(store: Store, store_path: StorePath) -> StorePathRoot:
     """``store_path``'s validated root; its root node must carry the name asked for."""
+    from tvixfs.services.rootnodes import RootNodes
+
     root, _ = RootNodes(store.pathinfos).get(store_path.digest)
     if root is None or root.store_path != store_path:
         raise NotFoundError(f"{store_path} is not in the store")

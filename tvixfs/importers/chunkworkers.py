@@ -18,17 +18,19 @@ pipe closes, so none outlives an import.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import os
 import signal
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 from tvixfs.castore.digest import without_threads
 from tvixfs.services.errors import StoreError
+
+if TYPE_CHECKING:  # multiprocessing costs ~30 ms to import: only an import that forks loads it
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 # Files per message, and the bytes of file contents they may stand for: few messages (each
 # costs a pickle and two system calls), yet small enough that both processes stay busy.
@@ -76,6 +78,8 @@ class ChunkWorkers:
         self._batch_bytes = self._batch_paths = 0
         self._next = 0
         self._workers: list[_Worker] = []
+        import multiprocessing
+
         context = multiprocessing.get_context("fork")
         try:
             for _ in range(count):

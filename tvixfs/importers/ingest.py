@@ -38,6 +38,10 @@ READ_PIECE = 1 << 20
 # How far the workers may run ahead of the NAR hash: bounds memory and open work.
 AHEAD_BYTES = 64 << 20
 AHEAD_ENTRIES = 2048
+# How far ahead of its reads an import into an embedded store asks the kernel to read files
+# (``_prefetched``): a tree not in the page cache is then read while earlier files are hashed.
+PREFETCH_BYTES = 16 << 20
+PREFETCH_ENTRIES = 256
 # Puts to a remote store mostly wait for the network: more workers than cores pay.
 WORKERS = 8
 # Processes that write chunk files for an import into an embedded store (chunkworkers.py),
@@ -176,6 +180,39 @@ def _ahead(
         yield event, future
 
 
+def _prefetched(events: Iterator[_Event]) -> Iterator[_Event]:
+    """The walk in order, each file's first ``PREFETCH_BYTES`` asked for (``POSIX_FADV_WILLNEED``)
+    up to ``PREFETCH_BYTES`` and ``PREFETCH_ENTRIES`` before its turn.
+
+    The importing thread reads files one after another and waits for each read from disk; the
+    kernel reads the files asked for meanwhile, several at once.
+    """
+    window: deque[_Event] = deque()
+    ahead = 0
+    for event in events:
+        window.append(event)
+        if isinstance(event, _File) and event.size:
+            _will_need(event.path, event.size)
+            ahead += event.size
+        while ahead > PREFETCH_BYTES or len(window) > PREFETCH_ENTRIES:
+            done = window.popleft()
+            if isinstance(done, _File):
+                ahead -= done.size
+            yield done
+    yield from window
+
+
+def _will_need(path: bytes, size: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return  # the file's own read reports what is wrong
+    try:
+        os.posix_fadvise(fd, 0, min(size, PREFETCH_BYTES), os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 class _NarHasher:
     """sha256 and size of NAR bytes, small writes gathered so hashlib sees few large updates."""
 
@@ -255,7 +292,8 @@ def _import_tree(
     held = ExitStack()  # keeps gc out while workers write chunks not recorded here yet (gcguard.py)
     gc_check = 0.0
     try:
-        for event, loaded in _ahead(_walk(path), pool, store.blobs):
+        walk = _walk(path) if pool is not None else _prefetched(_walk(path))
+        for event, loaded in _ahead(walk, pool, store.blobs):
             node: Node | None = None
             if tree.depth and not isinstance(event, _Close):
                 hasher.write(nar.entry_open(event.name))

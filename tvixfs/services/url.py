@@ -11,12 +11,12 @@ from urllib.parse import parse_qs, urlsplit
 from tvixfs.services.base import Store
 from tvixfs.services.clientconfig import ClientConfig
 
-if TYPE_CHECKING:  # local.py imports sqlite: only when a local store is opened
+if TYPE_CHECKING:  # local.py imports sqlite, tls.py ssl (~25 ms): only when such a store is used
     from tvixfs.services.backends.local import Creation
+    from tvixfs.services.tls import ClientTLS
 from tvixfs.services.errors import StoreError
 from tvixfs.services.s3url import SCHEMES as S3_SCHEMES
 from tvixfs.services.s3url import S3URLError, parse_s3_url
-from tvixfs.services.tls import ClientTLS, handshake_problem
 
 SCHEMES = ("local", "memory", "grpc+http", "grpc+https", "grpc+unix", *S3_SCHEMES)
 _FORMS = (
@@ -106,6 +106,8 @@ def _client_tls(url: str, query: str) -> ClientTLS:
         values[name] = given[0]
     if ("cert" in values) != ("key" in values):
         raise StoreURLError(f"a client certificate needs both cert= and key=: {url!r}")
+    from tvixfs.services.tls import ClientTLS
+
     return ClientTLS(**values)
 
 
@@ -170,6 +172,8 @@ def open_store(
 def tls_problem(*urls: str | None) -> str | None:
     """For a store that cannot be reached: what is wrong with the TLS of one of its
     ``grpc+https://`` URLs (``URL: reason``), or None if TLS is not the problem."""
+    from tvixfs.services.tls import handshake_problem
+
     for text in dict.fromkeys(u for u in urls if u):
         try:
             url = StoreURL.parse(text)

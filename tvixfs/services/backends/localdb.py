@@ -159,7 +159,7 @@ class LocalBackend:
         """
         with self.transaction() as conn:
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                self.chunks.create_layout()
+                self.chunks.create_root()
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
