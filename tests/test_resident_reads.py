@@ -37,8 +37,11 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def _chunk_file(tmp_path: Path, digest: bytes) -> Path:
+    """The chunk file's path; its fan-out directory made, as the store makes it on first write."""
     name = digest.hex()
-    return tmp_path / "store" / "chunks" / name[:2] / name
+    fan_out = tmp_path / "store" / "chunks" / name[:2]
+    fan_out.mkdir(exist_ok=True)
+    return fan_out / name
 
 
 def _resident_here(tmp_path: Path) -> None:
