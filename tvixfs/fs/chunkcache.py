@@ -39,12 +39,6 @@ STREAM_ABOVE = 16 << 20
 UNAVAILABLE_SLOW = 1.0
 UNAVAILABLE_MEMORY = 1.0
 UNAVAILABLE_CHUNKS = 4096
-# Only fetches of chunks up to this size are timed into ``ChunkCache.latency``: theirs is the
-# store's round trip, a bigger chunk's mostly its transfer. A program first reads its binary
-# and libraries, chunks of up to 1 MiB that take over siblings.SLOW_FETCH even over loopback:
-# timed, they opened sibling prefetch there, and its calls, competing for the CPU, kept it open
-# (a cold Python start made 420 Reads instead of 180; bench/ANALYSIS.md, issue 15).
-LATENCY_CHUNK_MAX = 64 << 10
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
@@ -75,8 +69,7 @@ def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[
 
 @dataclass(slots=True)
 class Latency:
-    """A moving average of the seconds single-chunk fetches of small chunks took (the recent
-    ones weigh most)."""
+    """A moving average of the seconds single-chunk fetches took (the recent ones weigh most)."""
 
     seconds: float = 0.0
     weight: float = 0.25
@@ -202,8 +195,7 @@ class ChunkCache:
             self.fetched(chunk, e, started)
             raise
         self.fetched(chunk, data)
-        if chunk.size <= LATENCY_CHUNK_MAX:
-            self.latency.add(trio.current_time() - started)
+        self.latency.add(trio.current_time() - started)
         return data
 
     def fetched(self, chunk: ChunkMeta, outcome: bytes | Exception, started: float | None = None) -> None:
