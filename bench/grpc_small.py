@@ -4,7 +4,8 @@
 (as root). Each variant is a checkout whose `tvixfs` runs both the mount and the `tvixfs daemon`
 (through PYTHONPATH). Samples alternate between the variants, each on a fresh daemon and mount
 with dropped caches, for the program-start workloads of bench/startup.py (a cold Python start,
-`cat` of 300 `.pyc`) and, as the reference, the same through the embedded store. Besides wall
+`cat` of 300 `.pyc`) and, as the reference, the same through the embedded store (`--links`
+also takes `wan`: the daemon behind bench/latency.py's 20 ms round trip). Besides wall
 time it reports the CPU both processes spent on the workload (utime+stime from /proc) and,
 with `--count`, the store calls the mount made (its metrics endpoint).
 
@@ -30,7 +31,7 @@ import trees
 from context import WORK, cached_store
 from measure import drop_caches, timed
 from procs import Daemon, Proc, tmpfs, tvixfs_daemon, tvixfs_mount
-from startup import _cat, _start_python, small_file_list
+from startup import RTT_MS, _cat, _start_python, latency_proxy, small_file_list
 
 METRICS_PORT = 9464
 TICK = os.sysconf("SC_CLK_TCK")
@@ -124,9 +125,11 @@ def sample(
         url = store_url
         extra: list[str] = ["--metrics-listen", str(METRICS_PORT)] if count else []
         extra += os.environ.get("MOUNT_ARGS", "").split()
-        if link == "loopback":
+        if link in {"loopback", "wan"}:
             daemon = stack.enter_context(tvixfs_daemon(store_url, run / "daemon.log"))
             url = daemon.url
+            if link == "wan":
+                url = stack.enter_context(latency_proxy(daemon, RTT_MS / 2, run / "proxy.log"))
         mnt = run / "mnt"
         mount: Proc = stack.enter_context(tvixfs_mount(url, mnt, run / "mount.log", daemon, extra))
         root = mnt / root_name
@@ -154,7 +157,9 @@ def main() -> int:
     )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--actions", nargs="+", default=["cat", "python"])
-    p.add_argument("--links", nargs="+", default=["loopback", "embedded"])
+    p.add_argument(
+        "--links", nargs="+", default=["loopback", "embedded"], help="also: wan (bench/latency.py)"
+    )
     p.add_argument("--count", action="store_true", help="count the mount's store calls (metrics on)")
     p.add_argument("--profile", type=Path, help="py-spy both processes, one sample each, into DIR")
     args = p.parse_args()
