@@ -7,9 +7,8 @@ real `tvixfs daemon` on loopback, and reads every blob through the gRPC client t
 (`blobs.read`, verified), one after the other (what a program's cold opens look like) and
 C at a time (the mount's prefetch). Reports per call: wall time, and the CPU time of this
 process and of the daemon (utime+stime from /proc). Whatever `tvixfs` PYTHONPATH selects runs
-on both sides, so two checkouts compare by running this under each, alternately. This process
-picks grpc's engine as the mount does (cli/grpcpoller.py); GRPC_EXPERIMENTS= (empty) in the
-environment gives both sides grpc's default instead.
+on both sides, so two checkouts compare by running this under each, alternately;
+$GRPC_EXPERIMENTS in the environment reaches both sides too.
 """
 
 from __future__ import annotations
@@ -29,10 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-from tvixfs.cli.grpcpoller import poll_in_caller  # noqa: E402
-
-poll_in_caller()  # before grpc is imported, as `tvixfs mount` does
 
 from grpcserver import running_daemon  # noqa: E402
 

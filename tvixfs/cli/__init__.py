@@ -14,7 +14,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from tvixfs.cli import cache_cmds, fsck_cmd, gc_cmd, status_cmd, store_cmds  # noqa: F401  (register commands)
 from tvixfs.cli.app import run
-from tvixfs.cli.grpcpoller import poll_in_caller
 
 _SERVING_COMMANDS = {"mount", "daemon", "nar-bridge"}
 
@@ -23,6 +22,5 @@ def main() -> None:
     # The app's own options (-v, -q) take no value: the first other word is the command.
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command is None or command in _SERVING_COMMANDS:
-        poll_in_caller()  # before their modules import grpc
         from tvixfs.cli import daemon_cmd, mount_cmd, narbridge_cmd  # noqa: F401  (register commands)
     run()
