@@ -9,10 +9,9 @@ deadline). So:
 - streaming calls are admitted against two budgets, in total and per connection (``peer``),
   and the total is kept below the worker threads, so unary calls always find a thread; a
   stream over either budget is refused at once with RESOURCE_EXHAUSTED, which a client retries;
-- a stream whose client takes nothing (or, for a Put, sends nothing) for ``idle_timeout`` is
-  cancelled by a watchdog thread: the worker blocked in grpcio wakes and the stream's
-  generator is closed, which frees what it holds; one open for ``stream_timeout`` ends itself
-  with DEADLINE_EXCEEDED at its next message, or is cancelled one watchdog tick later;
+- a stream whose client takes nothing (or, for a Put, sends nothing) for ``idle_timeout``, or
+  that has been open for ``stream_timeout``, is cancelled by a watchdog thread: the worker
+  blocked in grpcio wakes and the stream's generator is closed, which frees what it holds;
 - Read streams that read chunks ahead of the client are counted too (``ReadAheadSlots``), so
   the memory of streams nobody reads stays bounded whatever their number.
 """
@@ -231,10 +230,8 @@ class StreamGate:
         waiting = stream.waiting_since
         if waiting is not None and now - waiting > self.limits.idle_timeout:
             return f"its client took nothing for {self.limits.idle_timeout:g} s (--stream-idle-timeout)"
-        # One more tick for the stream to end itself with DEADLINE_EXCEEDED, which names the
-        # option: a slow client's stream mostly waits for it to take a message, and the
-        # cancel sends only CANCELLED. A stream whose client takes nothing is the idle limit's.
-        if now - stream.started > self.limits.stream_timeout + self._tick:
+        # A stream that is working gets one more tick to end itself with DEADLINE_EXCEEDED.
+        if now - stream.started > self.limits.stream_timeout + (0 if waiting is not None else self._tick):
             return f"open longer than {self.limits.stream_timeout:g} s (--stream-timeout)"
         return None
 
