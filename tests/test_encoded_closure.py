@@ -18,9 +18,12 @@ from tvixfs.server.serve import start_server
 from tvixfs.services.backends.grpc import open_grpc_store
 from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.backends.localdb import DB_NAME
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import Store
 from tvixfs.services.encodedclosure import EncodedClosures
 from tvixfs.services.errors import CorruptDataError, NotFoundError
+from tvixfs.services.meteredstore import metered
+from tvixfs.services.metrics import Metrics
 
 
 def _tree(root: Path) -> Path:
@@ -69,6 +72,21 @@ def test_over_a_real_server(stored: tuple[Store, bytes], short_tmp: Path) -> Non
     finally:
         remote.close()
         running.stop(None)
+
+
+def test_offered_through_the_metrics_wrapper(stored: tuple[Store, bytes]) -> None:
+    """A daemon with --metrics-listen serves its store through ``metered``: still encoded, and
+    counted as the recursive Get it is; a store without it stays without it."""
+    store, root = stored
+    metrics = Metrics()
+    wrapped = metered(store, metrics).directories
+    assert isinstance(wrapped, EncodedClosures)
+    assert wrapped.get_recursive_encoded(root) == store.directories.get_recursive_encoded(root)
+    counted = metrics.registry.get_sample_value(
+        "tvixfs_store_call_seconds_count", {"service": "directory", "method": "get_recursive"}
+    )
+    assert counted == 1
+    assert not isinstance(metered(open_memory_store(), Metrics()).directories, EncodedClosures)
 
 
 def _stored_rows(store_dir: Path) -> sqlite3.Connection:
