@@ -18,6 +18,7 @@ from tvixfs.castore.nodes import Node, node_from_proto
 from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
+from tvixfs.services.encodedclosure import EncodedClosures
 from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tvixfs.services.readahead import chunks_read_ahead
 from tvixfs.services.regroup import in_messages
@@ -119,10 +120,15 @@ class DirectoryServicer:
     def handlers(self) -> Handlers:
         return {DIRECTORY_GET: self.get, DIRECTORY_PUT: self.put}
 
-    def get(self, request: rpc_directory_pb2.GetDirectoryRequest) -> Iterator[castore_pb2.Directory]:
+    def get(self, request: rpc_directory_pb2.GetDirectoryRequest) -> Iterator[castore_pb2.Directory | bytes]:
+        """The directory, or its closure; each message a Directory or its encoding (see
+        DIRECTORY_GET)."""
         if request.WhichOneof("by_what") != "digest":
             raise InvalidArgumentError("GetDirectoryRequest: no digest given")
         digest = check_digest(request.digest, "directory digest")
+        if request.recursive and isinstance(self._directories, EncodedClosures):
+            yield from self._directories.get_recursive_encoded(digest)
+            return
         if request.recursive:
             for directory in self._directories.get_recursive(digest):
                 yield directory.to_proto()

@@ -29,6 +29,7 @@ from tvixfs.services.base import (
     Store,
 )
 from tvixfs.services.breaker import CircuitBreaker
+from tvixfs.services.encodedclosure import EncodedClosures
 from tvixfs.services.errors import StoreUnavailableError
 from tvixfs.services.metrics import Metrics
 
@@ -155,6 +156,24 @@ class MeteredDirectoryService(DirectoryService):
         self.inner.close()
 
 
+class MeteredEncodedDirectoryService(MeteredDirectoryService):
+    """The same, over a store that offers its closures encoded (encodedclosure.py): the
+    server keeps using them with metrics on."""
+
+    def __init__(self, inner: DirectoryService, encoded: EncodedClosures, metrics: Metrics) -> None:
+        super().__init__(inner, metrics)
+        self._encoded = encoded  # ``inner`` itself
+
+    def get_recursive_encoded(self, digest: bytes) -> list[bytes]:
+        return self._meter.call("get_recursive", self._encoded.get_recursive_encoded, digest)
+
+
+def _metered_directories(inner: DirectoryService, metrics: Metrics) -> MeteredDirectoryService:
+    if isinstance(inner, EncodedClosures):
+        return MeteredEncodedDirectoryService(inner, inner, metrics)
+    return MeteredDirectoryService(inner, metrics)
+
+
 class MeteredPathInfoService(PathInfoService):
     def __init__(self, inner: PathInfoService, metrics: Metrics) -> None:
         self.inner = inner
@@ -188,6 +207,6 @@ def metered(store: Store, metrics: Metrics) -> Store:
     return replace(
         store,
         blobs=MeteredBlobService(store.blobs, metrics),
-        directories=MeteredDirectoryService(store.directories, metrics),
+        directories=_metered_directories(store.directories, metrics),
         pathinfos=MeteredPathInfoService(store.pathinfos, metrics),
     )

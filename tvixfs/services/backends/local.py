@@ -34,7 +34,7 @@ from tvixfs.castore.digest import DIGEST_SIZE, b3digest, check_digest, new_hashe
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from tvixfs.protos import pathinfo_pb2
+from tvixfs.protos import castore_pb2, pathinfo_pb2
 from tvixfs.services.backends.chunkfiles import ChunkFiles
 from tvixfs.services.backends.localdb import DB_NAME, LocalBackend, pack_chunks, unpack_chunks
 from tvixfs.services.backends.memoryfs import in_memory
@@ -201,6 +201,18 @@ class LocalDirectoryService(DirectoryService):
                 conn.execute("COMMIT")
         return iter(closure)
 
+    def get_recursive_encoded(self, digest: bytes) -> list[bytes]:
+        """The closure as stored (services/encodedclosure.py), read in one snapshot like
+        ``get_recursive``. Rows hold the canonical encoding ``put_many`` wrote, after it had
+        validated the directory: the digest check proves a row is still that."""
+        check_digest(digest)
+        with self._backend.connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                return _load_closure_encoded(conn, digest)
+            finally:
+                conn.execute("COMMIT")
+
     @_guarded
     def put_many(self, directories: Iterable[Directory]) -> bytes:
         # Checked before the write transaction: the stream may come from a slow client, and
@@ -252,6 +264,29 @@ def _load_closure(conn: sqlite3.Connection, root: bytes) -> list[Directory]:
                 )
             closure.append(found)
             queue.append(found)
+    return closure
+
+
+def _load_closure_encoded(conn: sqlite3.Connection, root: bytes) -> list[bytes]:
+    closure: list[bytes] = []
+    seen = {root}
+    queue = deque([root])
+    while queue:
+        digest = queue.popleft()
+        row = conn.execute("SELECT data FROM directories WHERE digest = ?", (digest,)).fetchone()
+        if row is None:
+            if digest == root:
+                raise NotFoundError(f"directory {root.hex()} not found")
+            raise CorruptDataError(f"stored directory tree {root.hex()} lacks subdirectory {digest.hex()}")
+        data = bytes(row[0])
+        if b3digest(data) != digest:
+            raise CorruptDataError(f"stored directory {digest.hex()} does not match its digest")
+        closure.append(data)
+        # Only the children's digests are needed; the directory was validated when stored.
+        for child in castore_pb2.Directory.FromString(data).directories:
+            if child.digest not in seen:
+                seen.add(child.digest)
+                queue.append(child.digest)
     return closure
 
 

@@ -103,12 +103,21 @@ BLOB_READ = Method(
 BLOB_PUT = Method(
     BLOB_SERVICE, "Put", rpc_blobstore_pb2.BlobChunk, rpc_blobstore_pb2.PutBlobResponse, client_streaming=True
 )
+
+
+def encode_message_or_bytes(message: Message | bytes) -> bytes:
+    """A message's wire form; bytes are taken as that form already (a store's own encoding)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 DIRECTORY_GET = Method(
     DIRECTORY_SERVICE,
     "Get",
     rpc_directory_pb2.GetDirectoryRequest,
     castore_pb2.Directory,
     server_streaming=True,
+    # A recursive Get sends the stored encodings where the store has them (encodedclosure.py).
+    encode_response=encode_message_or_bytes,
 )
 DIRECTORY_PUT = Method(
     DIRECTORY_SERVICE,
