@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+
+from tvixfs.services.backends.local import open_local_store
+from tvixfs.services.base import Store
 
 BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 pytest_plugins = ["loghygiene"]  # unexpected ERROR records or daemon tracebacks fail a test
@@ -31,6 +35,24 @@ def tvixfs_cmd() -> list[str]:
     found = str(exe) if exe.exists() else shutil.which("tvixfs")
     assert found, "tvixfs is not installed: run scripts/install.sh --test"
     return [found]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An embedded store under ``tmp_path``; a test file needing another kind defines its own."""
+    opened = open_local_store(tmp_path / "store")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+async def background() -> AsyncIterator[trio.Nursery]:
+    """A nursery for background tasks, cancelled when the test ends."""
+    async with trio.open_nursery() as nursery:
+        yield nursery
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

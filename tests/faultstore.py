@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -932,6 +933,17 @@ class RemoteFaults:
     def stats(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = self._order(op="stats")
         return result
+
+    def settled_calls(self, method: str, settle: float = 1.0) -> int:
+        """Calls of ``method`` answered, once background calls have settled: the count no
+        longer moves over ``settle`` seconds."""
+        last = -1
+        while True:
+            now = self.stats()["calls"].get(method, 0)
+            if now == last:
+                return now
+            last = now
+            time.sleep(settle)
 
     def put_raw_directory(self, message: castore_pb2.Directory) -> bytes:
         return bytes.fromhex(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +42,6 @@ SMALL = 20  # small files per directory
 SMALL_SIZE = 10_000
 BIG = 3 << 20
 CHUNK = 256 << 10  # the store's chunk size, so the big file has a chunk list
-SETTLE = 1.0
 BASENAME = "0" * 32 + "-start"
 OFF = ["--no-prefetch-siblings"]
 
@@ -64,17 +62,6 @@ def remote(short_tmp: Path) -> Iterator[tuple[RemoteFaults, Path]]:
     tree = _tree(short_tmp / "src")
     with spawn_faultstore(short_tmp, [(dump_nar(tree), BASENAME)], chunk_size=CHUNK) as store:
         yield store, tree
-
-
-def _blob_reads(store: RemoteFaults) -> int:
-    """Blob reads the store has answered, once background fetches have settled."""
-    last = -1
-    while True:
-        now = store.stats()["calls"].get("blob.read", 0)
-        if now == last:
-            return now
-        last = now
-        time.sleep(SETTLE)
 
 
 def _stats(store: RemoteFaults) -> int:
@@ -118,21 +105,21 @@ def test_a_profile_is_recorded_and_replayed(remote: tuple[RemoteFaults, Path], s
     chunks = [e for e in profile if e.kind == Kind.CHUNK]
     assert len(chunks) > len(small)
 
-    before = _blob_reads(store)
+    before = store.settled_calls("blob.read")
     stats_before = _stats(store)
     with mounted(TVIXFS, short_tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
         # One lookup starts the replay: the profile's chunks and chunk list, each once, and
         # nothing else.
         first = mount.path(BASENAME, STARTUP[0])
         assert first.read_bytes() == (tree / STARTUP[0]).read_bytes()
-        replayed = _blob_reads(store) - before
+        replayed = store.settled_calls("blob.read") - before
         assert len(chunks) - 1 <= replayed <= len(chunks)
         listed = _stats(store)
         assert listed - stats_before == 2  # the mount's probe, big.so's chunk list
         # The start now finds every small file it reads cached: no further blob read.
         for rel in STARTUP:
             assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
-        assert _blob_reads(store) - before == replayed
+        assert store.settled_calls("blob.read") - before == replayed
         _start(mount, tree)
         assert _stats(store) == listed  # big.so's open found its chunk list
         # Files the profile does not name are read as before.
@@ -151,19 +138,19 @@ def test_without_a_profile_directory_nothing_is_fetched_ahead(
     store, tree = remote
     with mounted(TVIXFS, short_tmp, store.url, OFF) as mount:
         assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
-        assert _blob_reads(store) == 1
+        assert store.settled_calls("blob.read") == 1
 
 
 def test_a_replay_is_bounded_by_the_chunk_cache(remote: tuple[RemoteFaults, Path], short_tmp: Path) -> None:
     store, tree = remote
     profiles = short_tmp / "profiles"
     _record(store, tree, short_tmp, profiles)
-    before = _blob_reads(store)
+    before = store.settled_calls("blob.read")
     cache = 64 << 10
     args = [*OFF, "--access-profiles", str(profiles), "--cache-size", str(cache)]
     with mounted(TVIXFS, short_tmp, store.url, args) as mount:
         assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
-        assert _blob_reads(store) - before <= 1 + cache // 2 // SMALL_SIZE
+        assert store.settled_calls("blob.read") - before <= 1 + cache // 2 // SMALL_SIZE
         _start(mount, tree)
 
 
@@ -183,10 +170,10 @@ def test_a_bad_profile_is_ignored_with_a_warning(
         "empty": b"",
     }[damage]
     path.write_bytes(bad)
-    before = _blob_reads(store)
+    before = store.settled_calls("blob.read")
     with mounted(TVIXFS, short_tmp, store.url, [*OFF, "--access-profiles", str(profiles)]) as mount:
         _start(mount, tree)
-        assert _blob_reads(store) - before >= len(STARTUP)  # nothing was fetched ahead
+        assert store.settled_calls("blob.read") - before >= len(STARTUP)  # nothing was fetched ahead
         assert "ignored" in mount.stderr()
     # The mount recorded the start again and replaced the bad file.
     again = ProfileFiles(profiles).load(BASENAME.encode())
@@ -244,16 +231,16 @@ def test_profiles_live_beside_the_disk_cache_and_outlive_clearing_it(
     clear = [*TVIXFS, "cache", "clear", str(cache)]
     cleared = subprocess.run(clear, check=False, capture_output=True, text=True)
     assert cleared.returncode == 0, cleared.stderr
-    before = _blob_reads(store)
+    before = store.settled_calls("blob.read")
     with mounted(TVIXFS, short_tmp, store.url, args) as mount:
         assert mount.path(BASENAME, STARTUP[0]).read_bytes() == (tree / STARTUP[0]).read_bytes()
-        replayed = _blob_reads(store) - before
+        replayed = store.settled_calls("blob.read") - before
         chunks = [e for e in profile if e.kind == Kind.CHUNK]
         assert len(chunks) - 1 <= replayed <= len(chunks)
         # The start finds every small file it reads cached: no further blob read.
         for rel in STARTUP:
             assert mount.path(BASENAME, rel).read_bytes() == (tree / rel).read_bytes(), rel
-        assert _blob_reads(store) - before == replayed
+        assert store.settled_calls("blob.read") - before == replayed
         _start(mount, tree)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ from tvixfs.fs import reader as reader_module
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.reader import BlobReader
-from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.base import BlobCapabilities, BlobService, ChunkMeta, Store
 from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
 
@@ -52,20 +51,6 @@ class Watched(BlobService):
 
 class RemoteLike(Watched):
     capabilities = BlobCapabilities(calls_are_remote=True)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_local_store(tmp_path / "store")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-async def background() -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
-        yield nursery
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

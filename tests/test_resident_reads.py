@@ -5,7 +5,7 @@ ordinary read, which fails with CorruptDataError (EIO through a mount)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
@@ -15,7 +15,6 @@ import trio
 from tvixfs.castore.digest import b3digest
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.chunkcache import RESIDENT_MAX, ChunkCache
-from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.backends.resident import open_resident
 from tvixfs.services.base import ChunkMeta, Store
@@ -25,15 +24,6 @@ from tvixfs.services.metrics import Metrics
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_local_store(tmp_path / "store")
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _chunk_file(tmp_path: Path, digest: bytes) -> Path:

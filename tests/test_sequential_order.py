@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,20 +42,6 @@ class Counted(BlobService):
 
     def put(self, data: Iterable[bytes]) -> bytes:
         return self.inner.put(data)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_local_store(tmp_path / "store")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-async def background() -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
-        yield nursery
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

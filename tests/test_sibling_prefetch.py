@@ -4,7 +4,6 @@ what is fetched ahead is bounded, of the opened file's kind, and counted at the 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,6 @@ KIND = ".cpython-311.pyc"
 OTHER = ".cpython-311.opt-1.pyc"
 MANY = 150  # more small files of one kind than one batch takes
 BIG_SMALL = 200 << 10  # small files whose batches the byte bounds cut short
-SETTLE = 1.0
 
 
 def _write(path: Path, size: int, rng: random.Random) -> None:
@@ -68,17 +66,6 @@ def remote(short_tmp: Path) -> Iterator[tuple[RemoteFaults, Path]]:
         yield store, tree
 
 
-def _blob_reads(store: RemoteFaults) -> int:
-    """Blob reads the store has answered, once background fetches have settled."""
-    last = -1
-    while True:
-        now = store.stats()["calls"].get("blob.read", 0)
-        if now == last:
-            return now
-        last = now
-        time.sleep(SETTLE)
-
-
 def _files(tree: Path) -> list[Path]:
     return sorted(p.relative_to(tree) for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -93,7 +80,7 @@ def test_bytes_identical_over_grpc(remote: tuple[RemoteFaults, Path], short_tmp:
     with mounted(TVIXFS, short_tmp, store.url) as mount:
         _read_all_same(mount, store.paths[0], tree)
         # Every file read once: prefetch fetched nothing twice, and nothing but files.
-        assert _blob_reads(store) <= len({(tree / f).read_bytes() for f in _files(tree)})
+        assert store.settled_calls("blob.read") <= len({(tree / f).read_bytes() for f in _files(tree)})
 
 
 def test_bytes_identical_over_the_embedded_store(short_tmp: Path) -> None:
@@ -117,17 +104,17 @@ def test_one_cold_open_fetches_one_batch_of_its_kind(
     with mounted(TVIXFS, short_tmp, store.url) as mount:
         first = mount.path(basename, "many", f"m000{KIND}")
         assert first.read_bytes() == (tree / "many" / f"m000{KIND}").read_bytes()
-        after_one = _blob_reads(store)
+        after_one = store.settled_calls("blob.read")
         assert after_one == 1 + BATCH_FILES
         # The batch was the files of its kind that follow it: reading them asks nothing more.
         for i in range(1, 1 + BATCH_FILES):
             name = f"m{i:03}{KIND}"
             assert mount.path(basename, "many", name).read_bytes() == (tree / "many" / name).read_bytes()
-        assert _blob_reads(store) == after_one
+        assert store.settled_calls("blob.read") == after_one
         # A file of another kind was not fetched ahead.
         other = mount.path(basename, "many", f"m001{OTHER}")
         assert other.read_bytes() == (tree / "many" / f"m001{OTHER}").read_bytes()
-        assert _blob_reads(store) > after_one
+        assert store.settled_calls("blob.read") > after_one
 
 
 @pytest.mark.parametrize("far", [False, True])
@@ -144,7 +131,7 @@ def test_fetching_ahead_is_bounded_per_directory(
         for i in opened:
             name = f"h{i:03}{KIND}"
             assert mount.path(basename, "heavy", name).read_bytes() == (tree / "heavy" / name).read_bytes()
-        ahead = _blob_reads(store) - len(opened)
+        ahead = store.settled_calls("blob.read") - len(opened)
     # The near store's fetches may take FAR_FETCH too on a loaded machine: then it is doubled.
     assert (DIRECTORY_BUDGET // BIG_SMALL if far else 0) < ahead <= 2 * DIRECTORY_BUDGET // BIG_SMALL
 
@@ -180,7 +167,7 @@ def test_off_switch(remote: tuple[RemoteFaults, Path], short_tmp: Path) -> None:
     with mounted(TVIXFS, short_tmp, store.url, ["--no-prefetch-siblings"]) as mount:
         name = f"m000{KIND}"
         assert mount.path(store.paths[0], "many", name).read_bytes() == (tree / "many" / name).read_bytes()
-        assert _blob_reads(store) == 1
+        assert store.settled_calls("blob.read") == 1
 
 
 def test_a_corrupt_prefetch_is_not_kept(remote: tuple[RemoteFaults, Path], short_tmp: Path) -> None:
@@ -192,8 +179,8 @@ def test_a_corrupt_prefetch_is_not_kept(remote: tuple[RemoteFaults, Path], short
     with mounted(TVIXFS, short_tmp, store.url) as mount:
         name = f"m000{KIND}"
         assert mount.path(store.paths[0], "many", name).read_bytes() == (tree / "many" / name).read_bytes()
-        after_batch = _blob_reads(store)
+        after_batch = store.settled_calls("blob.read")
         assert store.stats()["fired"].get("corrupt", 0) == 1
         assert mount.path(store.paths[0], "many", sibling.name).read_bytes() == sibling.read_bytes()
         # Its own read, and (a cold open again) the next batch, of the files after the first.
-        assert _blob_reads(store) == after_batch + 1 + BATCH_FILES
+        assert store.settled_calls("blob.read") == after_batch + 1 + BATCH_FILES
