@@ -135,7 +135,7 @@ def test_fetching_ahead_is_bounded_per_directory(
     basename = store.paths[0]
     opened = range(0, 100, 20)
     with mounted(TVIXFS, short_tmp, store.url) as mount:
-        timed = measure(mount, basename, tree)  # the 200 KiB files are too big to time a store
+        timed = measure(mount, basename, tree)  # before the first 200 KiB file's open
         for i in opened:
             name = f"h{i:03}{KIND}"
             assert mount.path(basename, "heavy", name).read_bytes() == (tree / "heavy" / name).read_bytes()

@@ -48,9 +48,11 @@ AHEAD_CALLS = 32
 # (``BlobService.read_resident``): reading and hashing them costs less than the thread hop.
 RESIDENT_MAX = 128 << 10
 # Only fetches of chunks up to this size, made while no other chunk was being fetched, are
-# timed for ``ChunkCache.latency``: a bigger one times its transfer, and one beside others
-# (a prefetch batch, the kernel's readahead) times their queue, not the store's round trip.
-LONE_MAX = 64 << 10
+# timed for ``ChunkCache.latency``: a bigger one times its transfer more than the round trip,
+# and one beside others (a prefetch batch, the kernel's readahead) times their queue. Not
+# less: a program that opens only libraries of 64-256 KiB must still get the store timed
+# (figures: bench/ANALYSIS.md).
+LONE_MAX = 256 << 10
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
