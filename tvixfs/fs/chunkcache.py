@@ -47,6 +47,12 @@ AHEAD_CALLS = 32
 # Chunks up to this size are read on the event loop where the store has them in memory
 # (``BlobService.read_resident``): reading and hashing them costs less than the thread hop.
 RESIDENT_MAX = 128 << 10
+# Only fetches of chunks up to this size, made while no other chunk was being fetched, are
+# timed for ``ChunkCache.latency``: a bigger one times its transfer more than the round trip,
+# and one beside others (a prefetch batch, the kernel's readahead) times their queue. Not
+# less: a program that opens only libraries of 64-256 KiB must still get the store timed
+# (figures: bench/ANALYSIS.md).
+LONE_MAX = 256 << 10
 
 
 def _verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> Iterator[bytes]:
@@ -77,13 +83,16 @@ def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[
 
 @dataclass(slots=True)
 class Latency:
-    """A moving average of the seconds single-chunk fetches took (the recent ones weigh most)."""
+    """A moving average of the seconds single-chunk fetches took (the recent ones weigh most);
+    0 until the first, which is taken as it is: nothing is presumed about a store."""
 
     seconds: float = 0.0
     weight: float = 0.25
+    samples: int = 0
 
     def add(self, seconds: float) -> None:
-        self.seconds += (seconds - self.seconds) * self.weight
+        self.samples += 1
+        self.seconds += (seconds - self.seconds) * (self.weight if self.samples > 1 else 1.0)
 
 
 @dataclass(slots=True)
@@ -116,7 +125,8 @@ class ChunkCache:
             UNAVAILABLE_CHUNKS, UNAVAILABLE_MEMORY
         )
         self.stats = ReaderStats()
-        # How long a read waits for a chunk fetched alone: what fetching ahead can hide.
+        # How long a read waits for a small chunk fetched alone (``LONE_MAX``): the round trip
+        # that fetching ahead can hide.
         self.latency = Latency()
         self.ahead = Bridge(AHEAD_CALLS, bridge.deadline)
 
@@ -204,6 +214,7 @@ class ChunkCache:
         if (unavailable := self._unavailable.get(chunk.digest)) is not None:
             raise unavailable
         started = trio.current_time()
+        lone = chunk.size <= LONE_MAX and len(self.inflight) <= 1  # only this fetch's own entry
         try:
             if chunk.size <= STREAM_ABOVE:
                 data = await self.bridge.call(_read_verified, self.blobs, chunk, check)
@@ -213,7 +224,8 @@ class ChunkCache:
             self.fetched(chunk, e, started)
             raise
         self.fetched(chunk, data)
-        self.latency.add(trio.current_time() - started)
+        if lone and len(self.inflight) <= 1:
+            self.latency.add(trio.current_time() - started)
         return data
 
     def fetched(self, chunk: ChunkMeta, outcome: bytes | Exception, started: float | None = None) -> None:

@@ -32,6 +32,9 @@ class InFlight(Generic[K, V]):
     def __contains__(self, key: K) -> bool:
         return key in self._pending
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
     async def run(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
         """The result of ``fetch()``, shared with every concurrent caller for the same key.
 

@@ -13,8 +13,11 @@ over a local store, a few concurrent calls over a remote one (pipelined on its o
 connection). A later open of one of them finds it cached, or waits for the fetch under way
 rather than starting its own (``InFlight``).
 
-Only where it hides a wait: while a file fetched alone takes ``SLOW_FETCH`` or longer on
-average (a remote store far away; before its first fetch, a remote store is presumed to be).
+Only where it hides a wait: while a small file fetched alone takes ``SLOW_FETCH`` or longer on
+average (a remote store far away). Nothing is presumed before the first such fetch: presumed
+slow, a near store's first cold opens started a storm of batches whose calls then made every
+fetch beside them look slow too, and it was never measured fast (figures: bench/ANALYSIS.md).
+Where the store is far, the first cold open costs one round trip without files fetched ahead.
 Bounded: at most ``BATCH_FILES`` files and ``BATCH_BYTES`` per miss, files of at most
 ``SMALL_MAX``, ``DIRECTORY_BUDGET`` bytes per directory over the life of the mount (so a
 program that reads three modules of a big directory does not fetch it all; twice that where a
@@ -89,8 +92,6 @@ class SiblingPrefetch:
         self._spent: LRUCache[bytes, int] = LRUCache(DIRECTORIES)
         self._running = 0
         self._remote = chunks.blobs.capabilities.calls_are_remote
-        if self._remote:  # presumed slow until fetches say otherwise
-            chunks.latency.seconds = max(chunks.latency.seconds, SLOW_FETCH)
 
     def opened(self, node: FileNode, directory: bytes, entries: Sequence[Node]) -> None:
         """``node`` was opened from the directory with digest ``directory`` and ``entries``
