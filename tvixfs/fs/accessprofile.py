@@ -106,8 +106,8 @@ class AccessProfiles:
         profile: list[Entry] | None = None
         try:
             try:
-                profile = await self._chunks.bridge.call(self._files.load, store_path)
-            except Exception as e:  # the bridge's deadline: its threads all busy that long
+                profile = await self._chunks.ahead.call(self._files.load, store_path)
+            except Exception as e:  # the deadline of the threads for fetches ahead: all busy that long
                 log.warning("access profile of %s not loaded: %s", store_path.decode(errors="replace"), e)
             if profile and self._chunks.blobs.capabilities.calls_are_remote and self._replays < REPLAYS:
                 self._replays += 1
@@ -117,7 +117,9 @@ class AccessProfiles:
             recording = self._recording.pop(store_path)
             entries = list(recording.entries.values())
             if entries and entries != profile:
-                # Also when the mount is ending (cancelled): the write is small and local.
+                # Also when the mount is ending (cancelled): the write is small and local. Not
+                # through a bridge: shielded, it must not queue behind store calls to a dead
+                # store, and it has no deadline to miss (``save`` never raises).
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._files.save, store_path, entries)
 
