@@ -1,12 +1,12 @@
 """A/B of code versions on the embedded program-start workloads (issue 15).
 
-`.venv/bin/python bench/code_ab.py NAME=TREE [NAME=TREE ...] [--reps N]` (as root, after
-bench/run.py has built its trees and stores once). Each TREE is a checkout of tvixfs (e.g.
-`git archive main | tar -x -C /tmp/base`) that the mount runs from (its PYTHONPATH); all read
-the same store, so only code that keeps the store format can be compared. Samples rotate
-between the versions and passthrough_ll, each on a fresh mount with dropped caches, so load
-on a shared machine hits all alike. Besides wall time it reports the mount's CPU time
-(utime + stime from /proc), which moves far less with load.
+`.venv/bin/python bench/code_ab.py NAME=TREE [NAME=TREE ...] [--reps N] [--actions cat python elf]`
+(as root, after bench/run.py has built its trees and stores once). Each TREE is a checkout of
+tvixfs (e.g. `git archive main | tar -x -C /tmp/base`) that the mount runs from (its
+PYTHONPATH); all read the same stores, so only code that keeps the store format can be
+compared. Samples rotate between the versions and passthrough_ll, each on a fresh mount with
+dropped caches, so load on a shared machine hits all alike. Besides wall time it reports the
+mount's CPU time (utime + stime from /proc), which moves far less with load.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from context import QUICK, Context, context
 from measure import Samples, drop_caches, timed
 from procs import passthrough_mount, tvixfs_mount
-from startup import _cat, _start_python, small_file_list
+from startup import workload
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -31,33 +30,30 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
-def _workload(ctx: Context, action: str, root: Path) -> Callable[[], None]:
-    files = small_file_list(ctx.trees["python"])
-    return (lambda: _start_python(root)) if action == "python" else (lambda: _cat(root, files))
-
-
 def _tvixfs(ctx: Context, tree: Path, action: str, wall: Samples, cpu: Samples) -> None:
     mnt = ctx.mountpoint()
     os.environ["PYTHONPATH"] = str(tree)
-    with tvixfs_mount(ctx.store_url, mnt, ctx.log("mount")) as proc:
+    work = workload(ctx, action)
+    with tvixfs_mount(work.store_url, mnt, ctx.log("mount")) as proc:
         drop_caches()
         before = _cpu(proc.pid)
-        wall.add(timed(_workload(ctx, action, mnt / ctx.paths["python"])))
+        wall.add(timed(lambda: work.run(mnt / work.basename)))
         cpu.add(_cpu(proc.pid) - before)
 
 
 def _passthrough(ctx: Context, action: str, wall: Samples) -> None:
     mnt = ctx.mountpoint()
-    with passthrough_mount(ctx.passthrough, ctx.sources["python"], mnt, ctx.log("passthrough"), "always"):
+    work = workload(ctx, action)
+    with passthrough_mount(ctx.passthrough, work.source, mnt, ctx.log("passthrough"), "always"):
         drop_caches()
-        wall.add(timed(_workload(ctx, action, mnt)))
+        wall.add(timed(lambda: work.run(mnt)))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("versions", nargs="+", metavar="NAME=TREE")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--actions", nargs="+", default=["cat", "python"], choices=["cat", "python"])
+    p.add_argument("--actions", nargs="+", default=["cat", "python"], choices=["cat", "python", "elf"])
     args = p.parse_args()
     versions = [(name, Path(tree).resolve()) for name, _, tree in (v.partition("=") for v in args.versions)]
     with context(QUICK) as ctx:

@@ -11,7 +11,7 @@ extras=""
 # fuse3: fusermount3 (auto_unmount); libfuse3-dev + pkg-config: pyfuse3 builds from source;
 # nix-bin: the reference Nix the tests compare against; attr: getfattr; systemd: systemd-analyze;
 # iproute2: `ip`, brings up loopback in the benchmark daemons' own network namespaces;
-# patch: applies scripts/pyfuse3-opendir-fileinfo.patch.
+# patch: applies scripts/pyfuse3-*.patch.
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv nix-bin attr systemd util-linux iproute2 patch)
 missing=()
 for p in "${packages[@]}"; do
@@ -28,29 +28,39 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 
-# pyfuse3 built from its sdist with scripts/pyfuse3-opendir-fileinfo.patch, so that the kernel
-# caches the listings of store paths (tvixfs/fs/dircache.py). Anything failing here leaves the
-# stock pyfuse3 to the next step: tvixfs detects the capability and works without it.
+# pyfuse3 built from its sdist with two patches (scripts/pyfuse3-*.patch, written to go
+# upstream): opendir-fileinfo lets the kernel cache the listings of store paths
+# (tvixfs/fs/dircache.py); no-open lets it open files without asking (tvixfs/fs/noopen.py).
+# Anything failing here leaves the stock pyfuse3 to the next step: tvixfs detects each
+# capability and works without it.
 PYFUSE3_PATCHED=3.5.0
+PYFUSE3_PATCHES=(scripts/pyfuse3-opendir-fileinfo.patch scripts/pyfuse3-no-open.patch)
+apply_pyfuse3_patches() {
+    local patch_file
+    for patch_file in "${PYFUSE3_PATCHES[@]}"; do
+        patch -d "$1" -p1 --forward --batch --quiet <"$patch_file" || return 1
+    done
+}
 install_patched_pyfuse3() {
     local build src
     build=$(mktemp -d)
     src="$build/pyfuse3-$PYFUSE3_PATCHED"
     .venv/bin/pip download -q --no-deps --no-binary :all: -d "$build" "pyfuse3==$PYFUSE3_PATCHED" &&
         tar -xzf "$build/pyfuse3-$PYFUSE3_PATCHED.tar.gz" -C "$build" &&
-        patch -d "$src" -p1 --forward --batch --quiet <scripts/pyfuse3-opendir-fileinfo.patch &&
+        apply_pyfuse3_patches "$src" &&
         rm -f "$src/src/pyfuse3/__init__.c" && # generated from the unpatched source: Cython redoes it
         .venv/bin/pip install -q --no-deps --force-reinstall "$src"
     local status=$?
     rm -rf "$build"
     return $status
 }
-if .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.FileInfo, "cache_readdir"))' 2>/dev/null; then
+patched='import pyfuse3, sys; sys.exit(not (hasattr(pyfuse3.FileInfo, "cache_readdir") and hasattr(pyfuse3.Operations, "no_open")))'
+if .venv/bin/python -c "$patched" 2>/dev/null; then
     echo "pyfuse3: patched already"
 elif install_patched_pyfuse3; then
-    echo "pyfuse3 $PYFUSE3_PATCHED: patched (directory listings cached by the kernel)"
+    echo "pyfuse3 $PYFUSE3_PATCHED: patched (listings cached by the kernel, files opened without asking)"
 else
-    echo "warning: cannot build the patched pyfuse3; using the stock one (listings not cached by the kernel)" >&2
+    echo "warning: cannot build the patched pyfuse3; using the stock one (listings not cached by the kernel, files opened by request)" >&2
 fi
 
 .venv/bin/pip install -q -e ".${extras}"

@@ -20,7 +20,11 @@ def watch_mount(ops: TvixOperations, metrics: Metrics) -> None:
         "fuse_served_bytes", "Bytes the mount answered read requests with.", metrics.fuse_served.get
     )
     metrics.gauge("inodes", "Inodes the kernel holds (looked up and not forgotten).", lambda: ops.inode_count)
-    metrics.gauge("open_files", "Files open on the mount.", lambda: ops.open_files)
+    metrics.gauge(
+        "open_files",
+        "Files open on the mount (those the kernel opened by itself: read lately).",
+        lambda: ops.open_files,
+    )
     metrics.gauge("chunk_cache_bytes", "Bytes in the memory chunk cache.", lambda: reader.cached_bytes)
     metrics.counter(
         "chunk_cache_hits", "Chunks a read found in the memory chunk cache.", lambda: stats.cache_hits

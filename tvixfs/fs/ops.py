@@ -23,6 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
+from cachetools import LRUCache
 
 from tvixfs import defaults
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -38,7 +39,9 @@ from tvixfs.fs.attrs import (
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.dircache import cached_listing
 from tvixfs.fs.directories import Directories
+from tvixfs.fs.inflight import InFlight
 from tvixfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from tvixfs.fs.noopen import PYFUSE3_OFFERS_NO_OPEN, STATE_BYTES, state_weight
 from tvixfs.fs.reader import BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots
 from tvixfs.fs.siblings import SiblingPrefetch
@@ -99,6 +102,8 @@ def _of_directory(ops: TvixOperations, fh: int, *_: object) -> bytes | None:
 
 
 def _of_file(ops: TvixOperations, fh: int, *_: object) -> bytes | None:
+    if ops.no_open:  # the handle is the inode (fs/noopen.py)
+        return _of_inode(ops, fh)
     file = ops._files.get(fh)
     return file.origin if file is not None else None
 
@@ -182,6 +187,9 @@ class TvixOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # The kernel opens files by itself, where pyfuse3 and the kernel can (fs/noopen.py):
+    # pyfuse3 sets it back to False at mount otherwise, before the first request.
+    no_open = PYFUSE3_OFFERS_NO_OPEN
 
     def __init__(
         self,
@@ -230,7 +238,12 @@ class TvixOperations(pyfuse3.Operations):
             else AccessProfiles(ProfileFiles(options.access_profiles), self._reader)
         )
         self._inodes = InodeTable(options.max_inodes)
-        self._files: dict[int, OpenFile] = {}
+        self._files: dict[int, OpenFile] = {}  # by handle, until released
+        # Files the kernel opened by itself (no_open), by inode: kept for the next read,
+        # bounded (fs/noopen.py), and dropped with the inode.
+        self._inode_files: LRUCache[int, OpenFile] = LRUCache(STATE_BYTES, getsizeof=state_weight)
+        # The kernel's first reads of a file come several at once: one state for all of them.
+        self._inode_opening: InFlight[int, OpenFile] = InFlight()
         self._dir_handles: dict[int, _DirHandle] = {}
         self._handles = itertools.count(1)
         self._readdir_reply = readdir_reply
@@ -245,7 +258,8 @@ class TvixOperations(pyfuse3.Operations):
 
     @property
     def open_files(self) -> int:
-        return len(self._files)
+        """Open handles; where the kernel opens files by itself, files read lately."""
+        return len(self._files) + len(self._inode_files)
 
     @property
     def reader(self) -> BlobReader:
@@ -256,7 +270,7 @@ class TvixOperations(pyfuse3.Operations):
         stats = self._reader.stats
         return (
             f"{len(self._inodes)} inodes ({self._inodes.evicting} being dropped), "
-            f"{len(self._files)} open files, "
+            f"{self.open_files} open files, "
             f"chunk cache {self._reader.cached_bytes >> 20} MiB, "
             f"fetched {stats.chunks_fetched} chunks ({stats.bytes_fetched >> 20} MiB), "
             f"{stats.fetch_failures} failed fetches, {self.failures} failed requests"
@@ -338,6 +352,8 @@ class TvixOperations(pyfuse3.Operations):
         try:
             for ino, count in inode_list:
                 self._inodes.forget(ino, count)
+                if ino in self._inode_files and self._inodes.get(ino) is None:
+                    del self._inode_files[ino]
         except Exception:
             log.exception("forget failed")
 
@@ -436,16 +452,20 @@ class TvixOperations(pyfuse3.Operations):
     async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
-        entry = self._inode(inode)
+        file = await self._open_file(inode)
+        fh = next(self._handles)
+        self._files[fh] = file
+        # keep_cache: a store path never changes, so the page cache stays valid across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def _open_file(self, ino: int) -> OpenFile:
+        entry = self._inode(ino)
         if not isinstance(entry.node, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         file = await self._reader.open(entry.node, entry.origin)
         if self._siblings is not None:
             self._prefetch_siblings(entry)
-        fh = next(self._handles)
-        self._files[fh] = file
-        # keep_cache: a store path never changes, so the page cache stays valid across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        return file
 
     def _prefetch_siblings(self, entry: Inode) -> None:
         """Fetch the small files next to this one ahead, if its directory is at hand."""
@@ -458,9 +478,31 @@ class TvixOperations(pyfuse3.Operations):
 
     @_guarded("read", _of_file)
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        if self.no_open:  # ``fh`` is the inode (fs/noopen.py)
+            return await self._read_inode(fh, off, size)
         file = self._files.get(fh)
         if file is None:
             raise LookupError(f"unknown file handle {fh}")
+        return await self._read_file(file, off, size)
+
+    async def _read_inode(self, ino: int, off: int, size: int) -> bytes:
+        file = self._inode_files.get(ino)
+        if file is None:
+            file = await self._inode_opening.run(ino, lambda: self._open_inode(ino))
+        try:
+            return await self._read_file(file, off, size)
+        except Exception:
+            # A handle's state ends with its release; this one is kept for later reads, so
+            # whatever failed (a bad chunk map, say) is learned again by the next one.
+            if self._inode_files.get(ino) is file:
+                del self._inode_files[ino]
+            raise
+
+    async def _open_inode(self, ino: int) -> OpenFile:
+        file = self._inode_files[ino] = await self._open_file(ino)
+        return file
+
+    async def _read_file(self, file: OpenFile, off: int, size: int) -> bytes:
         if self._profiles is not None:
             self._profiles.read(file, off, size)
         return await self._reader.read(file, off, size)
