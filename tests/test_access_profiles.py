@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 import random
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from tvixfs.fs.accessprofile import AccessProfiles
 from tvixfs.fs.bridge import Bridge
 from tvixfs.fs.reader import BlobReader
 from tvixfs.services.backends.memory import open_memory_store
+from tvixfs.services.base import BlobService, ChunkMeta
 from tvixfs.services.cache import accessprofiles
 from tvixfs.services.cache.accessprofiles import (
     MAGIC,
@@ -268,6 +272,72 @@ def test_a_walk_records_a_bounded_number_of_store_paths(
             await trio.testing.wait_all_tasks_blocked()
             assert len(nursery.child_tasks) == 1
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class DistantBlobs(BlobService):
+    """A memory store's blobs, each read taking ``delay`` (in its worker thread) as over a
+    network; counts the most reads under way at once."""
+
+    def __init__(self, inner: BlobService, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.capabilities = replace(inner.capabilities, calls_are_remote=True)
+        self._lock = threading.Lock()
+        self._running = 0
+        self.most = 0
+        self.reads = 0
+
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        return self.inner.stat(digest, send_chunks)
+
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        with self._lock:
+            self._running += 1
+            self.reads += 1
+            self.most = max(self.most, self._running)
+        try:
+            time.sleep(self.delay)
+            return iter([b"".join(self.inner.read(digest))])
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def put(self, data: Iterable[bytes]) -> bytes:
+        return self.inner.put(data)
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["near", "far"])
+def test_a_replay_asks_a_far_store_for_more_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, far: bool
+) -> None:
+    """In process: a replay's first fetch goes alone and times the store; a near one then gets
+    a few calls at a time (more would only cost CPU), a far one many (each hides a round trip)."""
+    delay = 0.03  # each read: long enough for the calls under way to overlap
+    monkeypatch.setattr(accessprofile, "SLOW_CALL", delay / 2 if far else 10.0)
+
+    async def main() -> None:
+        store = open_memory_store()
+        rng = random.Random(7)
+        entries = []
+        for _ in range(3 * accessprofile.CALLS):
+            data = rng.randbytes(1000)
+            entries.append(Entry(Kind.CHUNK, store.blobs.put([data]), len(data)))
+        name = "1" * 32 + "-far"
+        ProfileFiles(tmp_path).save(name.encode(), entries)
+        blobs = DistantBlobs(store.blobs, delay)
+        async with trio.open_nursery() as nursery:
+            profiles = AccessProfiles(ProfileFiles(tmp_path), BlobReader(Bridge(), blobs, nursery))
+            profiles.entered(name.encode())
+            with trio.fail_after(30):  # a hang detector only
+                while blobs.reads < len(entries):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        if far:  # not all CALLS for sure: a worker thread may start late on a busy machine
+            assert accessprofile.CALLS // 2 < blobs.most <= accessprofile.CALLS
+        else:
+            assert blobs.most == accessprofile.NEAR_CALLS
 
     trio.run(main)
 

@@ -8,9 +8,15 @@ lookup (reads as the kernel sends them, whether the chunks were cached or not), 
 of several chunks were read (their open needs the chunk list, one more round trip), and keeps
 them as the store path's profile (services/cache/accessprofiles.py). On a later mount, the
 first lookup of that store path starts fetching the profile's chunks into the chunk cache and
-its chunk lists into the reader's, in the order first needed, ``CALLS`` at a time (pipelined
-on a gRPC store's one connection): the program then finds most of its opens and reads cached or
-under way instead of waiting a round trip each.
+its chunk lists into the reader's, in the order first needed, several calls at a time
+(pipelined on a gRPC store's one connection): the program then finds most of its opens and
+reads cached or under way instead of waiting a round trip each.
+
+How many at a time follows the store: the first fetch goes alone, and if it took
+``SLOW_CALL`` or longer (a round trip to a far store) the rest go ``CALLS`` at a time, else
+``NEAR_CALLS``. Over a near store a few keep up, and more only cost CPU: each gRPC call in
+flight is a client thread contending for the GIL (curl's start over loopback: 0.17 s of mount
+CPU with 32 at once, 0.11 s with 4; bench/ANALYSIS.md).
 
 Where it pays: a remote store (over a local one the chunks are a disk read away), and a mount
 whose disk cache does not hold the blobs yet (a cleared or evicted cache, a new machine given
@@ -37,7 +43,9 @@ from tvixfs.services.cache.accessprofiles import MAX_BYTES, MAX_ENTRIES, Entry, 
 log = logging.getLogger(__name__)
 
 WINDOW = 10.0  # seconds after a store path's first lookup whose reads make its profile
-CALLS = 32  # chunks fetched at once by one replay (each its own call; see chunkcache.AHEAD_CALLS)
+CALLS = 32  # chunks fetched at once by a replay from a far store (each its own call; chunkcache.AHEAD_CALLS)
+NEAR_CALLS = 4  # ... from a near one
+SLOW_CALL = 0.005  # a first fetch taking this long makes the store far
 REPLAYS = 2  # replays at once; a store path entered while they run gets none
 CHUNK_CACHE_SHARE = 2  # a replay fetches at most 1/this of the chunk cache
 STORE_PATHS = 4096  # store paths remembered as already entered in this mount
@@ -134,21 +142,45 @@ class AccessProfiles:
                 if self._chunks.busy(entry.digest):
                     continue
             wanted.append(entry)
-        entries = iter(wanted)
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(CALLS):
-                    nursery.start_soon(self._fetch, entries)
+                _Replay(self, iter(wanted), nursery).start()
         finally:
             self._replays -= 1
 
-    async def _fetch(self, entries: Iterator[Entry]) -> None:
-        for entry in entries:
-            try:
-                if entry.kind == Kind.CHUNK_LIST:
-                    await self._reader.map_ahead(entry.digest, entry.size)
-                elif not self._chunks.busy(entry.digest):
-                    # A profile is no store's word on the chunk: hashed here.
-                    await self._chunks.fetch_run([entry.chunk], check=True, bridge=self._chunks.ahead)
-            except Exception as e:
-                log.debug("fetching %s of an access profile failed: %s", entry, e)
+    async def fetch(self, entry: Entry) -> bool:
+        """Fetch one entry of a profile unless it is under way already: whether it was."""
+        try:
+            if entry.kind == Kind.CHUNK_LIST:
+                await self._reader.map_ahead(entry.digest, entry.size)
+            elif not self._chunks.busy(entry.digest):
+                # A profile is no store's word on the chunk: hashed here.
+                await self._chunks.fetch_run([entry.chunk], check=True, bridge=self._chunks.ahead)
+            else:
+                return False
+        except Exception as e:
+            log.debug("fetching %s of an access profile failed: %s", entry, e)
+        return True
+
+
+class _Replay:
+    """The calls of one replay, taking the profile's entries in turn: one until a fetch has
+    been timed, then as many as the store's distance asks for (see the module docstring)."""
+
+    def __init__(self, profiles: AccessProfiles, entries: Iterator[Entry], nursery: trio.Nursery) -> None:
+        self._profiles = profiles
+        self._entries = entries
+        self._nursery = nursery
+        self._timed = False
+
+    def start(self) -> None:
+        self._nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        for entry in self._entries:
+            started = trio.current_time()
+            if await self._profiles.fetch(entry) and not self._timed:
+                self._timed = True
+                far = trio.current_time() - started >= SLOW_CALL
+                for _ in range((CALLS if far else NEAR_CALLS) - 1):
+                    self._nursery.start_soon(self._run)
