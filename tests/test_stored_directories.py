@@ -1,6 +1,7 @@
 """Directories read back from the embedded store are checked by the hash of their stored
-bytes (Directory.from_canonical_bytes), not by encoding them again: the same checks, through
-the store's API and through a real mount."""
+bytes (Directory.from_canonical_bytes), and those received over the network by the hash of
+the bytes received where it names them (Directory.from_named_bytes), not by encoding them
+again: the same checks, through the store's API and through a real mount."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def test_digest_of_canonical_bytes_is_the_computed_digest() -> None:
         assert read == directory
         fresh = Directory(directory.directories, directory.files, directory.symlinks)  # digest not known yet
         assert read.digest() == b3digest(directory.to_bytes()) == fresh.digest()
+
+
+def test_received_directories_are_checked_by_what_they_are() -> None:
+    """Over the network (Directory.from_named_bytes): bytes hashing to a digest asked for are
+    that directory; any other bytes get their digest computed, so another encoding of the same
+    directory still counts as it, and another directory never does."""
+    got = Directory.from_named_bytes(LEAF.to_bytes(), {LEAF.digest()})
+    assert got == LEAF and got.digest() == LEAF.digest()
+    reencoded = Directory.from_named_bytes(LEAF.to_bytes() + b"\x20\x01", {LEAF.digest()})
+    assert reencoded == LEAF and reencoded.digest() == LEAF.digest()
+    assert Directory.from_named_bytes(OTHER.to_bytes(), {LEAF.digest()}).digest() == OTHER.digest()
 
 
 def test_store_reads_back_what_was_put(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ the callers decide what a broken rule means (corrupt data from a server, a rejec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
@@ -42,6 +42,11 @@ class RootFirst:
     def unfinished(self) -> int:
         """How many directories referred to have not arrived (0 once the closure is whole)."""
         return len(self._wanted)
+
+    @property
+    def awaited(self) -> Set[bytes]:
+        """The digests any directory arriving next may have."""
+        return self._wanted
 
 
 class LeavesFirst:

@@ -7,7 +7,7 @@ nodes so that callers never look at an unchecked field.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 
 from tvixfs.castore.digest import b3digest
@@ -80,6 +80,23 @@ class Directory:
         """
         directory = cls.from_bytes(data)
         object.__setattr__(directory, "_digest", b3digest(data))
+        return directory
+
+    @classmethod
+    def from_named_bytes(cls, data: bytes, names: Container[bytes]) -> Directory:
+        """Parse a directory received from elsewhere, where its digest should be one of
+        ``names`` (the digests that were asked for, or that a parent names).
+
+        If the hash of ``data`` is one of them, ``data`` is that directory's canonical
+        encoding (BLAKE3 is collision resistant), so its digest is known without encoding it
+        again; what a recursive Get of a big tree spent most of its client CPU on. Otherwise
+        (another encoding of the same directory, or another directory) ``digest`` computes
+        it as usual, and the caller finds out which.
+        """
+        directory = cls.from_bytes(data)
+        digest = b3digest(data)
+        if digest in names:
+            object.__setattr__(directory, "_digest", digest)
         return directory
 
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
@@ -21,7 +21,7 @@ from tvixfs.castore.digest import b3digest, check_digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_to_proto
-from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.protos import pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.services.backends.grpc_channel import Connection, first_message, receive
 from tvixfs.services.base import (
     BlobCapabilities,
@@ -249,14 +249,14 @@ class GrpcDirectoryService(DirectoryService):
         what = f"get directory {digest.hex()}"
         request = rpc_directory_pb2.GetDirectoryRequest(digest=digest)
         try:
-            messages: list[castore_pb2.Directory] = self._conn.call(
+            messages: list[bytes] = self._conn.call(
                 DIRECTORY_GET, lambda f: list(f(request, timeout=self._conn.config.timeout)), what
             )
         except NotFoundError:
             return None
         if len(messages) != 1:
             raise CorruptDataError(f"{what}: the server sent {len(messages)} directories, not one")
-        directory = _directory(messages[0], what)
+        directory = _directory(messages[0], what, {digest})
         if directory.digest() != digest:
             raise CorruptDataError(f"{what}: the server sent a directory with another digest")
         return directory
@@ -277,7 +277,7 @@ class GrpcDirectoryService(DirectoryService):
             raise CorruptDataError(f"{what}: the server sent no directory")
         order = RootFirst(digest)
         for message in chain([first], receive(call, what)):
-            directory = _directory(message, what)
+            directory = _directory(message, what, order.awaited)
             try:
                 order.admit(directory)
             except ClosureError as e:
@@ -309,9 +309,9 @@ class GrpcDirectoryService(DirectoryService):
         self._conn.close()
 
 
-def _directory(message: castore_pb2.Directory, what: str) -> Directory:
+def _directory(message: bytes, what: str, names: Container[bytes]) -> Directory:
     try:
-        return Directory.from_proto(message)
+        return Directory.from_named_bytes(message, names)
     except ValidationError as e:
         raise CorruptDataError(f"{what}: the server sent an invalid directory: {e}") from None
 

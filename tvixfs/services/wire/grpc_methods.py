@@ -110,14 +110,22 @@ def encode_message_or_bytes(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def received_bytes(message: bytes) -> bytes:
+    """A response as it came: the client parses it, and hashes the very bytes it got."""
+    return message
+
+
 DIRECTORY_GET = Method(
     DIRECTORY_SERVICE,
     "Get",
     rpc_directory_pb2.GetDirectoryRequest,
     castore_pb2.Directory,
     server_streaming=True,
-    # A recursive Get sends the stored encodings where the store has them (encodedclosure.py).
+    # A recursive Get sends the stored encodings where the store has them (encodedclosure.py);
+    # the client checks a directory by the hash of the bytes it received where it can
+    # (Directory.from_named_bytes), not by encoding it again.
     encode_response=encode_message_or_bytes,
+    decode_response=received_bytes,
 )
 DIRECTORY_PUT = Method(
     DIRECTORY_SERVICE,
