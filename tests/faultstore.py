@@ -440,10 +440,24 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         with _serving(self._plan, "blob.put", context) as call:
             faults = self._plan.strike("blob.put", [None])
             _abort_on_call_faults(call, faults, stream=False)
-            digest = self._store.blobs.put(chunk.data for chunk in request_iterator)
+            digest = self._store.blobs.put(_whole_stream(request_iterator, context))
             if _first(faults, "corrupt"):
                 digest = _flip(digest, 0)
             return rpc_blobstore_pb2.PutBlobResponse(digest=digest)
+
+
+def _whole_stream(
+    requests: Iterator[rpc_blobstore_pb2.BlobChunk], context: grpc.ServicerContext
+) -> Iterator[bytes]:
+    """The data of a Put's stream, which fails if grpcio ended it at a message it could not parse.
+
+    grpcio then ends the request iterator as if the stream had ended, having answered INTERNAL
+    itself; only the context tells. A client whose source fails sends such a message (UNDECODABLE).
+    """
+    for chunk in requests:
+        yield chunk.data
+    if not context.is_active():
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request stream did not end well")
 
 
 class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):

@@ -9,7 +9,6 @@ hash. Whatever fails raises CorruptDataError. Synchronous and thread-safe like e
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
@@ -50,6 +49,8 @@ from tvixfs.services.wire.grpc_methods import (
     PATHINFO_GET,
     PATHINFO_LIST,
     PATHINFO_PUT,
+    UNDECODABLE,
+    encode_blob_chunk,
 )
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import SHA256_SIZE, validate_pathinfo
@@ -178,40 +179,28 @@ class GrpcBlobService(BlobService):
 
     def put(self, data: Iterable[bytes]) -> bytes:
         hasher = new_hasher()
-        failure: list[BaseException] = []
+        failure: list[Exception] = []
 
-        def messages(cancel: Any) -> Iterator[rpc_blobstore_pb2.BlobChunk]:
+        def messages() -> Iterator[bytes]:
             try:
                 for piece in data:
                     hasher.update(piece)
                     for i in range(0, len(piece), PUT_MESSAGE):
-                        yield rpc_blobstore_pb2.BlobChunk(data=bytes(piece[i : i + PUT_MESSAGE]))
+                        yield encode_blob_chunk([piece[i : i + PUT_MESSAGE]])
             except Exception as e:
-                # Ending the stream would store a truncated blob; cancel the call instead.
+                # Not the end of the stream, which would store a truncated blob: see UNDECODABLE.
                 failure.append(e)
-                cancel()
+                yield UNDECODABLE
 
         def invoke(method: Any) -> rpc_blobstore_pb2.PutBlobResponse:
-            # grpc pulls ``messages`` on its own thread, possibly before ``future`` returns.
-            handle: list[grpc.Future[Any]] = []
-            issued = threading.Event()
-
-            def cancel() -> None:
-                issued.wait()
-                for future in handle:
-                    future.cancel()
-
             try:
-                future = method.future(messages(cancel), timeout=self._conn.config.stream_timeout)
-                handle.append(future)
-            finally:
-                issued.set()
-            try:
-                response: rpc_blobstore_pb2.PutBlobResponse = future.result()
-            except grpc.FutureCancelledError:
+                response: rpc_blobstore_pb2.PutBlobResponse = method(
+                    messages(), timeout=self._conn.config.stream_timeout
+                )
+            except grpc.RpcError:
                 if failure:
                     raise failure[0] from None
-                raise StoreUnavailableError("put blob: the call was cancelled (client closed?)") from None
+                raise
             return response
 
         response = self._conn.call(BLOB_PUT, invoke, "put blob", idempotent=False)

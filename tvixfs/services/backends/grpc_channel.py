@@ -112,7 +112,7 @@ class Connection:
                 make = self._channel.unary_unary  # type: ignore[assignment]
             found = make(
                 method.path(prefix),
-                request_serializer=method.request.SerializeToString,
+                request_serializer=method.encode_request or method.request.SerializeToString,
                 response_deserializer=method.decode_response or method.response.FromString,
             )
             with self._lock:
