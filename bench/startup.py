@@ -112,10 +112,13 @@ def latency_proxy(daemon: Daemon, delay_ms: float, log: Path) -> Iterator[str]:
         proc.wait()
 
 
-def _over(ctx: Context, samples: Samples, action: str, link: str, extra: Sequence[str] = ()) -> None:
-    """One cold sample of ``action`` through a fresh tvixfs mount reached over ``link``
-    (``extra``: more `tvixfs mount` options)."""
-    work = workload(ctx, action)
+@contextmanager
+def mount_over(
+    ctx: Context, work: Workload, link: str, extra: Sequence[str] = ()
+) -> Iterator[tuple[Path, int]]:
+    """A fresh tvixfs mount of ``work``'s store reached over ``link`` (``embedded``, ``loopback``
+    or ``wan``: the 20 ms link), with ``extra`` `tvixfs mount` options; yields the mounted store
+    path and the mount's pid."""
     with ExitStack() as stack:
         daemon = None
         url = work.store_url
@@ -125,8 +128,14 @@ def _over(ctx: Context, samples: Samples, action: str, link: str, extra: Sequenc
             if link == "wan":
                 url = stack.enter_context(latency_proxy(daemon, RTT_MS / 2, ctx.log("proxy")))
         mnt = ctx.mountpoint()
-        stack.enter_context(tvixfs_mount(url, mnt, ctx.log("mount"), daemon, extra))
-        root = mnt / work.basename
+        proc = stack.enter_context(tvixfs_mount(url, mnt, ctx.log("mount"), daemon, extra))
+        yield mnt / work.basename, proc.pid
+
+
+def _over(ctx: Context, samples: Samples, action: str, link: str, extra: Sequence[str] = ()) -> None:
+    """One cold sample of ``action`` through a fresh tvixfs mount reached over ``link``."""
+    work = workload(ctx, action)
+    with mount_over(ctx, work, link, extra) as (root, _):
         drop_caches()
         samples.add(timed(lambda: work.run(root)))
 
