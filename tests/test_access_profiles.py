@@ -10,9 +10,10 @@ import random
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -39,6 +40,8 @@ from tvixfs.services.cache.accessprofiles import (
     decode,
     encode,
 )
+
+T = TypeVar("T")
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -277,29 +280,40 @@ def test_a_walk_records_a_bounded_number_of_store_paths(
 
 
 class DistantBlobs(BlobService):
-    """A memory store's blobs, each read taking ``delay`` (in its worker thread) as over a
-    network; counts the most reads under way at once."""
+    """A memory store's blobs, each call taking ``delay`` (in its worker thread) as over a
+    network; counts the most calls under way at once. With ``reads_many``, it answers many
+    chunks in one call, as a gRPC store with tvixfs's BlobBatchService does."""
 
-    def __init__(self, inner: BlobService, delay: float) -> None:
+    def __init__(self, inner: BlobService, delay: float, reads_many: bool = False) -> None:
         self.inner = inner
         self.delay = delay
-        self.capabilities = replace(inner.capabilities, calls_are_remote=True)
+        self.capabilities = replace(inner.capabilities, calls_are_remote=True, reads_many=reads_many)
         self._lock = threading.Lock()
         self._running = 0
         self.most = 0
         self.reads = 0
+        self.batches: list[int] = []
 
     def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
         return self.inner.stat(digest, send_chunks)
 
     def read(self, digest: bytes) -> Iterator[bytes]:
         with self._lock:
-            self._running += 1
             self.reads += 1
+        return iter([self._call(lambda: b"".join(self.inner.read(digest)))])
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+        with self._lock:
+            self.batches.append(len(chunks))
+        return self._call(lambda: self.inner.read_many(chunks))
+
+    def _call(self, answer: Callable[[], T]) -> T:
+        with self._lock:
+            self._running += 1
             self.most = max(self.most, self._running)
         try:
             time.sleep(self.delay)
-            return iter([b"".join(self.inner.read(digest))])
+            return answer()
         finally:
             with self._lock:
                 self._running -= 1
@@ -360,3 +374,30 @@ def test_a_profile_directory_that_is_a_file_is_one_clear_error(short_tmp: Path) 
     assert done.stderr.strip().splitlines() == [
         f"tvixfs: error: --access-profiles: {short_tmp / 'file'} is not a directory"
     ]
+
+
+def test_a_replay_from_a_store_that_reads_many_asks_in_batches(tmp_path: Path) -> None:
+    """In process: the first fetch alone (it times the store), then the chunks ``BATCH`` to a call."""
+
+    async def main() -> None:
+        store = open_memory_store()
+        rng = random.Random(8)
+        entries = []
+        for _ in range(3 * accessprofile.BATCH + 5):
+            data = rng.randbytes(1000)
+            entries.append(Entry(Kind.CHUNK, store.blobs.put([data]), len(data)))
+        name = "2" * 32 + "-batched"
+        ProfileFiles(tmp_path).save(name.encode(), entries)
+        blobs = DistantBlobs(store.blobs, 0.01, reads_many=True)
+        async with trio.open_nursery() as nursery:
+            reader = BlobReader(Bridge(), blobs, nursery)
+            profiles = AccessProfiles(ProfileFiles(tmp_path), reader)
+            profiles.entered(name.encode())
+            with trio.fail_after(30):  # a hang detector only
+                while not all(e.digest in reader.chunk_cache.cache for e in entries):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert blobs.reads == 1
+        assert blobs.batches == [accessprofile.BATCH] * 3 + [4]
+
+    trio.run(main)

@@ -24,7 +24,7 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import SymlinkNode
 from tvixfs.protos import castore_pb2, pathinfo_pb2
 from tvixfs.services.backends.grpc import ClientConfig, open_grpc_store
-from tvixfs.services.base import Store
+from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.errors import (
     CorruptDataError,
     NotFoundError,
@@ -425,3 +425,17 @@ def test_pathinfo_list_skips_an_invalid_entry(
         listed = list(client.pathinfos.list())
     assert len(listed) == 2
     assert "invalid PathInfo" in caplog.text
+
+
+def test_read_many_reads_one_by_one_from_a_server_without_batches(
+    faults: FaultStore, client: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fault store serves the tvix services only, as tvix-store does: the first ReadMany is
+    UNIMPLEMENTED, said once, and every chunk is read with its own Read from then on."""
+    contents = [b"small one", b"small two", random.Random(2).randbytes(40_000)]
+    chunks = [ChunkMeta(faults.store.blobs.put([c]), len(c)) for c in contents]
+    with caplog.at_level(logging.INFO):
+        assert client.blobs.read_many(chunks) == contents
+        assert client.blobs.read_many(chunks[::-1]) == contents[::-1]
+    assert caplog.text.count("has no BlobBatchService") == 1
+    assert faults.stats()["calls"].get("blob.read", 0) == 2 * len(chunks)

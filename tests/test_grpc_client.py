@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from grpcserver import running_daemon
 
@@ -20,7 +23,7 @@ from tvixfs.castore.digest import b3digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode
 from tvixfs.importers.ingest import ingest_path
-from tvixfs.protos import pathinfo_pb2, rpc_blobstore_pb2
+from tvixfs.protos import blobbatch_pb2, pathinfo_pb2, rpc_blobstore_pb2
 from tvixfs.server.serve import RunningServer, start_server
 from tvixfs.services.backends.grpc import WHOLE_READ_LIMIT, ClientConfig, GrpcBlobService, open_grpc_store
 from tvixfs.services.backends.local import open_local_store
@@ -34,7 +37,8 @@ from tvixfs.services.errors import (
     StoreUnavailableError,
 )
 from tvixfs.services.readahead import blobs_read_ahead
-from tvixfs.services.wire.grpc_methods import decode_blob_chunk, encode_blob_chunk
+from tvixfs.services.wire.grpc_methods import Method, decode_blob_chunk, encode_blob_chunk
+from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX
 from tvixfs.store.nar import write_nar
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import StorePath
@@ -251,3 +255,71 @@ def test_cli_import_and_export_nar_through_a_daemon(
         )
     dump = subprocess.run(["nix-store", "--dump", str(sample_tree)], check=True, capture_output=True)
     assert exported.stdout == dump.stdout
+
+
+def _calls_by_method(client: Store, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """The calls ``client``'s blob service makes from now on, by method name."""
+    conn = client.blobs._conn  # type: ignore[attr-defined]
+    calls: Counter[str] = Counter()
+    call = conn.call
+
+    def counted(method: Method, *args: Any, **kwargs: Any) -> Any:
+        calls[method.name] += 1
+        return call(method, *args, **kwargs)
+
+    monkeypatch.setattr(conn, "call", counted)
+    return calls
+
+
+def test_read_many_asks_for_small_chunks_in_one_call(
+    local_served: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tvixfs daemon has BlobBatchService: the small chunks come in one ReadMany, each checked;
+    one too large for a message is read with Read; a missing one fails alone."""
+    _, client = local_served
+    small = [b"a", os.urandom(5000), os.urandom(200_000)]
+    large = os.urandom(READ_MANY_BLOB_MAX + 1)
+    chunks = [ChunkMeta(client.blobs.put([d]), len(d)) for d in [*small, large]]
+    chunks.append(ChunkMeta(bytes(32), 7))
+    calls = _calls_by_method(client, monkeypatch)
+    *found, missing = client.blobs.read_many(chunks)
+    assert found == [*small, large]
+    assert isinstance(missing, NotFoundError)
+    assert calls == {"ReadMany": 1, "Read": 1}
+
+
+class _LyingBatches:
+    """A server whose ReadMany answers the second blob asked for with other bytes."""
+
+    def __init__(self, contents: dict[bytes, bytes]) -> None:
+        self.contents = contents
+
+    def read_many(
+        self, request: blobbatch_pb2.ReadManyRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        for i, digest in enumerate(request.digests):
+            data = self.contents[digest]
+            yield blobbatch_pb2.ReadManyResponse(data=data[::-1] if i == 1 else data)
+
+
+def test_read_many_never_hands_on_bytes_that_do_not_match(short_tmp: Path) -> None:
+    contents = {b3digest(d): d for d in (b"first", b"second chunk", b"third")}
+    server = grpc.server(ThreadPoolExecutor(2))
+    handler = grpc.unary_stream_rpc_method_handler(
+        _LyingBatches(contents).read_many,
+        request_deserializer=blobbatch_pb2.ReadManyRequest.FromString,
+        response_serializer=blobbatch_pb2.ReadManyResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("tvixfs.ext.v1.BlobBatchService", {"ReadMany": handler}),)
+    )
+    server.add_insecure_port(f"unix:{short_tmp / 'liar.sock'}")
+    server.start()
+    client = open_grpc_store(f"unix:{short_tmp / 'liar.sock'}", QUICK)
+    try:
+        outcomes = client.blobs.read_many([ChunkMeta(d, len(c)) for d, c in contents.items()])
+    finally:
+        client.close()
+        server.stop(None)
+    assert outcomes[0] == b"first" and outcomes[2] == b"third"
+    assert isinstance(outcomes[1], CorruptDataError)

@@ -44,9 +44,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for prefix in ("tvix", "snix"):
         src = tmp_path_factory.mktemp(f"{prefix}-protos")
-        for proto in (ROOT / "protos").rglob("*.proto"):
-            relative = proto.relative_to(ROOT / "protos")
-            target = src / prefix / relative.relative_to("tvix")
+        for proto in (ROOT / "protos" / "tvix").rglob("*.proto"):  # the tvix protocol's own
+            target = src / prefix / proto.relative_to(ROOT / "protos" / "tvix")
             target.parent.mkdir(parents=True, exist_ok=True)
             text = proto.read_text()
             if prefix != "tvix":
@@ -136,6 +135,9 @@ def test_reflection_and_health(tvixfs_cmd: list[str], short_tmp: Path) -> None:
             assert blob.methods_by_name["Stat"].input_type.full_name == f"{prefix}.castore.v1.StatBlobRequest"
             nar = pool.FindServiceByName(f"{prefix}.store.v1.PathInfoService").methods_by_name["CalculateNAR"]
             assert nar.input_type.full_name == f"{prefix}.castore.v1.Node"
+        # tvixfs's own extension, under its own package only.
+        batch = pool.FindServiceByName("tvixfs.ext.v1.BlobBatchService")
+        assert sorted(batch.methods_by_name) == ["ReadMany"]
         # The v1 name (what newer grpcurl asks first) answers the same, as raw bytes.
         v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
         ask = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()

@@ -27,6 +27,8 @@ from tvixfs.castore.directory import Directory
 from tvixfs.castore.nodes import DirectoryNode, FileNode, SymlinkNode, node_to_proto
 from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import (
+    blobbatch_pb2,
+    blobbatch_pb2_grpc,
     castore_pb2,
     pathinfo_pb2,
     rpc_blobstore_pb2,
@@ -45,6 +47,7 @@ from tvixfs.services.backends.memory import MemoryBlobService, open_memory_store
 from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.readahead import chunks_read_ahead
 from tvixfs.services.regroup import in_messages
+from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX, READ_MANY_DIGESTS
 from tvixfs.store.nar import nar_hash
 from tvixfs.store.storepath import StorePath
 
@@ -482,3 +485,25 @@ def test_stale_socket_is_replaced_live_one_refused(tvixfs_cmd: list[str], short_
         client = open_grpc_store(f"unix:{sock}")
         assert client.blobs.stat(bytes(32)) is None
         client.close()
+
+
+def test_read_many_answers_each_blob_whole_in_order_and_refuses_too_much(stubs: Stubs, memory: Store) -> None:
+    """tvixfs's BlobBatchService, through a stub generated from its .proto, as any client sees it."""
+    batch = blobbatch_pb2_grpc.BlobBatchServiceStub(stubs.channel)
+    contents = [b"", b"one", os.urandom(70_000)]
+    digests = [memory.blobs.put([c]) for c in contents]
+    asked = [digests[2], bytes(32), digests[0], digests[1]]
+    answers = list(batch.ReadMany(blobbatch_pb2.ReadManyRequest(digests=asked)))
+    assert [(a.data, a.missing) for a in answers] == [
+        (contents[2], False),
+        (b"", True),
+        (b"", False),
+        (b"one", False),
+    ]
+    too_many = blobbatch_pb2.ReadManyRequest(digests=[digests[1]] * (READ_MANY_DIGESTS + 1))
+    assert "at most" in expect(Code.INVALID_ARGUMENT, batch.ReadMany(too_many))
+    short = blobbatch_pb2.ReadManyRequest(digests=[digests[1], b"\x01" * 31])
+    expect(Code.INVALID_ARGUMENT, batch.ReadMany(short))
+    large = memory.blobs.put([os.urandom(READ_MANY_BLOB_MAX + 1)])
+    details = expect(Code.INVALID_ARGUMENT, batch.ReadMany(blobbatch_pb2.ReadManyRequest(digests=[large])))
+    assert "read it with BlobService.Read" in details

@@ -43,8 +43,11 @@ from tvixfs.services.cache.accessprofiles import MAX_BYTES, MAX_ENTRIES, Entry, 
 log = logging.getLogger(__name__)
 
 WINDOW = 10.0  # seconds after a store path's first lookup whose reads make its profile
-CALLS = 32  # chunks fetched at once by a replay from a far store (each its own call; chunkcache.AHEAD_CALLS)
+CALLS = 32  # calls at once of a replay from a far store (chunkcache.AHEAD_CALLS)
 NEAR_CALLS = 4  # ... from a near one
+# Chunks per call, where the store answers many in one (``BlobCapabilities.reads_many``): the
+# fixed cost of a call, not its bytes, is what a replay over a near store spends its CPU on.
+BATCH = 16
 SLOW_CALL = 0.005  # a first fetch taking this long makes the store far
 REPLAYS = 2  # replays at once; a store path entered while they run gets none
 CHUNK_CACHE_SHARE = 2  # a replay fetches at most 1/this of the chunk cache
@@ -142,34 +145,57 @@ class AccessProfiles:
                 if self._chunks.busy(entry.digest):
                     continue
             wanted.append(entry)
+        size = BATCH if self._chunks.blobs.capabilities.reads_many else 1
         try:
             async with trio.open_nursery() as nursery:
-                _Replay(self, iter(wanted), nursery).start()
+                _Replay(self, _batches(wanted, size), nursery).start()
         finally:
             self._replays -= 1
 
-    async def fetch(self, entry: Entry) -> bool:
-        """Fetch one entry of a profile unless it is under way already: whether it was."""
+    async def fetch(self, batch: list[Entry]) -> bool:
+        """Fetch a batch (see ``_batches``) unless all of it is under way already: whether
+        anything was fetched."""
         try:
-            if entry.kind == Kind.CHUNK_LIST:
-                await self._reader.map_ahead(entry.digest, entry.size)
-            elif not self._chunks.busy(entry.digest):
-                # A profile is no store's word on the chunk: hashed here.
-                await self._chunks.fetch_run([entry.chunk], check=True, bridge=self._chunks.ahead)
-            else:
+            if batch[0].kind == Kind.CHUNK_LIST:
+                await self._reader.map_ahead(batch[0].digest, batch[0].size)
+                return True
+            chunks = [e.chunk for e in batch if not self._chunks.busy(e.digest)]
+            if not chunks:
                 return False
+            # A profile is no store's word on the chunks: hashed here.
+            await self._chunks.fetch_run(chunks, check=True, bridge=self._chunks.ahead)
         except Exception as e:
-            log.debug("fetching %s of an access profile failed: %s", entry, e)
+            log.debug("fetching %s of an access profile failed: %s", batch[0], e)
         return True
 
 
+def _batches(entries: list[Entry], size: int) -> Iterator[list[Entry]]:
+    """``entries`` in order, as fetches: the first alone (its fetch times the store), then each
+    chunk list alone and up to ``size`` chunks together."""
+    batch: list[Entry] = []
+    limit = 1
+    for entry in entries:
+        if entry.kind == Kind.CHUNK_LIST and batch:
+            yield batch
+            batch = []
+        batch.append(entry)
+        if entry.kind == Kind.CHUNK_LIST or len(batch) == limit:
+            yield batch
+            batch = []
+            limit = size
+    if batch:
+        yield batch
+
+
 class _Replay:
-    """The calls of one replay, taking the profile's entries in turn: one until a fetch has
+    """The calls of one replay, taking the profile's batches in turn: one until a fetch has
     been timed, then as many as the store's distance asks for (see the module docstring)."""
 
-    def __init__(self, profiles: AccessProfiles, entries: Iterator[Entry], nursery: trio.Nursery) -> None:
+    def __init__(
+        self, profiles: AccessProfiles, batches: Iterator[list[Entry]], nursery: trio.Nursery
+    ) -> None:
         self._profiles = profiles
-        self._entries = entries
+        self._batches = batches
         self._nursery = nursery
         self._timed = False
 
@@ -177,9 +203,9 @@ class _Replay:
         self._nursery.start_soon(self._run)
 
     async def _run(self) -> None:
-        for entry in self._entries:
+        for batch in self._batches:
             started = trio.current_time()
-            if await self._profiles.fetch(entry) and not self._timed:
+            if await self._profiles.fetch(batch) and not self._timed:
                 self._timed = True
                 far = trio.current_time() - started >= SLOW_CALL
                 for _ in range((CALLS if far else NEAR_CALLS) - 1):

@@ -71,7 +71,17 @@ def _read_verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> bytes:
 
 
 def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[bytes | Exception]:
-    """Runs in a worker thread: several chunks for one thread hop, each failing on its own."""
+    """Runs in a worker thread: several chunks for one thread hop (and one call, where the store
+    answers many at once), each failing on its own."""
+    if len(chunks) > 1 and blobs.capabilities.reads_many:
+        try:
+            answers = blobs.read_many(chunks)
+        except Exception as e:
+            return [e] * len(chunks)
+        return [
+            a if isinstance(a, Exception) else _checked(chunk, a, check)
+            for chunk, a in zip(chunks, answers, strict=True)
+        ]
     outcomes: list[bytes | Exception] = []
     for chunk in chunks:
         try:
@@ -79,6 +89,17 @@ def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[
         except Exception as e:
             outcomes.append(e)
     return outcomes
+
+
+def _checked(chunk: ChunkMeta, data: bytes, check: bool) -> bytes | Exception:
+    """``data`` if it is ``chunk`` (hashed here if ``check``, else only counted), else the error."""
+    checking = ChunkCheck(chunk.digest, chunk.size, "read", hash=check)
+    try:
+        checking.update(data)
+        checking.done()
+    except Exception as e:
+        return e
+    return data
 
 
 @dataclass(slots=True)

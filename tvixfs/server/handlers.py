@@ -24,7 +24,7 @@ from tvixfs.server.servicers import (
 )
 from tvixfs.services.base import Store
 from tvixfs.services.errors import InvalidArgumentError
-from tvixfs.services.wire.grpc_methods import METHODS, PREFIXES, SERVICES, Method, service_name
+from tvixfs.services.wire.grpc_methods import METHODS, PREFIXES, Method, service_name
 
 
 def add_store_services(
@@ -36,7 +36,8 @@ def add_store_services(
     *,
     gate: StreamGate | None = None,
 ) -> list[str]:
-    """Add the three services of ``store`` under ``prefixes``; returns the service names served.
+    """Add the three services of ``store`` under ``prefixes``, and tvixfs's BlobBatchService;
+    returns the service names served.
 
     ``read_ahead`` runs the chunk reads of Read streams ahead of them (servicers.read_ahead);
     ``gate`` admits and watches every streaming call, and says how many may read ahead.
@@ -47,23 +48,17 @@ def add_store_services(
         **DirectoryServicer(store.directories).handlers(),
         **PathInfoServicer(store.pathinfos).handlers(),
     }
-    names = []
-    for prefix in prefixes:
-        for service in SERVICES:
-            name = service_name(service, prefix)
-            methods = {
-                m.name: _method_handler(
-                    m,
-                    _limited(
-                        gate, m, prefix, guard(m.path(prefix), _decoding(m, handlers[m]), m.server_streaming)
-                    ),
-                )
-                for m in METHODS
-                if m.service == service
-            }
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
-            names.append(name)
-    return names
+    routes: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
+    for m in METHODS:
+        # tvixfs's own extension is served under its own package only.
+        for prefix in prefixes if m.prefixes == PREFIXES else m.prefixes:
+            behaviour = guard(m.path(prefix), _decoding(m, handlers[m]), m.server_streaming)
+            routes.setdefault(service_name(m.service, prefix), {})[m.name] = _method_handler(
+                m, _limited(gate, m, prefix, behaviour)
+            )
+    for name, methods in routes.items():
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
+    return list(routes)
 
 
 def _limited(gate: StreamGate | None, method: Method, prefix: str, behaviour: GrpcHandler) -> GrpcHandler:

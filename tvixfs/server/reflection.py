@@ -13,13 +13,20 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.protos import (
+    blobbatch_pb2,
+    castore_pb2,
+    pathinfo_pb2,
+    rpc_blobstore_pb2,
+    rpc_directory_pb2,
+    rpc_pathinfo_pb2,
+)
 from tvixfs.server.limits import StreamGate
 from tvixfs.services.wire.grpc_methods import PREFIXES
 
 # Dependencies before dependents: a pool accepts a file only once its imports are in.
 _STORE_FILES = (castore_pb2, rpc_blobstore_pb2, rpc_directory_pb2, pathinfo_pb2, rpc_pathinfo_pb2)
-_OWN_FILES = (health_pb2, reflection_pb2)
+_OWN_FILES = (health_pb2, reflection_pb2, blobbatch_pb2)
 
 
 def add_health(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:

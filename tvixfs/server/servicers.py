@@ -15,7 +15,14 @@ from tvixfs.castore.digest import check_digest
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_from_proto
-from tvixfs.protos import castore_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.protos import (
+    blobbatch_pb2,
+    castore_pb2,
+    pathinfo_pb2,
+    rpc_blobstore_pb2,
+    rpc_directory_pb2,
+    rpc_pathinfo_pb2,
+)
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.encodedclosure import EncodedClosures
@@ -25,6 +32,7 @@ from tvixfs.services.regroup import in_messages
 from tvixfs.services.wire.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
+    BLOB_READ_MANY,
     BLOB_STAT,
     DIRECTORY_GET,
     DIRECTORY_PUT,
@@ -34,6 +42,7 @@ from tvixfs.services.wire.grpc_methods import (
     PATHINFO_PUT,
     Method,
 )
+from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX, READ_MANY_DIGESTS
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE
@@ -74,7 +83,12 @@ class BlobServicer:
         self._slots = read_ahead_slots or ReadAheadSlots(DEFAULT_READ_AHEAD_STREAMS)
 
     def handlers(self) -> Handlers:
-        return {BLOB_STAT: self.stat, BLOB_READ: self.read, BLOB_PUT: self.put}
+        return {
+            BLOB_STAT: self.stat,
+            BLOB_READ: self.read,
+            BLOB_PUT: self.put,
+            BLOB_READ_MANY: self.read_many,
+        }
 
     def stat(self, request: rpc_blobstore_pb2.StatBlobRequest) -> rpc_blobstore_pb2.StatBlobResponse:
         digest = check_digest(request.digest, "blob digest")
@@ -92,6 +106,33 @@ class BlobServicer:
         """The blob's bytes; each message is the pieces of its ``data`` (see BLOB_READ)."""
         digest = check_digest(request.digest, "blob digest")
         return in_messages(self._pieces(digest), self._message_size)
+
+    def read_many(
+        self, request: blobbatch_pb2.ReadManyRequest
+    ) -> Iterator[list[bytes] | blobbatch_pb2.ReadManyResponse]:
+        """Each blob asked for, whole, in order: the pieces of a message's ``data`` (encoded as
+        a Read message is: the field is the same), or a message saying it is missing."""
+        if len(request.digests) > READ_MANY_DIGESTS:
+            raise InvalidArgumentError(
+                f"ReadMany: {len(request.digests)} digests, at most {READ_MANY_DIGESTS}"
+            )
+        digests = [check_digest(d, f"digest #{i}") for i, d in enumerate(request.digests)]
+        for digest in digests:
+            pieces: list[bytes] = []
+            size = 0
+            try:
+                for piece in self._blobs.read(digest):
+                    size += len(piece)
+                    if size > READ_MANY_BLOB_MAX:
+                        raise InvalidArgumentError(
+                            f"ReadMany: blob {digest.hex()} has more than {READ_MANY_BLOB_MAX} bytes; "
+                            "read it with BlobService.Read"
+                        )
+                    pieces.append(piece)
+            except NotFoundError:
+                yield blobbatch_pb2.ReadManyResponse(missing=True)
+                continue
+            yield pieces
 
     def _pieces(self, digest: bytes) -> Iterator[bytes]:
         """The blob from its store; its chunks read ahead where the store lets us.

@@ -49,6 +49,9 @@ class BlobCapabilities:
     # Reads never wait for a disk (the store's files are in memory, on tmpfs): reading ahead
     # on other threads would hide no latency and cost a thread hand-off per batch.
     reads_from_memory: bool = False
+    # ``read_many`` answers many chunks in one call (a gRPC store whose server has tvixfs's
+    # BlobBatchService): a consumer fetching several small chunks at once asks for them together.
+    reads_many: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,20 @@ class BlobService(ABC):
             chunks, exact_pieces(self.read(digest), [c.size for c in chunks], what), strict=True
         ):
             yield verified(data, chunk.digest, chunk.size, what)
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+        """Each chunk's bytes, checked as ``read`` checks them, or what reading it raised.
+
+        A store that answers many in one call overrides this (``capabilities.reads_many``); here
+        the chunks are read one by one.
+        """
+        outcomes: list[bytes | Exception] = []
+        for chunk in chunks:
+            try:
+                outcomes.append(b"".join(self.read(chunk.digest)))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
 
     def read_resident(self, digest: bytes, size: int) -> bytes | None:
         """The bytes of a chunk (or blob) of ``size`` bytes, checked against ``digest``, if

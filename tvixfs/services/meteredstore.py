@@ -112,6 +112,11 @@ class MeteredBlobService(BlobService):
     def read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
         return self._meter.stream("read_chunks", lambda: self.inner.read_chunks(digest, chunks), len)
 
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+        outcomes = self._meter.call("read_many", self.inner.read_many, chunks)
+        self._fetched.inc(sum(len(o) for o in outcomes if not isinstance(o, Exception)))
+        return outcomes
+
     def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
         self._meter.call("read_into", self.inner.read_into, digest, views)
         self._fetched.inc(sum(len(view) for view in views))

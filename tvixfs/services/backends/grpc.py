@@ -20,7 +20,7 @@ from tvixfs.castore.digest import b3digest, check_digest, new_hasher
 from tvixfs.castore.directory import Directory
 from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import Node, node_to_proto
-from tvixfs.protos import pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
+from tvixfs.protos import blobbatch_pb2, pathinfo_pb2, rpc_blobstore_pb2, rpc_directory_pb2, rpc_pathinfo_pb2
 from tvixfs.services.backends.grpc_channel import Connection, first_message, receive
 from tvixfs.services.base import (
     BlobCapabilities,
@@ -42,6 +42,7 @@ from tvixfs.services.regroup import exact_pieces
 from tvixfs.services.wire.grpc_methods import (
     BLOB_PUT,
     BLOB_READ,
+    BLOB_READ_MANY,
     BLOB_STAT,
     DIRECTORY_GET,
     DIRECTORY_PUT,
@@ -52,6 +53,7 @@ from tvixfs.services.wire.grpc_methods import (
     UNDECODABLE,
     encode_blob_chunk,
 )
+from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX, READ_MANY_DIGESTS
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import SHA256_SIZE, validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE, StorePath
@@ -67,10 +69,12 @@ PUT_MESSAGE = 1 << 20
 
 class GrpcBlobService(BlobService):
     # The server is not trusted: see the module docstring.
-    capabilities = BlobCapabilities(verifies_chunk_reads=True, calls_are_remote=True)
+    capabilities = BlobCapabilities(verifies_chunk_reads=True, calls_are_remote=True, reads_many=True)
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        # Whether the server has BlobBatchService; found out by the first read_many.
+        self._batches = True
 
     def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
         check_digest(digest)
@@ -92,6 +96,66 @@ class GrpcBlobService(BlobService):
     def read(self, digest: bytes) -> Iterator[bytes]:
         check_digest(digest)
         return self._read(digest)
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+        """One ReadMany call of tvixfs's BlobBatchService where the server has it (tvixfs
+        daemon does); each chunk read alone where it has not. Each answer is checked against its
+        chunk's digest and size, as ``read`` checks.
+
+        Each gRPC call costs each side about 0.3 ms of CPU whatever its size, and the fixed cost
+        of calls, not bytes, is what a program start over a near store spends its time on.
+        """
+        for chunk in chunks:
+            check_digest(chunk.digest)
+        outcomes: list[bytes | Exception] = [b""] * len(chunks)
+        small = [i for i, c in enumerate(chunks) if c.size <= READ_MANY_BLOB_MAX]
+        if not self._batches or len(small) < 2:
+            small = []
+        for start in range(0, len(small), READ_MANY_DIGESTS):
+            group = small[start : start + READ_MANY_DIGESTS]
+            answered = self._read_batch([chunks[i] for i in group])
+            if answered is None:  # no BlobBatchService: these too one by one, below
+                small = small[:start]
+                break
+            for i, outcome in zip(group, answered, strict=True):
+                outcomes[i] = outcome
+        batched = set(small)
+        alone = [i for i in range(len(chunks)) if i not in batched]
+        for i, outcome in zip(alone, super().read_many([chunks[i] for i in alone]), strict=True):
+            outcomes[i] = outcome
+        return outcomes
+
+    def _read_batch(self, chunks: list[ChunkMeta]) -> list[bytes | Exception] | None:
+        """One ReadMany; None if the server has no BlobBatchService."""
+        request = blobbatch_pb2.ReadManyRequest(digests=[c.digest for c in chunks])
+
+        def invoke(method: Any) -> list[blobbatch_pb2.ReadManyResponse] | None:
+            try:
+                return list(method(request, timeout=self._conn.config.stream_timeout))
+            except grpc.RpcError as e:
+                if isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise
+
+        what = f"read {len(chunks)} chunks from {chunks[0].digest.hex()}"
+        answers = self._conn.call(BLOB_READ_MANY, invoke, what)
+        if answers is None:
+            log.info("%s has no BlobBatchService: reading chunks one call each", self._conn.target)
+            self._batches = False
+            return None
+        if len(answers) != len(chunks):
+            raise CorruptDataError(f"{what}: the server answered {len(answers)} of them")
+        outcomes: list[bytes | Exception] = []
+        for chunk, answer in zip(chunks, answers, strict=True):
+            about = f"read chunk {chunk.digest.hex()}"
+            if answer.missing:
+                outcomes.append(NotFoundError(f"{about}: not found"))
+                continue
+            try:
+                outcomes.append(verified(answer.data, chunk.digest, chunk.size, about))
+            except CorruptDataError as e:
+                outcomes.append(e)
+        return outcomes
 
     def _read(self, digest: bytes) -> Iterator[bytes]:
         what = f"read blob {digest.hex()}"

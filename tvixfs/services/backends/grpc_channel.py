@@ -137,7 +137,7 @@ class Connection:
         if not idempotent:
             self._settle_prefix(method.service)
         decided = self._prefix.get(method.service)
-        prefix = decided or PREFIXES[0]
+        prefix = decided or method.prefixes[0]
         delay = self.config.backoff
         attempt = 1
         while True:
@@ -148,11 +148,15 @@ class Connection:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code not in _SILENT:
                     self.breaker.succeeded()
-                if code is grpc.StatusCode.UNIMPLEMENTED and decided is None and prefix != PREFIXES[-1]:
+                if (
+                    code is grpc.StatusCode.UNIMPLEMENTED
+                    and decided is None
+                    and prefix != method.prefixes[-1]
+                ):
                     log.debug(
                         "%s: %s is not served, trying the next prefix", self.target, method.path(prefix)
                     )
-                    prefix = PREFIXES[PREFIXES.index(prefix) + 1]
+                    prefix = method.prefixes[method.prefixes.index(prefix) + 1]
                     continue
                 if code not in _UNSETTLED:
                     self._prefix.setdefault(method.service, prefix)

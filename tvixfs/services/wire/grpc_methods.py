@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from tvixfs.protos import (
+    blobbatch_pb2,
     castore_pb2,
     pathinfo_pb2,
     rpc_blobstore_pb2,
@@ -30,6 +31,10 @@ DIRECTORY_SERVICE = "castore.v1.DirectoryService"
 PATHINFO_SERVICE = "store.v1.PathInfoService"
 SERVICES = (BLOB_SERVICE, DIRECTORY_SERVICE, PATHINFO_SERVICE)
 
+# tvixfs's own extension (protos/tvixfs/protos/blobbatch.proto), under its own package only.
+EXTENSION_PREFIXES = ("tvixfs",)
+BLOB_BATCH_SERVICE = "ext.v1.BlobBatchService"
+
 
 @dataclass(frozen=True)
 class Method:
@@ -43,6 +48,8 @@ class Method:
     encode_request: Callable[[Any], bytes] | None = None
     encode_response: Callable[[Any], bytes] | None = None
     decode_response: Callable[[bytes], Any] | None = None
+    # The package prefixes the method is served under, tried in this order.
+    prefixes: tuple[str, ...] = PREFIXES
 
     def path(self, prefix: str) -> str:
         return f"/{service_name(self.service, prefix)}/{self.name}"
@@ -161,6 +168,17 @@ PATHINFO_LIST = Method(
     server_streaming=True,
 )
 
+BLOB_READ_MANY = Method(
+    BLOB_BATCH_SERVICE,
+    "ReadMany",
+    blobbatch_pb2.ReadManyRequest,
+    blobbatch_pb2.ReadManyResponse,
+    server_streaming=True,
+    # A blob's data is field 1, as in BlobChunk: sent the way Read sends it, from its pieces.
+    encode_response=lambda r: encode_blob_chunk(r) if isinstance(r, list) else r.SerializeToString(),
+    prefixes=EXTENSION_PREFIXES,
+)
+
 METHODS = (
     BLOB_STAT,
     BLOB_READ,
@@ -171,4 +189,5 @@ METHODS = (
     PATHINFO_PUT,
     PATHINFO_CALCULATE_NAR,
     PATHINFO_LIST,
+    BLOB_READ_MANY,
 )
