@@ -7,7 +7,8 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ from tvixfs.importers.ingest import ingest_path
 from tvixfs.maintenance.cachefsck import check_cache
 from tvixfs.protos import pathinfo_pb2
 from tvixfs.services.backends.memory import open_memory_store
-from tvixfs.services.base import Store
+from tvixfs.services.base import BlobService, ChunkMeta, Store
 from tvixfs.services.cache.cacheindex import CHUNK, STALE_AFTER, CacheIndex
 from tvixfs.services.cache.diskcache import DiskCache, with_disk_cache
-from tvixfs.services.errors import StoreUnavailableError
+from tvixfs.services.errors import CorruptDataError, NotFoundError, StoreUnavailableError
 from tvixfs.store.storepath import StorePath
 
 
@@ -222,3 +223,54 @@ def test_cache_fsck_drops_a_damaged_entry_and_a_stray_file(inner: Store, tmp_pat
     assert not path.exists() and not stray.exists()
     assert check_cache(tmp_path / "c", report=lines.append).clean
     assert _usage(tmp_path / "c") == 4000
+
+
+class Batching(BlobService):
+    """A store's blobs, answering many chunks in one call (as a gRPC store whose server has
+    BlobBatchService); counts the chunks each call asked for, and lies about ``lie_about``."""
+
+    def __init__(self, inner: BlobService) -> None:
+        self.inner = inner
+        self.capabilities = replace(inner.capabilities, reads_many=True)
+        self.asked: list[int] = []
+        self.lie_about = b""
+
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        return self.inner.stat(digest, send_chunks)
+
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        return self.inner.read(digest)
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+        self.asked.append(len(chunks))
+        answers = self.inner.read_many(chunks)
+        return [
+            bytes(c.size) if c.digest == self.lie_about and not isinstance(a, Exception) else a
+            for c, a in zip(chunks, answers, strict=True)
+        ]
+
+    def put(self, data: Iterable[bytes]) -> bytes:
+        return self.inner.put(data)
+
+
+def test_misses_of_many_chunks_go_to_the_store_together_and_are_checked(inner: Store, tmp_path: Path) -> None:
+    contents = [b"first", b"second", b"third", b"fourth"]
+    chunks = [ChunkMeta(_blob(inner, c), len(c)) for c in contents]
+    batching = Batching(inner.blobs)
+    cached, cache = with_disk_cache(Store(batching, inner.directories, inner.pathinfos), tmp_path / "c")
+    try:
+        assert cached.blobs.capabilities.reads_many
+        assert b"".join(cached.blobs.read(chunks[0].digest)) == b"first"  # now on disk
+        batching.lie_about = chunks[3].digest
+        *found, lied, missing = cached.blobs.read_many([*chunks, ChunkMeta(b3digest(b"absent"), 6)])
+        assert found == contents[:3]
+        assert isinstance(lied, CorruptDataError)
+        assert isinstance(missing, NotFoundError)
+        assert batching.asked == [4], "the three not on disk, and the absent one, in one call"
+        assert cached.blobs.read_many(chunks[:3]) == contents[:3]
+        assert batching.asked == [4], "all three on disk now"
+        batching.lie_about = b""
+        assert cached.blobs.read_many(chunks[2:]) == contents[2:]
+        assert batching.asked == [4, 1], "the chunk that did not match was not kept"
+    finally:
+        cache.close()

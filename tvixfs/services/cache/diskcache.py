@@ -26,6 +26,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,6 +55,7 @@ from tvixfs.services.cache.cacheindex import (
 )
 from tvixfs.services.cache.cachewriter import BATCH_BYTES, Batch, CacheWriter
 from tvixfs.services.cache.offline import OnlineState
+from tvixfs.services.chunkcheck import verified
 from tvixfs.services.errors import CorruptDataError, NotFoundError, StoreUnavailableError
 from tvixfs.services.narhash import store_nar_hash
 from tvixfs.store.pathinfo import validate_pathinfo
@@ -245,6 +247,8 @@ class CachedBlobService(BlobService):
     def __init__(self, inner: BlobService, cache: DiskCache) -> None:
         self._inner = inner
         self._cache = cache
+        # Misses go to the store together where it can answer many at once.
+        self.capabilities = replace(self.capabilities, reads_many=inner.capabilities.reads_many)
 
     def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
         check_digest(digest)
@@ -326,6 +330,39 @@ class CachedBlobService(BlobService):
             self._cache.count(hit=False)
             self._cache.put_object(chunk.digest, data)
             yield data
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+        """From disk those cached, the others in one ``read_many`` of the store (each checked
+        against its digest, then kept)."""
+        outcomes: list[bytes | Exception] = []
+        missed: list[int] = []
+        for chunk in chunks:
+            check_digest(chunk.digest)
+            data = self._cache.get_object(chunk.digest)
+            self._cache.count(hit=data is not None)
+            if data is None:
+                missed.append(len(outcomes))
+            outcomes.append(b"" if data is None else data)
+        if not missed:
+            return outcomes
+        wanted = [chunks[i] for i in missed]
+        what = f"read {len(wanted)} chunks from {wanted[0].digest.hex()}"
+        try:
+            fetched = self._cache.ask(what, lambda: self._inner.read_many(wanted))
+        except Exception as e:
+            fetched = [e] * len(wanted)
+        for i, chunk, got in zip(missed, wanted, fetched, strict=True):
+            outcomes[i] = got if isinstance(got, Exception) else self._kept(chunk, got)
+        return outcomes
+
+    def _kept(self, chunk: ChunkMeta, data: bytes) -> bytes | Exception:
+        """``data`` kept on disk if it is ``chunk``; else the error, and nothing kept."""
+        try:
+            verified(data, chunk.digest, chunk.size, f"read chunk {chunk.digest.hex()}")
+        except CorruptDataError as e:
+            return e
+        self._cache.put_object(chunk.digest, data)
+        return data
 
     def _read_chunk(self, chunk: ChunkMeta) -> bytes:
         data = b"".join(self._read(chunk.digest))
