@@ -182,7 +182,8 @@ class Faults(Protocol):
 class _Call:
     """One RPC in flight; ``released`` ends its waits on clear(), stop() or cancellation."""
 
-    def __init__(self, context: grpc.ServicerContext, released: threading.Event) -> None:
+    def __init__(self, method: Method, context: grpc.ServicerContext, released: threading.Event) -> None:
+        self.method = method
         self.context = context
         self.released = released
 
@@ -202,6 +203,8 @@ class FaultPlan:
         self._released: set[threading.Event] = set()
         self.calls: Counter[str] = Counter()
         self.fired: Counter[str] = Counter()
+        self._active: Counter[str] = Counter()
+        self.most: Counter[str] = Counter()  # calls of a method in flight at once, at most
 
     def set(self, faults: Iterable[Fault]) -> None:
         with self._lock:
@@ -225,12 +228,15 @@ class FaultPlan:
         released = threading.Event()
         with self._lock:
             self.calls[method] += 1
+            self._active[method] += 1
+            self.most[method] = max(self.most[method], self._active[method])
             self._released.add(released)
         context.add_callback(released.set)
-        return _Call(context, released)
+        return _Call(method, context, released)
 
     def end(self, call: _Call) -> None:
         with self._lock:
+            self._active[call.method] -= 1
             self._released.discard(call.released)
 
     def strike(self, method: Method, digests: Iterable[bytes | None]) -> list[Fault]:
@@ -253,7 +259,7 @@ class FaultPlan:
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
-            return {"calls": dict(self.calls), "fired": dict(self.fired)}
+            return {"calls": dict(self.calls), "fired": dict(self.fired), "most": dict(self.most)}
 
 
 _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [

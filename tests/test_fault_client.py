@@ -439,3 +439,14 @@ def test_read_many_reads_one_by_one_from_a_server_without_batches(
         assert client.blobs.read_many(chunks[::-1]) == contents[::-1]
     assert caplog.text.count("has no BlobBatchService") == 1
     assert faults.stats()["calls"].get("blob.read", 0) == 2 * len(chunks)
+
+
+def test_without_batches_the_chunks_of_one_read_many_are_read_at_once(
+    faults: FaultStore, client: Store
+) -> None:
+    """Each its own Read, but not one after the other: a batch costs one round trip there too."""
+    contents = [random.Random(i).randbytes(1000) for i in range(6)]
+    chunks = [ChunkMeta(faults.store.blobs.put([c]), len(c)) for c in contents]
+    faults.set(Fault("slow", delay=0.3, piece=1 << 20, methods=("blob.read",)))
+    assert client.blobs.read_many(chunks) == contents
+    assert faults.stats()["most"]["blob.read"] > 1

@@ -54,12 +54,15 @@ DIRECTORY_BUDGET = 4 << 20
 DIRECTORIES = 4096  # directories whose spent budget is remembered
 SCAN_ENTRIES = 2048  # entries of a directory looked at per cold open
 # Batches running at once, and worker calls of all of them at once: over a remote store
-# each file is its own call (one round trip; in one call they would follow each other),
-# over a local one ``LOCAL_RUN`` files are one call, one after the other. The calls run on the
-# threads of ``ChunkCache.ahead`` (shared with access profiles), not on the readers' own.
+# each file is its own call (one round trip; in one call they would follow each other), or
+# ``MANY_RUN`` files one call where the store answers many at once (``reads_many``: one round
+# trip for all); over a local one ``LOCAL_RUN`` files are one call, one after the other. The
+# calls run on the threads of ``ChunkCache.ahead`` (shared with access profiles), not on the
+# readers' own.
 RUNNING = 4
 REMOTE_CALLS = 8
 LOCAL_RUN = 4
+MANY_RUN = 4
 # Only while a file fetched alone keeps its reader waiting this long on average: a fast store
 # (the embedded one, or gRPC on this machine) gains nothing from files fetched ahead, whose
 # reading and hashing compete with the program for the CPU (figures: bench/ANALYSIS.md).
@@ -92,6 +95,7 @@ class SiblingPrefetch:
         self._spent: LRUCache[bytes, int] = LRUCache(DIRECTORIES)
         self._running = 0
         self._remote = chunks.blobs.capabilities.calls_are_remote
+        self._many = chunks.blobs.capabilities.reads_many
 
     def opened(self, node: FileNode, directory: bytes, entries: Sequence[Node]) -> None:
         """``node`` was opened from the directory with digest ``directory`` and ``entries``
@@ -140,7 +144,7 @@ class SiblingPrefetch:
     async def _fetch(self, batch: list[ChunkMeta]) -> None:
         """Fetch the batch in order, a run at a time, so that each file is ready (and its
         waiting reader released) as soon as its own run is, not when the batch is."""
-        size = 1 if self._remote else LOCAL_RUN
+        size = (MANY_RUN if self._many else 1) if self._remote else LOCAL_RUN
         runs = iter([batch[i : i + size] for i in range(0, len(batch), size)])
         try:
             async with trio.open_nursery() as nursery:
