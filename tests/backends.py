@@ -8,7 +8,7 @@ To run the whole contract against another backend, add one entry here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -24,6 +24,17 @@ from tvixfs.services.metrics import Metrics
 from tvixfs.services.url import StoreURL, open_url
 
 BackendFactory = Callable[[Path], AbstractContextManager[Store]]
+
+
+def in_order(answers: Iterable[tuple[int, bytes | Exception]]) -> list[bytes | Exception]:
+    """``BlobService.read_many``'s answers (index, outcome; in any order) by index, checking
+    that each index from 0 up is answered exactly once."""
+    by_index: dict[int, bytes | Exception] = {}
+    for index, outcome in answers:
+        assert index not in by_index, f"chunk {index} answered twice"
+        by_index[index] = outcome
+    assert sorted(by_index) == list(range(len(by_index))), f"answers for {sorted(by_index)}"
+    return [by_index[i] for i in range(len(by_index))]
 
 
 @contextmanager

@@ -302,10 +302,10 @@ class DistantBlobs(BlobService):
             self.reads += 1
         return iter([self._call(lambda: b"".join(self.inner.read(digest)))])
 
-    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
         with self._lock:
             self.batches.append(len(chunks))
-        return self._call(lambda: self.inner.read_many(chunks))
+        return iter(self._call(lambda: list(self.inner.read_many(chunks))))
 
     def _call(self, answer: Callable[[], T]) -> T:
         with self._lock:

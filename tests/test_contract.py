@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from backends import BACKENDS
+from backends import BACKENDS, in_order
 
 from tvixfs.castore.digest import EMPTY_DIGEST, b3digest
 from tvixfs.castore.directory import Directory
@@ -17,7 +17,7 @@ from tvixfs.castore.errors import ValidationError
 from tvixfs.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, node_from_proto, node_to_proto
 from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import pathinfo_pb2
-from tvixfs.services.base import Store
+from tvixfs.services.base import ChunkMeta, Store
 from tvixfs.services.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -98,6 +98,19 @@ def test_large_blob_round_trips_and_its_chunks_are_readable(store: Store) -> Non
         assert b"".join(store.blobs.read(chunk.digest)) == data[offset : offset + chunk.size]
         offset += chunk.size
     assert offset in (0, len(data))
+
+
+def test_read_many_answers_each_chunk_once_and_fails_each_alone(store: Store) -> None:
+    """Each chunk's bytes or its own error, whatever the store does underneath (one call, calls
+    at once, the disk cache); a missing chunk among them fails alone."""
+    contents = [b"one", os.urandom(70_000), b"", os.urandom(300)]
+    chunks = [ChunkMeta(store.blobs.put([c]), len(c)) for c in contents]
+    absent = ChunkMeta(b3digest(b"never stored"), 12)
+    *found, missing = in_order(store.blobs.read_many([*chunks, absent]))
+    assert found == contents
+    assert isinstance(missing, NotFoundError)
+    assert in_order(store.blobs.read_many(chunks[:1])) == contents[:1]
+    assert in_order(store.blobs.read_many([])) == []
 
 
 def test_absent_blob(store: Store) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from backends import in_order
 from grpcserver import running_daemon
 
 from tvixfs.castore.digest import b3digest
@@ -282,7 +283,7 @@ def test_read_many_asks_for_small_chunks_in_one_call(
     chunks = [ChunkMeta(client.blobs.put([d]), len(d)) for d in [*small, large]]
     chunks.append(ChunkMeta(bytes(32), 7))
     calls = _calls_by_method(client, monkeypatch)
-    *found, missing = client.blobs.read_many(chunks)
+    *found, missing = in_order(client.blobs.read_many(chunks))
     assert found == [*small, large]
     assert isinstance(missing, NotFoundError)
     assert calls == {"ReadMany": 1, "Read": 1}
@@ -317,7 +318,7 @@ def test_read_many_never_hands_on_bytes_that_do_not_match(short_tmp: Path) -> No
     server.start()
     client = open_grpc_store(f"unix:{short_tmp / 'liar.sock'}", QUICK)
     try:
-        outcomes = client.blobs.read_many([ChunkMeta(d, len(c)) for d, c in contents.items()])
+        outcomes = in_order(client.blobs.read_many([ChunkMeta(d, len(c)) for d, c in contents.items()]))
     finally:
         client.close()
         server.stop(None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from tvixfs.castore.nodes import FileNode
 from tvixfs.fs import chunkcache, sequential, wholeblob
 from tvixfs.fs import reader as reader_module
 from tvixfs.fs.bridge import Bridge
-from tvixfs.fs.inflight import InFlight
+from tvixfs.fs.inflight import InFlight, Settle
 from tvixfs.fs.reader import BlobReader
 from tvixfs.services.base import BlobCapabilities, BlobService, ChunkMeta, Store
 from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
@@ -142,9 +142,10 @@ async def test_a_batch_fetch_fails_each_key_on_its_own() -> None:
     inflight: InFlight[str, int] = InFlight()
     broken = ValueError("broken")
 
-    async def fetch_many(keys: list[str]) -> list[int | Exception]:
+    async def fetch_many(keys: list[str], settle: Settle[str, int]) -> None:
         await trio.sleep(0.01)
-        return [broken if key == "bad" else len(key) for key in keys]
+        for key in keys:
+            settle(key, broken if key == "bad" else len(key))
 
     async def fetch_again() -> int:
         raise AssertionError("a key of the batch was fetched again")
@@ -163,6 +164,89 @@ async def test_a_batch_fetch_fails_each_key_on_its_own() -> None:
         nursery.start_soon(wait_for, "good")
         nursery.start_soon(wait_for, "bad")
     assert outcomes == {"good": 4, "bad": broken}
+
+
+async def test_each_key_of_a_batch_is_handed_on_when_settled_and_none_is_left_waiting() -> None:
+    """A waiter gets its key while the batch is still being fetched; a key the fetch never
+    settles fails its waiters rather than hanging them; a settle after the end changes nothing."""
+    inflight: InFlight[str, int] = InFlight()
+    waiting, first_taken = trio.Event(), trio.Event()
+    settles: list[Settle[str, int]] = []
+    waited: dict[str, int | Exception] = {}
+
+    async def fetch_many(keys: list[str], settle: Settle[str, int]) -> None:
+        settles.append(settle)
+        await waiting.wait()
+        assert settle("first", 1) and not settle("first", 2)
+        await first_taken.wait()  # set by the waiter for "first": the batch is not over yet
+
+    async def wait_for(key: str) -> None:
+        try:
+            waited[key] = await inflight.run(key, _never)
+        except LookupError as e:
+            waited[key] = e
+        if key == "first":
+            first_taken.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inflight.run_many, ["first", "forgotten"], fetch_many)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(wait_for, "first")
+            nursery.start_soon(wait_for, "forgotten")
+            await trio.testing.wait_all_tasks_blocked()
+            waiting.set()
+    assert waited["first"] == 1
+    assert isinstance(waited["forgotten"], LookupError)
+    assert not settles[0]("forgotten", 3)
+    assert len(inflight) == 0
+
+
+class _HeldBatches(BlobService):
+    """A store answering many chunks in one call, which holds the call open after its first
+    answer until ``release`` is set."""
+
+    capabilities = BlobCapabilities(calls_are_remote=True, reads_many=True)
+
+    def __init__(self, inner: BlobService) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        return self.inner.stat(digest, send_chunks)
+
+    def read(self, digest: bytes) -> Iterator[bytes]:
+        return self.inner.read(digest)
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
+        for i, answer in self.inner.read_many(chunks):
+            yield i, answer
+            assert self.release.wait(10), "the test never let the call end"
+
+    def put(self, data: Iterable[bytes]) -> bytes:
+        return self.inner.put(data)
+
+
+async def test_a_chunk_of_a_batch_reaches_its_reader_before_the_batch_ends(store: Store) -> None:
+    """Over a far store a batch of 16 chunks can take a while; a read waiting for its first
+    must not wait for the rest."""
+    contents = [os.urandom(1000) for _ in range(3)]
+    chunks = [ChunkMeta(store.blobs.put([c]), len(c)) for c in contents]
+    held = _HeldBatches(store.blobs)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            cache = chunkcache.ChunkCache(Bridge(), held, nursery, 1 << 20, 0)
+            nursery.start_soon(cache.fetch_run, chunks, True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await cache.get(chunks[0], True) == contents[0]
+            assert cache.busy(chunks[1].digest) and cache.wanted(chunks[1].digest), "still coming"
+            held.release.set()
+    assert [await cache.get(c, True) for c in chunks] == contents
+    assert cache.stats.chunks_fetched == 3
+
+
+async def _never() -> int:
+    raise AssertionError("fetched although a batch had claimed it")
 
 
 @pytest.fixture

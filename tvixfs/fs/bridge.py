@@ -15,6 +15,7 @@ service's iterator (a gRPC client cancels its call there).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -76,6 +77,36 @@ class Stream(Generic[T]):
             self._done = True
             raise item.error
         return item
+
+
+class Handover(Generic[T]):
+    """Items a worker thread hands to the event loop as it makes them, while its call runs.
+
+    Each turn of the loop takes all that arrived since the last, so a fast producer costs a
+    wake-up of the loop per batch, not per item. Everything put before the call returns is
+    taken before its caller resumes: the loop runs its callbacks in order, and the call's own
+    completion is queued after them.
+    """
+
+    def __init__(self, take: Callable[[list[T]], None]) -> None:
+        self._take = take
+        self._token = trio.lowlevel.current_trio_token()
+        self._lock = threading.Lock()
+        self._items: list[T] = []
+
+    def put(self, item: T) -> None:
+        """In the worker thread."""
+        with self._lock:
+            self._items.append(item)
+            if len(self._items) > 1:  # a take is queued already
+                return
+        with suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        self._take(items)
 
 
 class Bridge:

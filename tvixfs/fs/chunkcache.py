@@ -14,17 +14,17 @@ store holds in memory (the page cache, for the embedded store) is read on the ev
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
 from cachetools import LRUCache, TTLCache
 
-from tvixfs.fs.bridge import Bridge
-from tvixfs.fs.inflight import InFlight
+from tvixfs.fs.bridge import Bridge, Handover
+from tvixfs.fs.inflight import InFlight, Settle
 from tvixfs.services.base import BlobService, ChunkMeta
 from tvixfs.services.chunkcheck import ChunkCheck
-from tvixfs.services.errors import StoreUnavailableError
+from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +70,29 @@ def _read_verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> bytes:
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def _read_run(blobs: BlobService, chunks: list[ChunkMeta], check: bool) -> list[bytes | Exception]:
+def _read_run(
+    blobs: BlobService,
+    chunks: list[ChunkMeta],
+    check: bool,
+    arrived: Callable[[tuple[int, bytes | Exception]], None],
+) -> None:
     """Runs in a worker thread: several chunks for one thread hop (and one call, where the store
-    answers many at once), each failing on its own."""
+    answers many at once), each handed to ``arrived`` with its index as soon as it is known,
+    each failing on its own."""
     if len(chunks) > 1 and blobs.capabilities.reads_many:
+        answered = set()
+        for i, answer in blobs.read_many(chunks):
+            answered.add(i)
+            arrived((i, answer if isinstance(answer, Exception) else _checked(chunks[i], answer, check)))
+        if len(answered) < len(chunks):
+            raise CorruptDataError(f"the store answered {len(answered)} of {len(chunks)} chunks")
+        return
+    for i, chunk in enumerate(chunks):
         try:
-            answers = blobs.read_many(chunks)
+            outcome: bytes | Exception = _read_verified(blobs, chunk, check)
         except Exception as e:
-            return [e] * len(chunks)
-        return [
-            a if isinstance(a, Exception) else _checked(chunk, a, check)
-            for chunk, a in zip(chunks, answers, strict=True)
-        ]
-    outcomes: list[bytes | Exception] = []
-    for chunk in chunks:
-        try:
-            outcomes.append(_read_verified(blobs, chunk, check))
-        except Exception as e:
-            outcomes.append(e)
-    return outcomes
+            outcome = e
+        arrived((i, outcome))
 
 
 def _checked(chunk: ChunkMeta, data: bytes, check: bool) -> bytes | Exception:
@@ -207,18 +211,21 @@ class ChunkCache:
             if c.size <= STREAM_ABOVE and c.digest not in self.cache and c.digest not in self._unavailable
         }
 
-        async def fetch(digests: list[bytes]) -> list[bytes | Exception]:
+        async def fetch(digests: list[bytes], settle: Settle[bytes, bytes]) -> None:
             run = [wanted[d] for d in digests]
             started = trio.current_time()
+
+            def deliver(answers: list[tuple[int, bytes | Exception]]) -> None:
+                for i, outcome in answers:
+                    if settle(digests[i], outcome):
+                        self.fetched(run[i], outcome, started)
+
+            arrived = Handover(deliver)
             try:
-                outcomes = await (bridge or self.bridge).call(_read_run, self.blobs, run, check)
+                await (bridge or self.bridge).call(_read_run, self.blobs, run, check, arrived.put)
             except Exception as e:
-                for chunk in run:
-                    self.fetched(chunk, e, started)
+                deliver([(i, e) for i in range(len(run))])
                 raise
-            for chunk, outcome in zip(run, outcomes, strict=True):
-                self.fetched(chunk, outcome, started)
-            return outcomes
 
         return await self.inflight.run_many(list(wanted), fetch)
 

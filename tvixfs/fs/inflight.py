@@ -15,6 +15,9 @@ import trio
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+# ``settle(key, outcome)`` of ``InFlight.run_many``.
+Settle = Callable[[K, V | Exception], bool]
+
 
 class _Pending(Generic[V]):
     __slots__ = ("done", "error", "result")
@@ -86,29 +89,44 @@ class InFlight(Generic[K, V]):
         self._pending.pop(key).done.set()
 
     async def run_many(
-        self, keys: Sequence[K], fetch: Callable[[list[K]], Awaitable[list[V | Exception]]]
+        self, keys: Sequence[K], fetch: Callable[[list[K], Settle[K, V]], Awaitable[None]]
     ) -> dict[K, V | Exception]:
         """Fetch, in one ``fetch`` call, those of ``keys`` that nobody is fetching yet.
 
-        ``fetch`` gets the claimed keys in order and returns, in the same order, each one's
-        value or the exception that failed only that key. Callers of ``run`` for a claimed
-        key meanwhile wait for this call and share its outcome for that key (or its failure
-        as a whole); keys already being fetched are left to their fetcher. Returns the
-        outcomes of the claimed keys.
+        ``fetch`` gets the claimed keys in order and a ``settle(key, outcome)`` to call, on the
+        event loop, as soon as each key's value (or the exception that failed only that key)
+        is known: the callers of ``run`` waiting for that key get it then, not when the whole
+        call ends. ``settle`` says whether it settled the key (False once it was, or once
+        ``run_many`` has ended: a late answer changes nothing). If ``fetch`` raises, the keys it
+        did not settle fail with that exception (or, if it was cancelled, are left to one of
+        their waiters); keys still open when it returns fail as unanswered. Keys already being
+        fetched are left to their fetcher. Returns the outcomes of the claimed keys.
         """
         claimed = [key for key in dict.fromkeys(keys) if self.claim(key)]
+        outcomes: dict[K, V | Exception] = {}
+        open_keys = set(claimed)
+
+        def settle(key: K, outcome: V | Exception) -> bool:
+            if key not in open_keys:
+                return False
+            open_keys.remove(key)
+            outcomes[key] = outcome
+            self.resolve(key, outcome)
+            return True
+
         if not claimed:
-            return {}
+            return outcomes
         try:
-            outcomes = await fetch(claimed)
+            await fetch(claimed, settle)
         except Exception as e:
             for key in claimed:
-                self.resolve(key, e)
+                settle(key, e)
             raise
         except BaseException:
-            for key in claimed:
+            for key in open_keys:
                 self.abandon(key)
+            open_keys.clear()
             raise
-        for key, outcome in zip(claimed, outcomes, strict=True):
-            self.resolve(key, outcome)
-        return dict(zip(claimed, outcomes, strict=True))
+        for key in claimed:
+            settle(key, LookupError(f"the fetch of {len(claimed)} gave no outcome for {key!r}"))
+        return outcomes

@@ -54,6 +54,14 @@ class BlobCapabilities:
     reads_many: bool = False
 
 
+def read_outcome(blobs: BlobService, chunk: ChunkMeta) -> bytes | Exception:
+    """A chunk's bytes, or what reading it raised: one answer of ``read_many``."""
+    try:
+        return b"".join(blobs.read(chunk.digest))
+    except Exception as e:
+        return e
+
+
 @dataclass(frozen=True, slots=True)
 class ForkedWriter:
     """How worker processes forked by an importer write blobs straight into a store."""
@@ -112,19 +120,18 @@ class BlobService(ABC):
         ):
             yield verified(data, chunk.digest, chunk.size, what)
 
-    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
-        """Each chunk's bytes, checked as ``read`` checks them, or what reading it raised.
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
+        """Each chunk's index in ``chunks`` with its bytes (checked as ``read`` checks them) or
+        what reading it raised, as each is ready, in any order.
 
-        A store that answers many in one call overrides this (``capabilities.reads_many``); here
-        the chunks are read one by one.
+        Lazy: nothing is asked before the first ``next``. Handed on one by one, so that a
+        reader waiting for one chunk of a large call gets it when it arrives, not when the call
+        ends. If the iteration itself raises, the chunks not yet answered failed with that.
+        A store that answers many in one call overrides this (``capabilities.reads_many``);
+        here the chunks are read one by one.
         """
-        outcomes: list[bytes | Exception] = []
-        for chunk in chunks:
-            try:
-                outcomes.append(b"".join(self.read(chunk.digest)))
-            except Exception as e:
-                outcomes.append(e)
-        return outcomes
+        for i, chunk in enumerate(chunks):
+            yield i, read_outcome(self, chunk)
 
     def read_resident(self, digest: bytes, size: int) -> bytes | None:
         """The bytes of a chunk (or blob) of ``size`` bytes, checked against ``digest``, if

@@ -112,10 +112,8 @@ class MeteredBlobService(BlobService):
     def read_chunks(self, digest: bytes, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
         return self._meter.stream("read_chunks", lambda: self.inner.read_chunks(digest, chunks), len)
 
-    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
-        outcomes = self._meter.call("read_many", self.inner.read_many, chunks)
-        self._fetched.inc(sum(len(o) for o in outcomes if not isinstance(o, Exception)))
-        return outcomes
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
+        return self._meter.stream("read_many", lambda: self.inner.read_many(chunks), _answered_bytes)
 
     def read_into(self, digest: bytes, views: Sequence[memoryview]) -> None:
         self._meter.call("read_into", self.inner.read_into, digest, views)
@@ -215,3 +213,8 @@ def metered(store: Store, metrics: Metrics) -> Store:
         directories=_metered_directories(store.directories, metrics),
         pathinfos=MeteredPathInfoService(store.pathinfos, metrics),
     )
+
+
+def _answered_bytes(answer: tuple[int, bytes | Exception]) -> int:
+    outcome = answer[1]
+    return 0 if isinstance(outcome, Exception) else len(outcome)

@@ -331,29 +331,31 @@ class CachedBlobService(BlobService):
             self._cache.put_object(chunk.digest, data)
             yield data
 
-    def read_many(self, chunks: Sequence[ChunkMeta]) -> list[bytes | Exception]:
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
         """From disk those cached, the others in one ``read_many`` of the store (each checked
         against its digest, then kept)."""
-        outcomes: list[bytes | Exception] = []
-        missed: list[int] = []
         for chunk in chunks:
             check_digest(chunk.digest)
+        return self._read_many(chunks)
+
+    def _read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
+        missed: list[int] = []
+        for i, chunk in enumerate(chunks):
             data = self._cache.get_object(chunk.digest)
             self._cache.count(hit=data is not None)
             if data is None:
-                missed.append(len(outcomes))
-            outcomes.append(b"" if data is None else data)
+                missed.append(i)
+            else:
+                yield i, data
         if not missed:
-            return outcomes
+            return
         wanted = [chunks[i] for i in missed]
-        what = f"read {len(wanted)} chunks from {wanted[0].digest.hex()}"
-        try:
-            fetched = self._cache.ask(what, lambda: self._inner.read_many(wanted))
-        except Exception as e:
-            fetched = [e] * len(wanted)
-        for i, chunk, got in zip(missed, wanted, fetched, strict=True):
-            outcomes[i] = got if isinstance(got, Exception) else self._kept(chunk, got)
-        return outcomes
+        if not self._cache.state.may_ask():
+            raise StoreUnavailableError(
+                f"read {len(wanted)} chunks from {wanted[0].digest.hex()}: {NOT_CACHED}"
+            )
+        for i, got in self._cache.ask_stream(self._inner.read_many(wanted)):
+            yield missed[i], got if isinstance(got, Exception) else self._kept(wanted[i], got)
 
     def _kept(self, chunk: ChunkMeta, data: bytes) -> bytes | Exception:
         """``data`` kept on disk if it is ``chunk``; else the error, and nothing kept."""
