@@ -376,6 +376,35 @@ def test_a_profile_directory_that_is_a_file_is_one_clear_error(short_tmp: Path) 
     ]
 
 
+def test_after_a_slow_lookup_a_replay_fans_out_at_once(tmp_path: Path) -> None:
+    """The store path's lookup took a far store's round trip: no first fetch alone to time it,
+    full batches, several calls at once from the start."""
+
+    async def main() -> None:
+        store = open_memory_store()
+        rng = random.Random(9)
+        entries = []
+        for _ in range(3 * accessprofile.BATCH + 5):
+            data = rng.randbytes(1000)
+            entries.append(Entry(Kind.CHUNK, store.blobs.put([data]), len(data)))
+        name = "3" * 32 + "-far-lookup"
+        ProfileFiles(tmp_path).save(name.encode(), entries)
+        blobs = DistantBlobs(store.blobs, 0.05, reads_many=True)
+        async with trio.open_nursery() as nursery:
+            reader = BlobReader(Bridge(), blobs, nursery)
+            profiles = AccessProfiles(ProfileFiles(tmp_path), reader)
+            profiles.entered(name.encode(), lookup_seconds=accessprofile.SLOW_LOOKUP)
+            with trio.fail_after(30):  # a hang detector only
+                while not all(e.digest in reader.chunk_cache.cache for e in entries):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert blobs.reads == 0
+        assert sorted(blobs.batches) == [5] + [accessprofile.BATCH] * 3
+        assert blobs.most > 1, "the calls overlap from the first"
+
+    trio.run(main)
+
+
 def test_a_replay_from_a_store_that_reads_many_asks_in_batches(tmp_path: Path) -> None:
     """In process: the first fetch alone (it times the store), then the chunks ``BATCH`` to a call."""
 

@@ -12,11 +12,12 @@ its chunk lists into the reader's, in the order first needed, several calls at a
 (pipelined on a gRPC store's one connection): the program then finds most of its opens and
 reads cached or under way instead of waiting a round trip each.
 
-How many at a time follows the store: the first fetch goes alone, and if it took
-``SLOW_CALL`` or longer (a round trip to a far store) the rest go ``CALLS`` at a time, else
-``NEAR_CALLS``. Over a near store a few keep up, and more only cost CPU: each gRPC call in
-flight is a client thread contending for the GIL (curl's start over loopback: 0.17 s of mount
-CPU with 32 at once, 0.11 s with 4; bench/ANALYSIS.md).
+How many at a time follows the store: if the store path's own lookup took ``SLOW_LOOKUP`` or
+longer, the store is far and the replay starts ``CALLS`` at a time. Otherwise (a near store, or
+a lookup answered from a cache) the first fetch goes alone, and if it took that long the rest go
+``CALLS`` at a time, else ``NEAR_CALLS``. Over a near store a few keep up, and more only cost
+CPU: each gRPC call in flight is a client thread contending for the GIL (curl's start over
+loopback: 0.17 s of mount CPU with 32 at once, 0.11 s with 4; bench/ANALYSIS.md).
 
 Where it pays: a remote store (over a local one the chunks are a disk read away), and a mount
 whose disk cache does not hold the blobs yet (a cleared or evicted cache, a new machine given
@@ -49,6 +50,9 @@ NEAR_CALLS = 4  # ... from a near one
 # fixed cost of a call, not its bytes, is what a replay over a near store spends its CPU on.
 BATCH = 16
 SLOW_CALL = 0.005  # a first fetch taking this long makes the store far
+# A store path's lookup taking this long makes the store far. A lookup is more than a fetch (a
+# thread hop, the path info's checks): 2-7 ms over loopback here, 23-27 ms over a 20 ms link.
+SLOW_LOOKUP = 0.010
 REPLAYS = 2  # replays at once; a store path entered while they run gets none
 CHUNK_CACHE_SHARE = 2  # a replay fetches at most 1/this of the chunk cache
 STORE_PATHS = 4096  # store paths remembered as already entered in this mount
@@ -88,14 +92,18 @@ class AccessProfiles:
         self._recording: dict[bytes, _Recording] = {}
         self._replays = 0
 
-    def entered(self, store_path: bytes) -> None:
-        """``store_path`` was looked up; the first time, start its replay and recording.
-        Never waits."""
+    def entered(self, store_path: bytes, lookup_seconds: float = 0.0) -> None:
+        """``store_path`` was looked up, in ``lookup_seconds``; the first time, start its replay
+        and recording. Never waits.
+
+        A lookup that took ``SLOW_LOOKUP`` or longer asked a far store: its replay then need not
+        spend a round trip timing the store with a first fetch alone (20 ms over a 20 ms link,
+        of a program start of ~200 ms)."""
         if store_path in self._entered or len(self._recording) >= RECORDINGS:
             return
         self._entered[store_path] = True
         self._recording[store_path] = _Recording()
-        self._chunks.background.start_soon(self._run, store_path)
+        self._chunks.background.start_soon(self._run, store_path, lookup_seconds >= SLOW_LOOKUP)
 
     def read(self, file: OpenFile, offset: int, size: int) -> None:
         """The kernel read ``[offset, offset + size)`` of an open file."""
@@ -113,7 +121,7 @@ class AccessProfiles:
             if not recording.add(Entry(Kind.CHUNK, chunk.digest, chunk.size)):
                 return
 
-    async def _run(self, store_path: bytes) -> None:
+    async def _run(self, store_path: bytes, far: bool) -> None:
         profile: list[Entry] | None = None
         try:
             try:
@@ -122,7 +130,7 @@ class AccessProfiles:
                 log.warning("access profile of %s not loaded: %s", store_path.decode(errors="replace"), e)
             if profile and self._chunks.blobs.capabilities.calls_are_remote and self._replays < REPLAYS:
                 self._replays += 1
-                self._chunks.background.start_soon(self._replay, profile)
+                self._chunks.background.start_soon(self._replay, profile, far)
             await trio.sleep(WINDOW)
         finally:
             recording = self._recording.pop(store_path)
@@ -134,7 +142,7 @@ class AccessProfiles:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._files.save, store_path, entries)
 
-    async def _replay(self, profile: list[Entry]) -> None:
+    async def _replay(self, profile: list[Entry], far: bool) -> None:
         budget = self._chunks.cache.maxsize // CHUNK_CACHE_SHARE
         wanted: list[Entry] = []
         for entry in profile:
@@ -148,7 +156,7 @@ class AccessProfiles:
         size = BATCH if self._chunks.blobs.capabilities.reads_many else 1
         try:
             async with trio.open_nursery() as nursery:
-                _Replay(self, _batches(wanted, size), nursery).start()
+                _Replay(self, _batches(wanted, size, first_alone=not far), nursery, far).start()
         finally:
             self._replays -= 1
 
@@ -169,11 +177,11 @@ class AccessProfiles:
         return True
 
 
-def _batches(entries: list[Entry], size: int) -> Iterator[list[Entry]]:
-    """``entries`` in order, as fetches: the first alone (its fetch times the store), then each
-    chunk list alone and up to ``size`` chunks together."""
+def _batches(entries: list[Entry], size: int, first_alone: bool) -> Iterator[list[Entry]]:
+    """``entries`` in order, as fetches: each chunk list alone and up to ``size`` chunks
+    together; with ``first_alone`` the first alone too (its fetch times the store)."""
     batch: list[Entry] = []
-    limit = 1
+    limit = 1 if first_alone else size
     for entry in entries:
         if entry.kind == Kind.CHUNK_LIST and batch:
             yield batch
@@ -189,18 +197,24 @@ def _batches(entries: list[Entry], size: int) -> Iterator[list[Entry]]:
 
 class _Replay:
     """The calls of one replay, taking the profile's batches in turn: one until a fetch has
-    been timed, then as many as the store's distance asks for (see the module docstring)."""
+    been timed, then as many as the store's distance asks for; all of those from the start
+    where the lookup showed the store far (see the module docstring)."""
 
     def __init__(
-        self, profiles: AccessProfiles, batches: Iterator[list[Entry]], nursery: trio.Nursery
+        self,
+        profiles: AccessProfiles,
+        batches: Iterator[list[Entry]],
+        nursery: trio.Nursery,
+        far: bool,
     ) -> None:
         self._profiles = profiles
         self._batches = batches
         self._nursery = nursery
-        self._timed = False
+        self._timed = far  # known far already: no fetch needs timing
 
     def start(self) -> None:
-        self._nursery.start_soon(self._run)
+        for _ in range(CALLS if self._timed else 1):
+            self._nursery.start_soon(self._run)
 
     async def _run(self) -> None:
         for batch in self._batches:

@@ -331,11 +331,12 @@ class TvixOperations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INODE:
+            started = trio.current_time()
             root = await self._roots.lookup(name)
             if root is None:
                 return negative_entry(self._options.negative_ttl)
             if self._profiles is not None:
-                self._profiles.entered(root.name)
+                self._profiles.entered(root.name, trio.current_time() - started)
             return self._entry(self._inodes.for_root(root), ROOT_INODE, root.name)
         parent = self._inode(parent_inode)
         if not isinstance(parent.node, DirectoryNode):
