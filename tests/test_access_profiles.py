@@ -376,37 +376,11 @@ def test_a_profile_directory_that_is_a_file_is_one_clear_error(short_tmp: Path) 
     ]
 
 
-def test_after_a_slow_lookup_a_replay_fans_out_at_once(tmp_path: Path) -> None:
-    """The store path's lookup took a far store's round trip: no first fetch alone to time it,
+@pytest.mark.parametrize("slow_lookup", [False, True], ids=["quick lookup", "slow lookup"])
+def test_a_replay_from_a_store_that_reads_many_asks_in_batches(tmp_path: Path, slow_lookup: bool) -> None:
+    """In process: the first fetch alone (it times the store), then the chunks ``BATCH`` to a
+    call. After a lookup that took a far store's round trip there is no first fetch alone:
     full batches, several calls at once from the start."""
-
-    async def main() -> None:
-        store = open_memory_store()
-        rng = random.Random(9)
-        entries = []
-        for _ in range(3 * accessprofile.BATCH + 5):
-            data = rng.randbytes(1000)
-            entries.append(Entry(Kind.CHUNK, store.blobs.put([data]), len(data)))
-        name = "3" * 32 + "-far-lookup"
-        ProfileFiles(tmp_path).save(name.encode(), entries)
-        blobs = DistantBlobs(store.blobs, 0.05, reads_many=True)
-        async with trio.open_nursery() as nursery:
-            reader = BlobReader(Bridge(), blobs, nursery)
-            profiles = AccessProfiles(ProfileFiles(tmp_path), reader)
-            profiles.entered(name.encode(), lookup_seconds=accessprofile.SLOW_LOOKUP)
-            with trio.fail_after(30):  # a hang detector only
-                while not all(e.digest in reader.chunk_cache.cache for e in entries):
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        assert blobs.reads == 0
-        assert sorted(blobs.batches) == [5] + [accessprofile.BATCH] * 3
-        assert blobs.most > 1, "the calls overlap from the first"
-
-    trio.run(main)
-
-
-def test_a_replay_from_a_store_that_reads_many_asks_in_batches(tmp_path: Path) -> None:
-    """In process: the first fetch alone (it times the store), then the chunks ``BATCH`` to a call."""
 
     async def main() -> None:
         store = open_memory_store()
@@ -417,16 +391,19 @@ def test_a_replay_from_a_store_that_reads_many_asks_in_batches(tmp_path: Path) -
             entries.append(Entry(Kind.CHUNK, store.blobs.put([data]), len(data)))
         name = "2" * 32 + "-batched"
         ProfileFiles(tmp_path).save(name.encode(), entries)
-        blobs = DistantBlobs(store.blobs, 0.01, reads_many=True)
+        blobs = DistantBlobs(store.blobs, 0.05 if slow_lookup else 0.01, reads_many=True)
         async with trio.open_nursery() as nursery:
             reader = BlobReader(Bridge(), blobs, nursery)
             profiles = AccessProfiles(ProfileFiles(tmp_path), reader)
-            profiles.entered(name.encode())
+            profiles.entered(name.encode(), accessprofile.SLOW_LOOKUP if slow_lookup else 0.0)
             with trio.fail_after(30):  # a hang detector only
                 while not all(e.digest in reader.chunk_cache.cache for e in entries):
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        assert blobs.reads == 1
-        assert sorted(blobs.batches) == [4] + [accessprofile.BATCH] * 3  # in whatever order they ran
+        first = 5 if slow_lookup else 4  # what is left after full batches, or after one alone
+        assert blobs.reads == (0 if slow_lookup else 1)
+        assert sorted(blobs.batches) == [first] + [accessprofile.BATCH] * 3  # in whatever order they ran
+        if slow_lookup:
+            assert blobs.most > 1, "the calls overlap from the first"
 
     trio.run(main)
