@@ -16,7 +16,7 @@ import trio.testing
 from tvixfs.castore.nodes import FileNode
 from tvixfs.fs import chunkcache, sequential, wholeblob
 from tvixfs.fs import reader as reader_module
-from tvixfs.fs.bridge import Bridge
+from tvixfs.fs.bridge import Bridge, Handover
 from tvixfs.fs.inflight import InFlight, Settle
 from tvixfs.fs.reader import BlobReader
 from tvixfs.services.base import BlobCapabilities, BlobService, ChunkMeta, Store
@@ -200,6 +200,20 @@ async def test_each_key_of_a_batch_is_handed_on_when_settled_and_none_is_left_wa
     assert isinstance(waited["forgotten"], LookupError)
     assert not settles[0]("forgotten", 3)
     assert len(inflight) == 0
+
+
+@pytest.mark.expect_errors
+async def test_a_handover_that_fails_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """An exception from a callback of ``run_sync_soon`` would end ``trio.run``, the mount
+    with it; ``Handover`` logs it instead."""
+
+    def take(items: list[int]) -> None:
+        raise ValueError(f"cannot take {items}")
+
+    handover = Handover(take)
+    await trio.to_thread.run_sync(handover.put, 7)  # taken before the call's completion
+    assert "handing 1 items to the event loop failed" in caplog.text
+    assert "cannot take [7]" in caplog.text
 
 
 class _HeldBatches(BlobService):

@@ -15,6 +15,7 @@ service's iterator (a gRPC client cancels its call there).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -25,6 +26,8 @@ import trio
 
 from tvixfs import defaults
 from tvixfs.services.errors import StoreUnavailableError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -106,7 +109,10 @@ class Handover(Generic[T]):
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        self._take(items)
+        try:
+            self._take(items)
+        except Exception:  # raised here, it would end trio.run and with it the mount
+            log.exception("handing %d items to the event loop failed", len(items))
 
 
 class Bridge:
