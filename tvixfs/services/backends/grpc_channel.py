@@ -63,7 +63,7 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # Flow control: each stream may have this much in flight from the start, instead of windows
     # that grpc's bandwidth probe grows from 64 KiB over the first round trips of a connection.
     # A mount's first seconds are what its programs wait for: 18 MiB in 6 ReadMany calls over a
-    # fresh 20 ms link took 70-145 ms with the probe, 75-90 ms with these (bench/ANALYSIS.md).
+    # fresh 20 ms link took 70-145 ms with the probe, 74-91 ms with these (bench/ANALYSIS.md).
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
 ]
