@@ -13,7 +13,8 @@ their threads. ``--embedded`` adds the `cold-read` sample of the first variant (
 reading the store directly), the figure's denominator. Variants alternate in rotating order,
 so load from others on the shared machine hits each alike. A variant's ``AB_UNIX=1`` serves
 over a unix socket instead of TCP; ``AB_TRACE``, ``AB_THREADS``, ``AB_PERF`` print when each
-MiB arrived, CPU (or ``switches``) per thread, and record a perf profile.
+MiB arrived, CPU (or ``switches``) per thread, and record a perf profile; ``AB_PYSPY=FILE``
+records py-spy's raw stacks of the mount (of the daemon with ``AB_PYSPY_OF=daemon``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def threads(pid: int) -> dict[str, float]:
     return out
 
 
+def profiler(pids: list[int]) -> subprocess.Popen[bytes] | None:
+    """A profiler recording the mount (``pids[0]``) and daemon, as the environment asks."""
+    if os.environ.get("AB_PERF"):
+        perf = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "-o", os.environ["AB_PERF"],
+                                 "-p", ",".join(map(str, pids))], stderr=subprocess.DEVNULL)  # fmt: skip
+    elif os.environ.get("AB_PYSPY"):
+        target = pids[0] if os.environ.get("AB_PYSPY_OF", "mount") == "mount" else pids[-1]
+        spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "1000", "-f", "raw",
+               "-o", os.environ["AB_PYSPY"], "--threads", "--nonblocking", "-p", str(target)]  # fmt: skip
+        perf = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        return None
+    time.sleep(1.0)  # until it is attached
+    return perf
+
+
 def sample(code: str, store_url: str, file: str, work: Path, over_grpc: bool) -> dict[str, float]:
     """One cold read; ``code`` is DIR[ KEY=VALUE...]: the tree on PYTHONPATH, and environment."""
     path_entry, *env = code.split()
@@ -100,11 +117,7 @@ def sample(code: str, store_url: str, file: str, work: Path, over_grpc: bool) ->
         cpu0 = [cpu_seconds(p) for p in pids]
         th0 = [threads(p) for p in pids]
         sw0 = [switches(p) for p in pids]
-        perf = None
-        if os.environ.get("AB_PERF"):
-            perf = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "-o", os.environ["AB_PERF"],
-                                     "-p", ",".join(map(str, pids))], stderr=subprocess.DEVNULL)  # fmt: skip
-            time.sleep(0.5)
+        perf = profiler(pids)
         start = time.perf_counter()
         if os.environ.get("AB_TRACE"):
             marks = []

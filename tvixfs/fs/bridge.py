@@ -7,10 +7,12 @@ a call that misses its deadline is abandoned: the request fails with StoreUnavai
 once and the thread finishes (and frees its limiter slot) in the background.
 
 Server streams (blob reads, recursive directory gets, path info listings) are pumped by one
-thread into a bounded trio memory channel: the consumer sees items as they arrive, the deadline
-applies to each item rather than to the whole stream (a large blob that keeps flowing is
-not cut off), and leaving early closes the channel, which makes the thread stop and close the
-service's iterator (a gRPC client cancels its call there).
+thread into a trio memory channel, at most ``STREAM_BUFFER`` items ahead of the consumer: the
+consumer sees items as they arrive, the deadline applies to each item rather than to the
+whole stream (a large blob that keeps flowing is not cut off), and leaving early makes the
+thread stop and close the service's iterator (a gRPC client cancels its call there). The
+thread does not wait for the loop to take each item, only for room: it goes on receiving and
+checking the next one while the loop is busy replying to the kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar, TypeVarTuple
 
 import trio
@@ -34,14 +37,6 @@ Ts = TypeVarTuple("Ts")
 
 STREAM_BUFFER = 4
 
-# What ends a pump thread quietly: the consumer left, the run ended, or its task was cancelled.
-_CONSUMER_GONE = (
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.RunFinishedError,
-    trio.Cancelled,
-)
-
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
@@ -55,11 +50,34 @@ class _End:
 _END = _End()
 
 
+class _Room:
+    """Backpressure for one pump: a slot per item handed over and not yet received."""
+
+    def __init__(self) -> None:
+        self._slots = threading.Semaphore(STREAM_BUFFER)
+        self.closed = False
+
+    def wait(self) -> bool:
+        """In the pump thread: wait for a free slot; False once the consumer has left."""
+        self._slots.acquire()
+        return not self.closed
+
+    def freed(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        self.closed = True
+        self._slots.release()  # wakes a pump waiting for room
+
+
 class Stream(Generic[T]):
     """The receiving end of a pumped stream; iterate it with ``async for``."""
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[T | _Failed | _End], deadline: float) -> None:
+    def __init__(
+        self, receive: trio.MemoryReceiveChannel[T | _Failed | _End], room: _Room, deadline: float
+    ) -> None:
         self._receive = receive
+        self._room = room
         self._deadline = deadline
         self._done = False
 
@@ -79,6 +97,7 @@ class Stream(Generic[T]):
         if isinstance(item, _Failed):
             self._done = True
             raise item.error
+        self._room.freed()
         return item
 
 
@@ -134,14 +153,17 @@ class Bridge:
         An exception raised by the source is raised by the ``async for`` after the items
         before it. Leaving the body early stops the thread at its next item.
         """
-        send, receive = trio.open_memory_channel[T | _Failed | _End](STREAM_BUFFER)
+        # Room for every item the pump may have handed over, and its last word.
+        send, receive = trio.open_memory_channel[T | _Failed | _End](STREAM_BUFFER + 1)
+        room = _Room()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_pump, source, send)
+                nursery.start_soon(self._run_pump, source, send, room)
                 try:
                     with receive:
-                        yield Stream(receive, self.deadline)
+                        yield Stream(receive, room, self.deadline)
                 finally:
+                    room.close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The pump never raises, so the group holds what the body raised: hand that on
@@ -151,23 +173,33 @@ class Bridge:
             raise
 
     async def _run_pump(
-        self, source: Callable[[], Iterable[T]], send: trio.MemorySendChannel[T | _Failed | _End]
+        self,
+        source: Callable[[], Iterable[T]],
+        send: trio.MemorySendChannel[T | _Failed | _End],
+        room: _Room,
     ) -> None:
-        await trio.to_thread.run_sync(_pump, source, send, limiter=self.limiter, abandon_on_cancel=True)
+        def take(items: list[T | _Failed | _End]) -> None:
+            try:
+                for item in items:
+                    send.send_nowait(item)  # never full: the pump waits for room first
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                room.close()  # the consumer left
+
+        pump = partial(_pump, source, Handover(take), room)
+        await trio.to_thread.run_sync(pump, limiter=self.limiter, abandon_on_cancel=True)
 
 
-def _pump(source: Callable[[], Iterable[T]], send: trio.MemorySendChannel[T | _Failed | _End]) -> None:
+def _pump(source: Callable[[], Iterable[T]], handover: Handover[T | _Failed | _End], room: _Room) -> None:
     iterator: Iterator[T] | None = None
     try:
         iterator = iter(source())
         for item in iterator:
-            trio.from_thread.run(send.send, item)
-        trio.from_thread.run(send.send, _END)
-    except _CONSUMER_GONE:
-        pass
+            if not room.wait():
+                return
+            handover.put(item)
+        handover.put(_END)
     except Exception as e:
-        with suppress(*_CONSUMER_GONE):
-            trio.from_thread.run(send.send, _Failed(e))
+        handover.put(_Failed(e))
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
