@@ -26,6 +26,7 @@ from tvixfs.castore.nodes import DirectoryNode, FileNode
 from tvixfs.importers.ingest import ingest_path
 from tvixfs.protos import blobbatch_pb2, pathinfo_pb2, rpc_blobstore_pb2
 from tvixfs.server.serve import RunningServer, start_server
+from tvixfs.server.servicers import BlobServicer
 from tvixfs.services.backends.grpc import WHOLE_READ_LIMIT, ClientConfig, GrpcBlobService, open_grpc_store
 from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.backends.memory import open_memory_store
@@ -287,6 +288,62 @@ def test_read_many_asks_for_small_chunks_in_one_call(
     assert found == [*small, large]
     assert isinstance(missing, NotFoundError)
     assert calls == {"ReadMany": 1, "Read": 1}
+
+
+def _batch_with_a_damaged_blob(
+    served: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Exception, Counter[str]]:
+    """read_many of five small blobs of which the second's chunk file on the server's disk is
+    damaged: the others must arrive intact. What it raised for the second, and the calls made."""
+    backend, client = served
+    contents = [os.urandom(3000 + i) for i in range(5)]
+    chunks = [ChunkMeta(client.blobs.put([d]), len(d)) for d in contents]
+    with open(backend.blobs._chunks.path(chunks[1].digest), "r+b") as f:  # type: ignore[attr-defined]
+        f.write(b"X")
+    calls = _calls_by_method(client, monkeypatch)
+    outcomes = in_order(client.blobs.read_many(chunks))
+    assert [outcomes[i] for i in (0, 2, 3, 4)] == [contents[i] for i in (0, 2, 3, 4)]
+    assert isinstance(outcomes[1], CorruptDataError)
+    return outcomes[1], calls
+
+
+@pytest.mark.expect_errors
+def test_a_damaged_blob_fails_alone_in_a_batch(
+    local_served: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blobs of a ReadMany are mostly other files': one damaged chunk file on the daemon's
+    disk is answered as damaged, and the rest of the call goes on."""
+    error, calls = _batch_with_a_damaged_blob(local_served, monkeypatch)
+    assert "damaged" in str(error)
+    assert calls == {"ReadMany": 1}
+
+
+@pytest.mark.expect_errors
+def test_a_batch_that_fails_part_way_is_finished_one_by_one(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon from before the ``damaged`` answer ends the whole call at a damaged blob (with
+    DATA_LOSS): the client reads the chunks it did not answer alone, and only the damaged one
+    fails."""
+    answer = BlobServicer.read_many
+
+    def old_daemon(self: BlobServicer, request: blobbatch_pb2.ReadManyRequest) -> Iterator[Any]:
+        for message in answer(self, request):
+            if isinstance(message, blobbatch_pb2.ReadManyResponse) and message.damaged:
+                raise CorruptDataError("chunk file does not match its digest")
+            yield message
+
+    monkeypatch.setattr(BlobServicer, "read_many", old_daemon)
+    backend = open_local_store(short_tmp / "store")
+    running = serve(backend, f"unix:{short_tmp / 's.sock'}")
+    client = open_grpc_store(running.addresses[0], QUICK)
+    try:
+        _, calls = _batch_with_a_damaged_blob((backend, client), monkeypatch)
+    finally:
+        client.close()
+        running.stop(None)
+        backend.close()
+    assert calls == {"ReadMany": 1, "Read": 4}  # the damaged blob and the three after it
 
 
 class _LyingBatches:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtvixfs/protos/blobbatch.proto\x12\rtvixfs.ext.v1\"\"\n\x0fReadManyRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\x0c\"1\n\x10ReadManyResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07missing\x18\x02 \x01(\x08\x32\x61\n\x10\x42lobBatchService\x12M\n\x08ReadMany\x12\x1e.tvixfs.ext.v1.ReadManyRequest\x1a\x1f.tvixfs.ext.v1.ReadManyResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtvixfs/protos/blobbatch.proto\x12\rtvixfs.ext.v1\"\"\n\x0fReadManyRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\x0c\"B\n\x10ReadManyResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07missing\x18\x02 \x01(\x08\x12\x0f\n\x07\x64\x61maged\x18\x03 \x01(\x08\x32\x61\n\x10\x42lobBatchService\x12M\n\x08ReadMany\x12\x1e.tvixfs.ext.v1.ReadManyRequest\x1a\x1f.tvixfs.ext.v1.ReadManyResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READMANYREQUEST']._serialized_start=48
   _globals['_READMANYREQUEST']._serialized_end=82
   _globals['_READMANYRESPONSE']._serialized_start=84
-  _globals['_READMANYRESPONSE']._serialized_end=133
-  _globals['_BLOBBATCHSERVICE']._serialized_start=135
-  _globals['_BLOBBATCHSERVICE']._serialized_end=232
+  _globals['_READMANYRESPONSE']._serialized_end=150
+  _globals['_BLOBBATCHSERVICE']._serialized_start=152
+  _globals['_BLOBBATCHSERVICE']._serialized_end=249
 # @@protoc_insertion_point(module_scope)

@@ -48,19 +48,26 @@ class ReadManyResponse(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The contents of the blob at this position of the request."""
     missing: _builtins.bool
     """The store does not have that blob (``data`` is empty)."""
+    damaged: _builtins.bool
+    """The store has that blob but cannot read it intact, e.g. a damaged file on its disk
+    (``data`` is empty). The other blobs of the call are answered as usual. A client that
+    predates this field sees an empty blob, which fails its digest check all the same.
+    """
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         missing: _builtins.bool = ...,
+        damaged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "missing", b"missing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["damaged", b"damaged", "data", b"data", "missing", b"missing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,7 +47,8 @@ class BlobBatchServiceServicer:
 
     def ReadMany(self, request, context):
         """The blobs (or chunks, addressed by their own digests) named, each whole in one message, in
-        the order asked. INVALID_ARGUMENT for too many digests or one too large for a message.
+        the order asked. INVALID_ARGUMENT for too many digests or one too large for a message. A
+        blob the store lacks or cannot read intact is answered as such and fails alone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,8 @@ class BlobBatchServiceStub:
     def __new__(cls, channel: _aio.Channel) -> BlobBatchServiceAsyncStub: ...
     ReadMany: _grpc.UnaryStreamMultiCallable[_blobbatch_pb2.ReadManyRequest, _blobbatch_pb2.ReadManyResponse]
     """The blobs (or chunks, addressed by their own digests) named, each whole in one message, in
-    the order asked. INVALID_ARGUMENT for too many digests or one too large for a message.
+    the order asked. INVALID_ARGUMENT for too many digests or one too large for a message. A
+    blob the store lacks or cannot read intact is answered as such and fails alone.
     """
 
 @_typing.type_check_only
@@ -45,7 +46,8 @@ class BlobBatchServiceAsyncStub(BlobBatchServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReadMany: _aio.UnaryStreamMultiCallable[_blobbatch_pb2.ReadManyRequest, _blobbatch_pb2.ReadManyResponse]  # type: ignore[assignment]
     """The blobs (or chunks, addressed by their own digests) named, each whole in one message, in
-    the order asked. INVALID_ARGUMENT for too many digests or one too large for a message.
+    the order asked. INVALID_ARGUMENT for too many digests or one too large for a message. A
+    blob the store lacks or cannot read intact is answered as such and fails alone.
     """
 
 class BlobBatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -56,7 +58,8 @@ class BlobBatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_blobbatch_pb2.ReadManyResponse], _abc.AsyncIterator[_blobbatch_pb2.ReadManyResponse]]:
         """The blobs (or chunks, addressed by their own digests) named, each whole in one message, in
-        the order asked. INVALID_ARGUMENT for too many digests or one too large for a message.
+        the order asked. INVALID_ARGUMENT for too many digests or one too large for a message. A
+        blob the store lacks or cannot read intact is answered as such and fails alone.
         """
 
 def add_BlobBatchServiceServicer_to_server(servicer: BlobBatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -48,7 +48,9 @@ def abort(path: str, context: grpc.ServicerContext, error: Exception) -> NoRetur
     """End the call with the status ``error`` maps to; called from an ``except`` block."""
     code = status_for(error)
     if code is not None:
-        log.debug("%s: %s: %s", path, code.name, error)
+        # Damaged data in the store is the operator's to know; the rest is the client's.
+        level = logging.WARNING if code is grpc.StatusCode.DATA_LOSS else logging.DEBUG
+        log.log(level, "%s: %s: %s", path, code.name, error)
         context.abort(code, str(error)[:_MAX_DETAIL])
     if isinstance(error, grpc.RpcError) and not context.is_active():
         # The client went away while we read its request stream: nobody to answer.

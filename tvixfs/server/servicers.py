@@ -7,6 +7,7 @@ what a client sends happens here or in the backend, before anything is stored.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -26,7 +27,12 @@ from tvixfs.protos import (
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.encodedclosure import EncodedClosures
-from tvixfs.services.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tvixfs.services.errors import (
+    CorruptDataError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from tvixfs.services.readahead import chunks_read_ahead
 from tvixfs.services.regroup import in_messages
 from tvixfs.services.wire.grpc_methods import (
@@ -46,6 +52,8 @@ from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX, READ_MANY_DIGESTS
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE
+
+log = logging.getLogger(__name__)
 
 Handlers = dict[Method, Callable[[Any], Any]]
 
@@ -111,7 +119,10 @@ class BlobServicer:
         self, request: blobbatch_pb2.ReadManyRequest
     ) -> Iterator[list[bytes] | blobbatch_pb2.ReadManyResponse]:
         """Each blob asked for, whole, in order: the pieces of a message's ``data`` (encoded as
-        a Read message is: the field is the same), or a message saying it is missing."""
+        a Read message is: the field is the same), or a message saying it is missing or damaged.
+
+        A blob fails alone: one damaged chunk file must not fail the other blobs of the call,
+        which are mostly other files' (a program start asks for many at once)."""
         if len(request.digests) > READ_MANY_DIGESTS:
             raise InvalidArgumentError(
                 f"ReadMany: {len(request.digests)} digests, at most {READ_MANY_DIGESTS}"
@@ -131,6 +142,10 @@ class BlobServicer:
                     pieces.append(piece)
             except NotFoundError:
                 yield blobbatch_pb2.ReadManyResponse(missing=True)
+                continue
+            except CorruptDataError as e:
+                log.warning("ReadMany: %s", e)
+                yield blobbatch_pb2.ReadManyResponse(damaged=True)
                 continue
             yield pieces
 

@@ -39,6 +39,7 @@ from tvixfs.services.errors import (
     CorruptDataError,
     InvalidArgumentError,
     NotFoundError,
+    StoreError,
     StoreUnavailableError,
 )
 from tvixfs.services.regroup import exact_pieces
@@ -126,8 +127,21 @@ class GrpcBlobService(BlobService):
             if answers is None:  # no BlobBatchService: these too one by one, below
                 small = small[:start]
                 break
-            for i, outcome in answers:
-                yield group[i], outcome
+            answered = 0  # answers come in the order asked
+            try:
+                for i, outcome in answers:
+                    yield group[i], outcome
+                    answered += 1
+            except StoreUnavailableError:
+                raise
+            except StoreError as e:
+                # The call failed part way for the call's sake (a daemon that predates the
+                # ``damaged`` answer fails it at a damaged blob, a confused server): the
+                # chunks it did not answer are other files' and are read alone.
+                rest = group[answered:]
+                log.info("%s; reading the %d chunks it did not answer one by one", e, len(rest))
+                for i, outcome in self._read_each([chunks[j] for j in rest]):
+                    yield rest[i], outcome
         batched = set(small)
         alone = [i for i in range(len(chunks)) if i not in batched]
         for i, outcome in self._read_each([chunks[i] for i in alone]):
@@ -311,7 +325,9 @@ def _batch_answers(
         chunk = chunks[count]
         about = f"read chunk {chunk.digest.hex()}"
         outcome: bytes | Exception = NotFoundError(f"{about}: not found")
-        if not answer.missing:
+        if answer.damaged:
+            outcome = CorruptDataError(f"{about}: the server's copy is damaged")
+        elif not answer.missing:
             try:
                 outcome = verified(answer.data, chunk.digest, chunk.size, about)
             except CorruptDataError as e:
