@@ -487,23 +487,47 @@ def test_stale_socket_is_replaced_live_one_refused(tvixfs_cmd: list[str], short_
         client.close()
 
 
-def test_read_many_answers_each_blob_whole_in_order_and_refuses_too_much(stubs: Stubs, memory: Store) -> None:
-    """tvixfs's BlobBatchService, through a stub generated from its .proto, as any client sees it."""
-    batch = blobbatch_pb2_grpc.BlobBatchServiceStub(stubs.channel)
-    contents = [b"", b"one", os.urandom(70_000)]
-    digests = [memory.blobs.put([c]) for c in contents]
+@pytest.mark.expect_errors
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_read_many_answers_each_blob_whole_in_order_and_refuses_too_much(
+    short_tmp: Path, on_disk: bool
+) -> None:
+    """tvixfs's BlobBatchService, through a stub generated from its .proto, as any client sees it.
+    A store on disk reads the blobs of a call ahead on threads; a damaged one fails alone."""
+    store = open_local_store(short_tmp / "store") if on_disk else open_memory_store()
+    running = start_server(store, [f"unix:{short_tmp / 's.sock'}"], threads=8)
+    try:
+        with grpc.insecure_channel(running.addresses[0]) as channel:
+            _read_many_contract(blobbatch_pb2_grpc.BlobBatchServiceStub(channel), store, short_tmp / "store")
+    finally:
+        running.stop(None)
+        store.close()
+
+
+def _read_many_contract(batch: blobbatch_pb2_grpc.BlobBatchServiceStub, store: Store, root: Path) -> None:
+    contents = [b"", b"one", os.urandom(70_000), os.urandom(5000)]
+    digests = [store.blobs.put([c]) for c in contents]
     asked = [digests[2], bytes(32), digests[0], digests[1]]
     answers = list(batch.ReadMany(blobbatch_pb2.ReadManyRequest(digests=asked)))
-    assert [(a.data, a.missing) for a in answers] == [
-        (contents[2], False),
-        (b"", True),
-        (b"", False),
-        (b"one", False),
+    assert [(a.data, a.missing, a.damaged) for a in answers] == [
+        (contents[2], False, False),
+        (b"", True, False),
+        (b"", False, False),
+        (b"one", False, False),
     ]
     too_many = blobbatch_pb2.ReadManyRequest(digests=[digests[1]] * (READ_MANY_DIGESTS + 1))
     assert "at most" in expect(Code.INVALID_ARGUMENT, batch.ReadMany(too_many))
     short = blobbatch_pb2.ReadManyRequest(digests=[digests[1], b"\x01" * 31])
     expect(Code.INVALID_ARGUMENT, batch.ReadMany(short))
-    large = memory.blobs.put([os.urandom(READ_MANY_BLOB_MAX + 1)])
+    large = store.blobs.put([os.urandom(READ_MANY_BLOB_MAX + 1)])
     details = expect(Code.INVALID_ARGUMENT, batch.ReadMany(blobbatch_pb2.ReadManyRequest(digests=[large])))
     assert "read it with BlobService.Read" in details
+    chunk_file = root / "chunks" / digests[2].hex()[:2] / digests[2].hex()
+    if chunk_file.exists():  # a store on disk: damage one blob's file
+        chunk_file.write_bytes(bytes([chunk_file.read_bytes()[0] ^ 1]) + chunk_file.read_bytes()[1:])
+        answers = list(batch.ReadMany(blobbatch_pb2.ReadManyRequest(digests=digests[1:])))
+        assert [(a.data, a.missing, a.damaged) for a in answers] == [
+            (b"one", False, False),
+            (b"", False, True),
+            (contents[3], False, False),
+        ]

@@ -79,8 +79,8 @@ def daemon(
     read_ahead_streams: Annotated[
         int,
         typer.Option(
-            help="Read streams that may read chunks ahead of their client at once (8 MiB each); "
-            "0 turns read-ahead off."
+            help="Read streams (and ReadMany calls) that may read ahead of their client at once "
+            "(8 MiB each, 4 blobs for ReadMany); 0 turns read-ahead off."
         ),
     ] = DEFAULT_READ_AHEAD_STREAMS,
     grace: Annotated[

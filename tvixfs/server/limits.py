@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -32,6 +32,8 @@ from tvixfs.server.guard import GrpcHandler
 from tvixfs.services.wire.grpc_errors import STREAM_LIMIT
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
 DEFAULT_STREAM_TIMEOUT = 900.0  # beyond the 600 s the tvixfs client gives a stream itself
@@ -241,7 +243,7 @@ class StreamGate:
 
 
 class ReadAheadSlots:
-    """How many Read streams may read chunks ahead of their client at once.
+    """How many Read streams (and ReadMany calls) may read ahead of their client at once.
 
     Each such stream holds up to its read-ahead window in memory while its client is slow or
     gone; the others read one chunk at a time, holding one chunk.
@@ -250,9 +252,7 @@ class ReadAheadSlots:
     def __init__(self, slots: int) -> None:
         self._slots = threading.BoundedSemaphore(slots)
 
-    def pieces(
-        self, ahead: Callable[[], Iterator[bytes]], plain: Callable[[], Iterator[bytes]]
-    ) -> Iterator[bytes]:
+    def pieces(self, ahead: Callable[[], Iterator[T]], plain: Callable[[], Iterator[T]]) -> Iterator[T]:
         """``ahead()`` if a slot is free (held until the stream ends), else ``plain()``."""
         if not self._slots.acquire(blocking=False):
             yield from plain()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 from tvixfs.castore.digest import check_digest
@@ -33,7 +34,7 @@ from tvixfs.services.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from tvixfs.services.readahead import chunks_read_ahead
+from tvixfs.services.readahead import ReadAhead, chunks_read_ahead
 from tvixfs.services.regroup import in_messages
 from tvixfs.services.wire.grpc_methods import (
     BLOB_PUT,
@@ -70,6 +71,23 @@ READ_MESSAGE_SIZE = 2 << 20
 READ_AHEAD = 8 << 20
 READ_AHEAD_BATCH = 2 << 20
 READ_AHEAD_THREADS = 4
+
+
+# Blobs of one ReadMany read ahead of the one being sent, on the same threads and under the
+# same slots (--read-ahead-streams) as Read streams: a cold store on disk then has several
+# reads in flight. At most READ_MANY_AHEAD * READ_MANY_BLOB_MAX bytes held per call.
+READ_MANY_AHEAD = 4
+
+# One blob of a ReadMany: its pieces, or the error that fails it alone.
+_Whole = list[bytes] | NotFoundError | CorruptDataError
+
+
+def _taken(reads: ReadAhead[bytes, _Whole]) -> Iterator[_Whole]:
+    try:
+        while reads.peek() is not None:
+            yield reads.take()
+    finally:  # the call ended early: reads not started are not needed
+        reads.cancel()
 
 
 class BlobServicer:
@@ -128,26 +146,40 @@ class BlobServicer:
                 f"ReadMany: {len(request.digests)} digests, at most {READ_MANY_DIGESTS}"
             )
         digests = [check_digest(d, f"digest #{i}") for i, d in enumerate(request.digests)]
-        for digest in digests:
-            pieces: list[bytes] = []
-            size = 0
-            try:
-                for piece in self._blobs.read(digest):
-                    size += len(piece)
-                    if size > READ_MANY_BLOB_MAX:
-                        raise InvalidArgumentError(
-                            f"ReadMany: blob {digest.hex()} has more than {READ_MANY_BLOB_MAX} bytes; "
-                            "read it with BlobService.Read"
-                        )
-                    pieces.append(piece)
-            except NotFoundError:
+        for whole in self._wholes(digests):
+            if isinstance(whole, NotFoundError):
                 yield blobbatch_pb2.ReadManyResponse(missing=True)
-                continue
-            except CorruptDataError as e:
-                log.warning("ReadMany: %s", e)
+            elif isinstance(whole, CorruptDataError):
+                log.warning("ReadMany: %s", whole)
                 yield blobbatch_pb2.ReadManyResponse(damaged=True)
-                continue
-            yield pieces
+            else:
+                yield whole
+
+    def _wholes(self, digests: list[bytes]) -> Iterator[_Whole]:
+        """``_whole`` of each digest, in order; read ahead where the store lets us (``_pieces``)."""
+        plain = map(self._whole, digests)
+        if self._read_ahead is None or len(digests) < 2:
+            return plain
+        jobs = ((d, 1, partial(self._whole, d)) for d in digests)
+        reads = ReadAhead(jobs, self._read_ahead, READ_MANY_AHEAD)
+        return self._slots.pieces(lambda: _taken(reads), lambda: plain)
+
+    def _whole(self, digest: bytes) -> _Whole:
+        """A blob's pieces for ReadMany; what reading it raised if that fails this blob alone."""
+        pieces: list[bytes] = []
+        size = 0
+        try:
+            for piece in self._blobs.read(digest):
+                size += len(piece)
+                if size > READ_MANY_BLOB_MAX:
+                    raise InvalidArgumentError(
+                        f"ReadMany: blob {digest.hex()} has more than {READ_MANY_BLOB_MAX} bytes; "
+                        "read it with BlobService.Read"
+                    )
+                pieces.append(piece)
+        except (NotFoundError, CorruptDataError) as e:
+            return e
+        return pieces
 
     def _pieces(self, digest: bytes) -> Iterator[bytes]:
         """The blob from its store; its chunks read ahead where the store lets us.
