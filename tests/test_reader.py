@@ -113,6 +113,37 @@ async def test_a_local_store_is_read_in_runs_each_chunk_once(store: Store, backg
     assert reader.stats.chunks_fetched == len(chunks)
 
 
+class Batching(RemoteLike):
+    """A remote-like store that records the size of each ``read_many`` asked of it."""
+
+    def __init__(self, inner: BlobService, reads_many: bool) -> None:
+        super().__init__(inner)
+        self.capabilities = BlobCapabilities(calls_are_remote=True, reads_many=reads_many)
+        self.batches: list[int] = []
+
+    def read_many(self, chunks: Sequence[ChunkMeta]) -> Iterator[tuple[int, bytes | Exception]]:
+        self.batches.append(len(chunks))
+        return super().read_many(chunks)
+
+
+@pytest.mark.parametrize("reads_many", [True, False])
+async def test_readahead_over_a_remote_store_asks_for_each_run_in_one_call(
+    store: Store, background: trio.Nursery, reads_many: bool
+) -> None:
+    """A run read ahead is one ``read_many`` (one ReadMany over gRPC), not a call per chunk;
+    over a remote store that answers a chunk per call, it is a call per chunk, all at once."""
+    node, data, chunks = _big_file(store)  # too short for a whole-blob stream
+    remote = Batching(store.blobs, reads_many)
+    reader = BlobReader(Bridge(), remote, background, readahead_bytes=1024 * 1024)
+    assert await _read_in_order(reader, node) == data
+    assert all(remote.reads[c.digest] == 1 for c in chunks)
+    if reads_many:  # most chunks came in batches, far fewer batches than chunks
+        assert sum(remote.batches) >= len(chunks) // 2, (remote.batches, len(chunks))
+        assert len(remote.batches) <= len(chunks) // 2, (remote.batches, len(chunks))
+    else:
+        assert remote.batches == []
+
+
 async def test_claims_hand_their_outcome_to_waiters_or_let_them_fetch() -> None:
     inflight: InFlight[str, int] = InFlight()
     fetched: list[str] = []
