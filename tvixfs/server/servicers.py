@@ -75,7 +75,7 @@ READ_AHEAD_THREADS = 4
 
 # Blobs of one ReadMany read ahead of the one being sent, on the same threads and under the
 # same slots (--read-ahead-streams) as Read streams: a cold store on disk then has several
-# reads in flight. At most READ_MANY_AHEAD * READ_MANY_BLOB_MAX bytes held per call.
+# reads in flight. At most READ_MANY_AHEAD + 1 blobs of READ_MANY_BLOB_MAX held per call.
 READ_MANY_AHEAD = 4
 
 # One blob of a ReadMany: its pieces, or the error that fails it alone.
