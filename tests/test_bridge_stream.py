@@ -7,7 +7,6 @@ what the pump thread did and when.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +26,8 @@ class Source:
         self.taken = 0
         self.closed = threading.Event()
         self.gate: threading.Event | None = None  # if set: waited for after the first item
+        self.reach = 0  # ``reached`` is set once this many items were taken
+        self.reached = threading.Event()
 
     def __call__(self) -> Iterator[int]:
         try:
@@ -38,6 +39,8 @@ class Source:
                 if i == 1 and self.gate is not None:
                     self.gate.wait(5)
                 self.taken += 1
+                if self.taken == self.reach:
+                    self.reached.set()
                 yield i
         finally:
             self.closed.set()
@@ -65,15 +68,14 @@ async def test_the_pump_runs_ahead_while_the_loop_is_busy_but_only_so_far() -> N
     # once STREAM_BUFFER of them wait for the consumer.
     source = Source(100)
     source.gate = threading.Event()
+    source.reach = 1 + STREAM_BUFFER + 1  # handed over, plus the one waiting for room
     async with Bridge().stream(source) as stream:
         assert await stream.__anext__() == 0
-        source.gate.set()  # the pump goes on only now,
-        time.sleep(0.5)  # while the event loop is blocked
-        taken_while_blocked = source.taken
+        source.gate.set()  # the pump goes on only now, while the event loop is blocked in
+        assert source.reached.wait(5), source.taken  # this wait, which takes no turn
         await trio.sleep(0.2)
-        assert source.taken == taken_while_blocked  # nothing was received: no more room
+        assert source.taken == source.reach  # nothing was received: no more room
         rest = [item async for item in stream]
-    assert taken_while_blocked == 1 + STREAM_BUFFER + 1  # handed over, plus the one waiting for room
     assert rest == list(range(1, 100))
 
 
