@@ -38,6 +38,7 @@ from tvixfs.protos import (
     rpc_pathinfo_pb2,
     rpc_pathinfo_pb2_grpc,
 )
+from tvixfs.server.damage import CLIENT_DETAIL
 from tvixfs.server.listen import ListenError, parse_listen, warn_if_exposed
 from tvixfs.server.serve import RunningServer, start_server
 from tvixfs.server.servicers import READ_MESSAGE_SIZE
@@ -126,9 +127,10 @@ def test_blob_errors(stubs: Stubs) -> None:
     expect(Code.INVALID_ARGUMENT, stubs.blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=short)))
 
 
-def test_chunked_blob_of_a_local_store(short_tmp: Path) -> None:
+def test_chunked_blob_of_a_local_store(short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Read by chunk digest and by blob digest (its chunks read ahead); a damaged chunk file is
-    DATA_LOSS, whichever way it is read."""
+    DATA_LOSS, whichever way it is read: the client is not told the server's paths, and the
+    server's log names the file once, however often it is asked for."""
     local = open_local_store(short_tmp / "store")
     running = start_server(local, [f"unix:{short_tmp / 's.sock'}"], threads=8)
     try:
@@ -156,8 +158,13 @@ def test_chunked_blob_of_a_local_store(short_tmp: Path) -> None:
             content = bytearray(path.read_bytes())
             content[0] ^= 1
             path.write_bytes(content)
-            for target in (digest, damaged):
-                expect(Code.DATA_LOSS, stubs.blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=target)))
+            with caplog.at_level(logging.WARNING, logger="tvixfs.server.damage"):
+                for target in (digest, damaged, digest, damaged):
+                    details = expect(
+                        Code.DATA_LOSS, stubs.blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=target))
+                    )
+                    assert details == CLIENT_DETAIL
+            assert [str(path) in r.getMessage() for r in caplog.records] == [True]
     finally:
         running.stop(None)
         local.close()

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from tvixfs.server.damage import CLIENT_DETAIL, DAMAGE
 from tvixfs.services.wire.grpc_errors import status_for
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,12 @@ def guard(path: str, handler: Handler, streaming: bool) -> GrpcHandler:
 def abort(path: str, context: grpc.ServicerContext, error: Exception) -> NoReturn:
     """End the call with the status ``error`` maps to; called from an ``except`` block."""
     code = status_for(error)
+    if code is grpc.StatusCode.DATA_LOSS:
+        # Damaged data in the store is the operator's to know (damage.py); the rest is the client's.
+        DAMAGE.report(f"{path}: {code.name}", error)
+        context.abort(code, CLIENT_DETAIL)
     if code is not None:
-        # Damaged data in the store is the operator's to know; the rest is the client's.
-        level = logging.WARNING if code is grpc.StatusCode.DATA_LOSS else logging.DEBUG
-        log.log(level, "%s: %s: %s", path, code.name, error)
+        log.debug("%s: %s: %s", path, code.name, error)
         context.abort(code, str(error)[:_MAX_DETAIL])
     if isinstance(error, grpc.RpcError) and not context.is_active():
         # The client went away while we read its request stream: nobody to answer.

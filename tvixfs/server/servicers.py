@@ -7,7 +7,6 @@ what a client sends happens here or in the backend, before anything is stored.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from functools import partial
@@ -25,6 +24,7 @@ from tvixfs.protos import (
     rpc_directory_pb2,
     rpc_pathinfo_pb2,
 )
+from tvixfs.server.damage import DAMAGE
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.encodedclosure import EncodedClosures
@@ -53,8 +53,6 @@ from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX, READ_MANY_DIGESTS
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE
-
-log = logging.getLogger(__name__)
 
 Handlers = dict[Method, Callable[[Any], Any]]
 
@@ -150,7 +148,7 @@ class BlobServicer:
             if isinstance(whole, NotFoundError):
                 yield blobbatch_pb2.ReadManyResponse(missing=True)
             elif isinstance(whole, CorruptDataError):
-                log.warning("ReadMany: %s", whole)
+                DAMAGE.report("ReadMany", whole)
                 yield blobbatch_pb2.ReadManyResponse(damaged=True)
             else:
                 yield whole
