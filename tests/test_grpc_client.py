@@ -31,6 +31,7 @@ from tvixfs.services.backends.grpc import WHOLE_READ_LIMIT, ClientConfig, GrpcBl
 from tvixfs.services.backends.local import open_local_store
 from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import ChunkMeta, Store
+from tvixfs.services.cache.diskcache import with_disk_cache
 from tvixfs.services.errors import (
     CorruptDataError,
     FailedPreconditionError,
@@ -360,7 +361,10 @@ class _LyingBatches:
             yield blobbatch_pb2.ReadManyResponse(data=data[::-1] if i == 1 else data)
 
 
-def test_read_many_never_hands_on_bytes_that_do_not_match(short_tmp: Path) -> None:
+@pytest.mark.parametrize("disk_cache", [False, True])
+def test_read_many_never_hands_on_bytes_that_do_not_match(short_tmp: Path, disk_cache: bool) -> None:
+    """The client checks every answer (so a disk cache in front of it keeps only what matched,
+    without hashing it again, and a mount's replay need not either: verifies_every_read)."""
     contents = {b3digest(d): d for d in (b"first", b"second chunk", b"third")}
     server = grpc.server(ThreadPoolExecutor(2))
     handler = grpc.unary_stream_rpc_method_handler(
@@ -374,10 +378,18 @@ def test_read_many_never_hands_on_bytes_that_do_not_match(short_tmp: Path) -> No
     server.add_insecure_port(f"unix:{short_tmp / 'liar.sock'}")
     server.start()
     client = open_grpc_store(f"unix:{short_tmp / 'liar.sock'}", QUICK)
+    assert client.blobs.capabilities.verifies_every_read
+    store = client
+    if disk_cache:
+        store, cache = with_disk_cache(client, short_tmp / "cache")
+        assert store.blobs.capabilities.verifies_every_read
+    chunks = [ChunkMeta(d, len(c)) for d, c in contents.items()]
     try:
-        outcomes = in_order(client.blobs.read_many([ChunkMeta(d, len(c)) for d, c in contents.items()]))
+        outcomes = in_order(store.blobs.read_many(chunks))
+        if disk_cache:
+            assert [cache.get_object(c.digest) for c in chunks] == [b"first", None, b"third"]
     finally:
-        client.close()
+        store.close()
         server.stop(None)
     assert outcomes[0] == b"first" and outcomes[2] == b"third"
     assert isinstance(outcomes[1], CorruptDataError)

@@ -41,6 +41,11 @@ class BlobCapabilities:
     # is exactly the bytes whose BLAKE3 digest was asked for. A consumer may then skip
     # hashing those bytes again.
     verifies_chunk_reads: bool = False
+    # Beyond that: ``read`` (iterated to its end) and every answer of ``read_many`` are checked
+    # against the digest and size asked for, whatever the digest names (a chunk, a whole blob,
+    # a digest from an access profile rather than from the store's own lists). A consumer may
+    # then skip hashing any of them again.
+    verifies_every_read: bool = False
     # Every call goes to another process (a remote store), whose fixed cost far exceeds that
     # of the bytes: a consumer reading most of a blob in order does better with one read of
     # the whole blob than with one per chunk, and puts are worth running in parallel threads

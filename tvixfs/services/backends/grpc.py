@@ -75,7 +75,10 @@ EACH_CALLS = 16
 
 class GrpcBlobService(BlobService):
     # The server is not trusted: see the module docstring.
-    capabilities = BlobCapabilities(verifies_chunk_reads=True, calls_are_remote=True, reads_many=True)
+    # Everything received is hashed here: nothing a server sends is taken on its word.
+    capabilities = BlobCapabilities(
+        verifies_chunk_reads=True, verifies_every_read=True, calls_are_remote=True, reads_many=True
+    )
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn

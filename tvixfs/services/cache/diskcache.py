@@ -242,7 +242,10 @@ class CachedBlobService(BlobService):
     """Blobs and chunks: from disk when cached (verified), else from the store (then kept)."""
 
     # A miss is a call to the store; a hit costs a file read either way.
-    capabilities = BlobCapabilities(verifies_chunk_reads=True, calls_are_remote=True)
+    # Hits are checked as they are read from disk, misses before they are kept.
+    capabilities = BlobCapabilities(
+        verifies_chunk_reads=True, verifies_every_read=True, calls_are_remote=True
+    )
 
     def __init__(self, inner: BlobService, cache: DiskCache) -> None:
         self._inner = inner
@@ -358,11 +361,15 @@ class CachedBlobService(BlobService):
             yield missed[i], got if isinstance(got, Exception) else self._kept(wanted[i], got)
 
     def _kept(self, chunk: ChunkMeta, data: bytes) -> bytes | Exception:
-        """``data`` kept on disk if it is ``chunk``; else the error, and nothing kept."""
-        try:
-            verified(data, chunk.digest, chunk.size, f"read chunk {chunk.digest.hex()}")
-        except CorruptDataError as e:
-            return e
+        """``data`` kept on disk if it is ``chunk``; else the error, and nothing kept.
+
+        Hashed here unless the store did (a gRPC store hashes what it receives): a replay
+        chunk would otherwise be hashed by the client, here, and by the mount."""
+        if not self._inner.capabilities.verifies_every_read:
+            try:
+                verified(data, chunk.digest, chunk.size, f"read chunk {chunk.digest.hex()}")
+            except CorruptDataError as e:
+                return e
         self._cache.put_object(chunk.digest, data)
         return data
 
