@@ -46,6 +46,7 @@ from tvixfs.fs.reader import BlobReader, OpenFile
 from tvixfs.fs.roots import NEGATIVE_TTL, Roots
 from tvixfs.fs.siblings import SiblingPrefetch
 from tvixfs.fs.xattrs import STATUS, xattrs_of
+from tvixfs.repeatedlog import RepeatedLog
 from tvixfs.services.base import Store
 from tvixfs.services.cache.accessprofiles import ProfileFiles
 from tvixfs.services.narhash import store_nar_hash
@@ -53,6 +54,8 @@ from tvixfs.services.rootnodes import StorePathRoot
 from tvixfs.store.nixsig import PublicKey
 
 log = logging.getLogger(__name__)
+# A program retrying a read that fails would otherwise write a line per attempt.
+_FAILURES = RepeatedLog(log, logging.ERROR)
 
 ReaddirReply = Callable[[pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, int], bool]
 InvalidateEntry = Callable[[int, bytes], None]
@@ -281,8 +284,8 @@ class TvixOperations(pyfuse3.Operations):
     def _failed(self, request: str, where: bytes | None, e: Exception) -> pyfuse3.FUSEError:
         self.failures += 1
         place = f"store path {os.fsdecode(where)}" if where else "the mount root"
-        # One line per failure; the traceback only at debug level.
-        log.error("%s in %s: %s: %s", request, place, type(e).__name__, e)
+        # One line per distinct failure and minute; the traceback only at debug level.
+        _FAILURES.emit(f"{request} in {place}: {type(e).__name__}: {e}")
         log.debug("%s failed", request, exc_info=e)
         return pyfuse3.FUSEError(errno.EIO)
 

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from tvixfs.server.damage import CLIENT_DETAIL, DAMAGE
+from tvixfs.server import damage
 from tvixfs.services.wire.grpc_errors import status_for
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ def abort(path: str, context: grpc.ServicerContext, error: Exception) -> NoRetur
     code = status_for(error)
     if code is grpc.StatusCode.DATA_LOSS:
         # Damaged data in the store is the operator's to know (damage.py); the rest is the client's.
-        DAMAGE.report(f"{path}: {code.name}", error)
-        context.abort(code, CLIENT_DETAIL)
+        damage.report(f"{path}: {code.name}", error)
+        context.abort(code, damage.CLIENT_DETAIL)
     if code is not None:
         log.debug("%s: %s: %s", path, code.name, error)
         context.abort(code, str(error)[:_MAX_DETAIL])

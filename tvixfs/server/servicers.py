@@ -24,7 +24,7 @@ from tvixfs.protos import (
     rpc_directory_pb2,
     rpc_pathinfo_pb2,
 )
-from tvixfs.server.damage import DAMAGE
+from tvixfs.server import damage
 from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.encodedclosure import EncodedClosures
@@ -148,7 +148,7 @@ class BlobServicer:
             if isinstance(whole, NotFoundError):
                 yield blobbatch_pb2.ReadManyResponse(missing=True)
             elif isinstance(whole, CorruptDataError):
-                DAMAGE.report("ReadMany", whole)
+                damage.report("ReadMany", whole)
                 yield blobbatch_pb2.ReadManyResponse(damaged=True)
             else:
                 yield whole
