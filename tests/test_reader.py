@@ -411,3 +411,35 @@ async def test_a_chunk_the_store_did_not_answer_for_fails_at_once_for_a_moment(
             assert hanging.reads[node.digest] == reads
     finally:
         hanging.released.set()
+
+
+class ListedWrongly(Watched):
+    """A store whose chunk list for ``blob`` is ``listed``: genuine chunks, sizes of its own."""
+
+    def __init__(self, inner: BlobService, blob: bytes, listed: list[ChunkMeta]) -> None:
+        super().__init__(inner)
+        self.blob, self.listed = blob, listed
+
+    def stat(self, digest: bytes, send_chunks: bool = False) -> list[ChunkMeta] | None:
+        return self.listed if digest == self.blob else self.inner.stat(digest, send_chunks)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+async def test_a_cached_chunk_listed_with_another_size_is_refused(
+    store: Store, background: trio.Nursery, warm: bool
+) -> None:
+    """Chunks are cached and shared by digest alone: a chunk list giving a cached chunk another
+    size fails the read, as it does when the chunk is fetched, rather than shifting the file."""
+    small, big = os.urandom(100_000), os.urandom(1_200_000)
+    small_digest, big_digest = store.blobs.put([small]), store.blobs.put([big])
+    claimed = b"\x07" * 32  # a blob listed as small's bytes, said to be 10 000, then big's
+    blobs = ListedWrongly(
+        store.blobs, claimed, [ChunkMeta(small_digest, 10_000), ChunkMeta(big_digest, len(big))]
+    )
+    reader = BlobReader(Bridge(), blobs, background)
+    if warm:  # an honest file of the same bytes was read first
+        honest = FileNode(b"honest", small_digest, len(small))
+        assert await reader.read(await reader.open(honest, b"test"), 0, len(small)) == small
+    lying = await reader.open(FileNode(b"lying", claimed, 10_000 + len(big)), b"test")
+    with pytest.raises(CorruptDataError):
+        await reader.read(lying, 0, 20_000)

@@ -70,6 +70,16 @@ def _read_verified(blobs: BlobService, chunk: ChunkMeta, check: bool) -> bytes:
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+def sized(chunk: ChunkMeta, data: bytes) -> bytes:
+    """``data`` if it has the size ``chunk`` says. Chunks are cached and their fetches shared
+    by digest alone, and a fetch checks the size its own asker gave: a chunk list that gives a
+    known digest another size (a confused or lying store) must fail here, not shift every byte
+    of the file after it."""
+    if len(data) != chunk.size:
+        raise CorruptDataError(f"chunk {chunk.digest.hex()} has {len(data)} bytes, listed as {chunk.size}")
+    return data
+
+
 def _read_run(
     blobs: BlobService,
     chunks: list[ChunkMeta],
@@ -168,14 +178,14 @@ class ChunkCache:
         data = self.cache.get(chunk.digest)
         if data is not None:
             self.stats.cache_hits += 1
-            return data
+            return sized(chunk, data)
         if chunk.size <= RESIDENT_MAX and chunk.digest not in self.inflight:
             # Small and in memory already: read here, without the hop to a worker thread.
             data = self.blobs.read_resident(chunk.digest, chunk.size)
             if data is not None:
                 self.fetched(chunk, data)
                 return data
-        return await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check))
+        return sized(chunk, await self.inflight.run(chunk.digest, lambda: self._fetch(chunk, check)))
 
     def start_ahead(self, chunks: list[ChunkMeta], check: bool) -> None:
         """Fetch ``chunks`` in the background; a failure is left to the read that needs them.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tvixfs.fs.chunkcache import STREAM_ABOVE, ChunkCache
+from tvixfs.fs.chunkcache import STREAM_ABOVE, ChunkCache, sized
 from tvixfs.fs.chunkmap import ChunkMap
 from tvixfs.services.base import ChunkMeta
 
@@ -147,7 +147,7 @@ class ChunkReads:
         chunk = self.chunk_map.chunks[index]
         outcome = fetched.get(chunk.digest)
         try:
-            data = await self._chunks.get(chunk, self._check) if outcome is None else _unwrap(outcome)
+            data = await self._chunks.get(chunk, self._check) if outcome is None else _unwrap(chunk, outcome)
         except Exception:
             self._forget_map()
             raise
@@ -155,7 +155,7 @@ class ChunkReads:
         return data
 
 
-def _unwrap(outcome: bytes | Exception) -> bytes:
+def _unwrap(chunk: ChunkMeta, outcome: bytes | Exception) -> bytes:
     if isinstance(outcome, Exception):
         raise outcome
-    return outcome
+    return sized(chunk, outcome)
