@@ -24,6 +24,12 @@ GrpcHandler = Callable[[Any, grpc.ServicerContext], Any]
 _MAX_DETAIL = 300
 
 
+class CancelledStreamError(Exception):
+    """A request stream that ended because the server cancelled its call (server/limits.py):
+    grpcio may hand that cancel to the reader as the stream's end, which must not be taken for
+    a complete request (a Put would store the half it received)."""
+
+
 def guard(path: str, handler: Handler, streaming: bool) -> GrpcHandler:
     """``handler(request)`` as a grpcio behaviour whose failures become proper statuses."""
     if streaming:
@@ -55,6 +61,9 @@ def abort(path: str, context: grpc.ServicerContext, error: Exception) -> NoRetur
     if code is not None:
         log.debug("%s: %s: %s", path, code.name, error)
         context.abort(code, str(error)[:_MAX_DETAIL])
+    if isinstance(error, CancelledStreamError):
+        log.debug("%s: %s", path, error)
+        context.abort(grpc.StatusCode.CANCELLED, str(error))
     if isinstance(error, grpc.RpcError) and not context.is_active():
         # The client went away while we read its request stream: nobody to answer.
         log.debug("%s: cancelled by the client", path)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tvixfs.server.guard import GrpcHandler
+from tvixfs.server.guard import CancelledStreamError, GrpcHandler
 from tvixfs.services.wire.grpc_errors import STREAM_LIMIT
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,8 @@ class StreamGate:
             try:
                 message = next(requests)
             except StopIteration:
+                if stream.cancelled:  # the watchdog's cancel, seen as the stream's end
+                    raise CancelledStreamError("cancelled by the server before the stream ended") from None
                 return
             finally:
                 stream.waiting_since = None
