@@ -14,6 +14,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ LIMITS = [
 # attack cost without them.
 RSS_LIMIT = 250 << 20
 PROMPT = 10.0  # a call that waits this long is starved
+# A channel on a connection of its own: in one process, channels to one address share one.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 @dataclass
@@ -285,6 +288,42 @@ def test_a_put_the_watchdog_cancels_never_stores_what_it_received(short_tmp: Pat
         running.stop(None)
         store.close()
     assert not stored, f"the truncated blob was stored in rounds {stored}"
+
+
+def test_calls_whose_request_never_comes_hold_no_thread_for_long() -> None:
+    """grpcio reads a unary call's request on a worker thread before any handler runs: 8 calls
+    opened and left without their request once took every thread of an 8-thread server. Now
+    they count in their connection's budget (the others are refused), so another client's call
+    is answered meanwhile, and they are cancelled after the idle timeout."""
+    limits = StreamLimits.for_threads(8, idle_timeout=1.0)
+    running = start_server(open_memory_store(), ["127.0.0.1:0"], threads=8, limits=limits)
+    release = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        release.wait(60)
+        yield from ()
+
+    try:
+        with (
+            grpc.insecure_channel(running.addresses[0], OWN_CONNECTION) as hostile,
+            grpc.insecure_channel(running.addresses[0], OWN_CONNECTION) as honest,
+        ):
+            # PathInfoService/Get is unary: opened as a stream, the request never sent.
+            hang = hostile.stream_unary("/tvix.store.v1.PathInfoService/Get")
+            calls = [hang.future(nothing()) for _ in range(8)]
+            time.sleep(0.3)
+            stub = rpc_blobstore_pb2_grpc.BlobServiceStub(honest)
+            with pytest.raises(grpc.RpcError) as absent:
+                stub.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=bytes(32)), timeout=PROMPT / 2)
+            assert absent.value.code() is Code.NOT_FOUND  # type: ignore[attr-defined]
+            codes = Counter(call.exception(timeout=PROMPT).code() for call in calls)  # type: ignore[union-attr]
+            assert codes == {
+                Code.CANCELLED: limits.max_streams_per_client,
+                Code.RESOURCE_EXHAUSTED: 8 - limits.max_streams_per_client,
+            }
+    finally:
+        release.set()
+        running.stop(None)
 
 
 def test_open_reflection_streams_are_limited_too(daemon: Daemon, served: Served) -> None:

@@ -54,7 +54,7 @@ def add_store_services(
         for prefix in prefixes if m.prefixes == PREFIXES else m.prefixes:
             behaviour = guard(m.path(prefix), _decoding(m, handlers[m]), m.server_streaming)
             routes.setdefault(service_name(m.service, prefix), {})[m.name] = _method_handler(
-                m, _limited(gate, m, prefix, behaviour)
+                m, _limited(gate, m, prefix, behaviour), gate, m.path(prefix)
             )
     for name, methods in routes.items():
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
@@ -86,10 +86,21 @@ def _decoding(method: Method, handler: Handler) -> Handler:
     return lambda request: handler(decode(request))
 
 
-def _method_handler(method: Method, behaviour: GrpcHandler) -> grpc.RpcMethodHandler[Any, Any]:
+def _method_handler(
+    method: Method, behaviour: GrpcHandler, gate: StreamGate | None, path: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     serialize = method.encode_response or method.response.SerializeToString
     if method.client_streaming:
         return grpc.stream_unary_rpc_method_handler(behaviour, response_serializer=serialize)
+    if gate is not None:
+        # Served as a request stream whose one request the gate reads under watch
+        # (StreamGate.first_request); on the wire a unary request is the same bytes.
+        def one(requests: Any, context: grpc.ServicerContext) -> Any:
+            return behaviour(gate.first_request(path, requests, context), context)
+
+        if method.server_streaming:
+            return grpc.stream_stream_rpc_method_handler(one, response_serializer=serialize)
+        return grpc.stream_unary_rpc_method_handler(one, response_serializer=serialize)
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=serialize)
     return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=serialize)

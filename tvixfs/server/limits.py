@@ -124,6 +124,9 @@ class StreamGate:
         self.limits = limits
         self._lock = threading.Lock()
         self._streams: set[_Stream] = set()
+        # Calls of one request whose request has not come yet (``first_request``): they hold a
+        # thread as a stream does, so they count in their connection's budget and are watched.
+        self._awaiting: set[_Stream] = set()
         self._per_peer: Counter[str] = Counter()
         self._stop = threading.Event()
         tick = min(limits.idle_timeout, limits.stream_timeout) * _TICK_FRACTION
@@ -146,6 +149,8 @@ class StreamGate:
                 stream = self._admit(path, context)
                 try:
                     return behaviour(self._received(stream, requests), context)
+                except CancelledStreamError as e:  # a handler not under guard() let it through
+                    context.abort(grpc.StatusCode.CANCELLED, str(e))
                 finally:
                     self._release(stream)
 
@@ -161,24 +166,47 @@ class StreamGate:
                     yield message  # grpcio takes the next one once the client has taken this
                     stream.waiting_since = None
                     self._check_age(stream)
+            except CancelledStreamError as e:  # a handler not under guard() let it through
+                context.abort(grpc.StatusCode.CANCELLED, str(e))
             finally:
                 self._release(stream)
 
         return sending
 
-    def _admit(self, path: str, context: grpc.ServicerContext) -> _Stream:
+    def first_request(self, path: str, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """The one request of a unary-request call, read under watch.
+
+        grpcio reads a unary call's request on a worker thread before any handler runs: a
+        client that opens calls and never sends their requests would hold those threads for
+        good. So such methods are served as request streams and their request is read here:
+        counted in the connection's budget (not in the total: a unary call must always find a
+        thread) and cancelled after ``idle_timeout``, as a Put that sends nothing is.
+        """
+        call = self._admit(path, context, waiting=True)
+        call.waiting_since = time.monotonic()
+        try:
+            return next(requests)
+        except (StopIteration, grpc.RpcError):
+            if call.cancelled or not context.is_active():
+                context.abort(grpc.StatusCode.CANCELLED, "cancelled before its request came")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+            raise AssertionError("unreachable: abort raises") from None
+        finally:
+            self._release(call)
+
+    def _admit(self, path: str, context: grpc.ServicerContext, waiting: bool = False) -> _Stream:
         peer = context.peer()
         with self._lock:
             total, mine = len(self._streams), self._per_peer[peer]
-            if total < self.limits.max_streams and mine < self.limits.max_streams_per_client:
+            if (waiting or total < self.limits.max_streams) and mine < self.limits.max_streams_per_client:
                 stream = _Stream(path, peer, context)
-                self._streams.add(stream)
+                (self._awaiting if waiting else self._streams).add(stream)
                 self._per_peer[peer] += 1
                 return stream
-        if total >= self.limits.max_streams:
+        if not waiting and total >= self.limits.max_streams:
             why = f"the server has {total} streams open, its limit (--max-streams)"
         else:
-            why = f"this connection has {mine} streams open, its limit (--max-streams-per-client)"
+            why = f"this connection has {mine} calls open, its limit (--max-streams-per-client)"
         log.info("%s from %s refused: %s", path, peer, why)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{STREAM_LIMIT}: {why}; retry later")
         raise AssertionError("unreachable: abort raises")  # for mypy: abort's stub returns
@@ -186,6 +214,7 @@ class StreamGate:
     def _release(self, stream: _Stream) -> None:
         with self._lock:
             self._streams.discard(stream)
+            self._awaiting.discard(stream)
             self._per_peer[stream.peer] -= 1
             if not self._per_peer[stream.peer]:
                 del self._per_peer[stream.peer]
@@ -222,7 +251,7 @@ class StreamGate:
         while not self._stop.wait(self._tick):
             now = time.monotonic()
             with self._lock:
-                streams = list(self._streams)
+                streams = [*self._streams, *self._awaiting]
             for stream in streams:
                 why = self._overdue(stream, now)
                 if why is not None and not stream.cancelled:
