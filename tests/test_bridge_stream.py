@@ -99,3 +99,14 @@ async def test_a_source_that_stops_sending_misses_the_deadline() -> None:
                 got.append(item)
     assert got == [0, 1]
     source.closed.set()  # lets the stalled pump thread finish
+
+
+async def test_the_body_s_error_stays_itself_when_a_scope_around_is_cancelled_at_once() -> None:
+    """The body fails while the pump runs and an enclosing scope is cancelled: the nursery holds
+    both, and the body's error must come out as itself, not as an ExceptionGroup that every
+    ``except Exception`` of the mount would miss."""
+    with pytest.raises(ValueError, match="the body failed"), trio.CancelScope() as outer:
+        async with Bridge().stream(lambda: iter(range(100))) as stream:
+            await stream.__anext__()
+            outer.cancel()
+            raise ValueError("the body failed")

@@ -166,10 +166,14 @@ class Bridge:
                     room.close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The pump never raises, so the group holds what the body raised: hand that on
-            # as it is (a caller logging "ExceptionGroup" would hide what went wrong).
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+            # The pump never raises, so the group holds what the body raised, and perhaps the
+            # Cancelled of a scope around it cancelled meanwhile: hand the body's exception on
+            # as it is (a caller's ``except Exception`` would miss a group, and one logging
+            # "ExceptionGroup" would hide what went wrong). The scope cancels again at its
+            # next checkpoint.
+            errors = group.split(trio.Cancelled)[1] or group
+            if len(errors.exceptions) == 1:
+                raise errors.exceptions[0] from None
             raise
 
     async def _run_pump(
