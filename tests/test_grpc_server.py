@@ -38,6 +38,7 @@ from tvixfs.protos import (
     rpc_pathinfo_pb2,
     rpc_pathinfo_pb2_grpc,
 )
+from tvixfs.server import servicers
 from tvixfs.server.damage import CLIENT_DETAIL
 from tvixfs.server.listen import ListenError, parse_listen, warn_if_exposed
 from tvixfs.server.serve import RunningServer, start_server
@@ -265,6 +266,24 @@ def test_directory_put_stores_nothing_of_a_failing_stream(stubs: Stubs) -> None:
     expect(Code.INVALID_ARGUMENT, lambda: stubs.dirs.Put(iter([])))
     for d in (leaf, left):
         expect(Code.NOT_FOUND, stubs.dirs.Get(rpc_directory_pb2.GetDirectoryRequest(digest=d.digest())))
+
+
+def test_a_directory_put_stream_is_bounded(stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server holds a Put stream whole until it ends: beyond its bounds, in directories or
+    in bytes, the stream fails (and stores nothing) rather than growing the server's memory."""
+    monkeypatch.setattr(servicers, "PUT_DIRECTORIES_MAX", 100)
+    monkeypatch.setattr(servicers, "PUT_DIRECTORY_BYTES_MAX", 4096)
+    empty = castore_pb2.Directory()
+    assert stubs.dirs.Put(iter([empty] * 100)).root_digest == Directory.from_proto(empty).digest()
+    assert "100 directories" in expect(Code.INVALID_ARGUMENT, lambda: stubs.dirs.Put(iter([empty] * 101)))
+    big = castore_pb2.Directory(
+        files=[castore_pb2.FileNode(name=b"%04d" % i, digest=bytes(32)) for i in range(100)]
+    )
+    expect(Code.INVALID_ARGUMENT, lambda: stubs.dirs.Put(iter([big])))
+    expect(
+        Code.NOT_FOUND,
+        stubs.dirs.Get(rpc_directory_pb2.GetDirectoryRequest(digest=Directory.from_proto(big).digest())),
+    )
 
 
 def test_directory_get_errors(stubs: Stubs) -> None:

@@ -49,7 +49,12 @@ from tvixfs.services.wire.grpc_methods import (
     PATHINFO_PUT,
     Method,
 )
-from tvixfs.services.wire.messages import READ_MANY_BLOB_MAX, READ_MANY_DIGESTS
+from tvixfs.services.wire.messages import (
+    PUT_DIRECTORIES_MAX,
+    PUT_DIRECTORY_BYTES_MAX,
+    READ_MANY_BLOB_MAX,
+    READ_MANY_DIGESTS,
+)
 from tvixfs.store import nixbase32
 from tvixfs.store.pathinfo import validate_pathinfo
 from tvixfs.store.storepath import HASH_SIZE
@@ -228,7 +233,14 @@ class DirectoryServicer:
         # The whole stream is validated before the backend sees any of it: the backend's
         # put_many is atomic, so a stream that fails anywhere stores nothing.
         batch = []
+        size = 0
         for i, message in enumerate(requests):
+            size += message.ByteSize()
+            if i >= PUT_DIRECTORIES_MAX or size > PUT_DIRECTORY_BYTES_MAX:
+                raise InvalidArgumentError(
+                    f"DirectoryService/Put: more than {PUT_DIRECTORIES_MAX} directories or "
+                    f"{PUT_DIRECTORY_BYTES_MAX >> 20} MiB in one stream"
+                )
             try:
                 batch.append(Directory.from_proto(message))
             except ValidationError as e:
