@@ -290,7 +290,8 @@ def test_a_put_the_watchdog_cancels_never_stores_what_it_received(short_tmp: Pat
     assert not stored, f"the truncated blob was stored in rounds {stored}"
 
 
-def test_calls_whose_request_never_comes_hold_no_thread_for_long() -> None:
+@pytest.mark.parametrize("method", ["/tvix.store.v1.PathInfoService/Get", "/grpc.health.v1.Health/Check"])
+def test_calls_whose_request_never_comes_hold_no_thread_for_long(method: str) -> None:
     """grpcio reads a unary call's request on a worker thread before any handler runs: 8 calls
     opened and left without their request once took every thread of an 8-thread server. Now
     they count in their connection's budget (the others are refused), so another client's call
@@ -308,8 +309,8 @@ def test_calls_whose_request_never_comes_hold_no_thread_for_long() -> None:
             grpc.insecure_channel(running.addresses[0], OWN_CONNECTION) as hostile,
             grpc.insecure_channel(running.addresses[0], OWN_CONNECTION) as honest,
         ):
-            # PathInfoService/Get is unary: opened as a stream, the request never sent.
-            hang = hostile.stream_unary("/tvix.store.v1.PathInfoService/Get")
+            # A unary method, opened as a stream, the request never sent.
+            hang = hostile.stream_unary(method)
             calls = [hang.future(nothing()) for _ in range(8)]
             time.sleep(0.3)
             stub = rpc_blobstore_pb2_grpc.BlobServiceStub(honest)

@@ -95,9 +95,7 @@ def _method_handler(
     if gate is not None:
         # Served as a request stream whose one request the gate reads under watch
         # (StreamGate.first_request); on the wire a unary request is the same bytes.
-        def one(requests: Any, context: grpc.ServicerContext) -> Any:
-            return behaviour(gate.first_request(path, requests, context), context)
-
+        one = gate.one_request(path, behaviour)
         if method.server_streaming:
             return grpc.stream_stream_rpc_method_handler(one, response_serializer=serialize)
         return grpc.stream_unary_rpc_method_handler(one, response_serializer=serialize)

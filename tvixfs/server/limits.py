@@ -173,6 +173,15 @@ class StreamGate:
 
         return sending
 
+    def one_request(self, path: str, behaviour: GrpcHandler) -> GrpcHandler:
+        """``behaviour`` of a unary-request method, to be served as a request stream: its one
+        request is read by ``first_request``."""
+
+        def one(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behaviour(self.first_request(path, requests, context), context)
+
+        return one
+
     def first_request(self, path: str, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """The one request of a unary-request call, read under watch.
 

@@ -7,10 +7,11 @@ copies of them, so a client browsing either package finds every service, method 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tvixfs.protos import (
@@ -29,10 +30,30 @@ _STORE_FILES = (castore_pb2, rpc_blobstore_pb2, rpc_directory_pb2, pathinfo_pb2,
 _OWN_FILES = (health_pb2, reflection_pb2, blobbatch_pb2)
 
 
-def add_health(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
-    """Serve grpc.health.v1 with every service (and the server as a whole, "") SERVING."""
+def add_health(server: grpc.Server, service_names: Iterable[str], gate: StreamGate) -> health.HealthServicer:
+    """Serve grpc.health.v1 with every service (and the server as a whole, "") SERVING.
+
+    Check and List take their one request through ``gate`` (StreamGate.first_request), as the
+    store's unary methods do. Watch stays grpcio-health's own: it is answered without holding
+    a thread, which a wrapper would lose (its request is still read before it runs).
+    """
     servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for name, request, response, behaviour in (
+        ("Check", health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse, servicer.Check),
+        ("List", health_pb2.HealthListRequest, health_pb2.HealthListResponse, servicer.List),
+    ):
+        methods[name] = grpc.stream_unary_rpc_method_handler(
+            gate.one_request(f"/{health.SERVICE_NAME}/{name}", behaviour),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    methods["Watch"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Watch,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(health.SERVICE_NAME, methods),))
     for name in ("", *service_names):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer

@@ -87,7 +87,7 @@ def start_server(
     )
     read_ahead = ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS, thread_name_prefix="tvixfs-read-ahead")
     names = add_store_services(server, store, read_message_size, prefixes, read_ahead, gate=gate)
-    servicer = add_health(server, names)
+    servicer = add_health(server, names, gate)
     add_reflection(server, names, gate)
     try:
         bound = [bind(server, address, credentials) for address in addresses]
