@@ -3,6 +3,7 @@ and the coalescing of concurrent fetches they rely on. Real stores, no kernel.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import Counter
@@ -19,6 +20,7 @@ from tvixfs.fs import reader as reader_module
 from tvixfs.fs.bridge import Bridge, Handover
 from tvixfs.fs.inflight import InFlight, Settle
 from tvixfs.fs.reader import BlobReader
+from tvixfs.services.backends.memory import open_memory_store
 from tvixfs.services.base import BlobCapabilities, BlobService, ChunkMeta, Store
 from tvixfs.services.errors import CorruptDataError, StoreUnavailableError
 
@@ -443,3 +445,49 @@ async def test_a_cached_chunk_listed_with_another_size_is_refused(
     lying = await reader.open(FileNode(b"lying", claimed, 10_000 + len(big)), b"test")
     with pytest.raises(CorruptDataError):
         await reader.read(lying, 0, 20_000)
+
+
+async def test_a_reader_is_not_held_up_by_a_fetch_ahead_waiting_for_a_thread(
+    background: trio.Nursery,
+) -> None:
+    """A run for the threads that fetch ahead (sibling prefetch, a profile replay) claims its
+    chunks only once it has a thread: queued behind busy ones, it must not make a reader of one
+    of its chunks wait (and fail at the deadline) while the readers' own threads are free."""
+    blobs = open_memory_store().blobs
+    data = [os.urandom(1000) for _ in range(2)]
+    chunks = [ChunkMeta(blobs.put([d]), len(d)) for d in data]
+    cache = chunkcache.ChunkCache(Bridge(deadline=0.5), blobs, background, 1 << 20, 0)
+    cache.ahead = Bridge(1, deadline=0.5)
+    release = threading.Event()
+
+    async def busy() -> None:  # the one thread for fetches ahead, held by a slow call
+        with trio.move_on_after(5):
+            await trio.to_thread.run_sync(release.wait, 5, limiter=cache.ahead.limiter)
+
+    async def ahead() -> None:
+        with contextlib.suppress(StoreUnavailableError):
+            await cache.fetch_run(chunks, True, bridge=cache.ahead)
+
+    background.start_soon(busy)
+    await trio.testing.wait_all_tasks_blocked()
+    background.start_soon(ahead)
+    await trio.testing.wait_all_tasks_blocked()
+    try:
+        assert await cache.get(chunks[0], True) == data[0]
+    finally:
+        release.set()
+
+
+async def test_a_reserved_thread_slot_is_given_back_once() -> None:
+    bridge = Bridge(1, deadline=0.5)
+    unused = await bridge.reserve()
+    unused.give_back()
+    unused.give_back()
+    used = await bridge.reserve()
+    assert await bridge.call(len, b"abc", slot=used) == 3
+    used.give_back()  # its thread gave it back already
+    assert bridge.limiter.borrowed_tokens == 0
+    held = await bridge.reserve()
+    with pytest.raises(StoreUnavailableError):  # no thread free: an error at the deadline
+        await bridge.reserve()
+    held.give_back()

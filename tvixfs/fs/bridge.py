@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Generic, TypeVar, TypeVarTuple
+from typing import Generic, TypeVar, TypeVarTuple, cast
 
 import trio
 
@@ -134,17 +134,62 @@ class Handover(Generic[T]):
             log.exception("handing %d items to the event loop failed", len(items))
 
 
+class Slot:
+    """A worker thread's place in a bridge, taken before the work it is for is known.
+
+    Passed to ``Bridge.call``, it stands in for the bridge's limiter (trio takes any object
+    with ``acquire_on_behalf_of``/``release_on_behalf_of``): the thread keeps it until it
+    ends, even abandoned, as with the limiter itself. Not passed to a call, ``give_back``
+    returns it.
+    """
+
+    def __init__(self, limiter: trio.CapacityLimiter, borrower: object) -> None:
+        self._limiter = limiter
+        self._borrower = borrower
+        self._used = False
+        self._returned = False
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        assert not self._used, "a slot serves one call"
+        self._used = True
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._return()
+
+    def give_back(self) -> None:
+        """Return the slot unless a call has it (that call's thread returns it when it ends)."""
+        if not self._used:
+            self._return()
+
+    def _return(self) -> None:
+        if not self._returned:
+            self._returned = True
+            self._limiter.release_on_behalf_of(self._borrower)
+
+
 class Bridge:
     def __init__(self, threads: int = defaults.THREADS, deadline: float = defaults.DEADLINE) -> None:
         self.limiter = trio.CapacityLimiter(threads)
         self.deadline = deadline
 
-    async def call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        """``fn(*args)`` in a worker thread; StoreUnavailableError if it misses the deadline."""
+    async def call(self, fn: Callable[[*Ts], T], *args: *Ts, slot: Slot | None = None) -> T:
+        """``fn(*args)`` in a worker thread (in ``slot``, if one was reserved); StoreUnavailableError
+        if it misses the deadline."""
         with trio.move_on_after(self.deadline):
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+            # trio takes a "CapacityLimiter-like object"; its annotation names only the class.
+            limiter = self.limiter if slot is None else cast(trio.CapacityLimiter, slot)
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
         name = getattr(fn, "__qualname__", repr(fn))
         raise StoreUnavailableError(f"the store did not answer within {self.deadline:g} s ({name})")
+
+    async def reserve(self) -> Slot:
+        """A thread's place, waited for up to the deadline (StoreUnavailableError beyond: the
+        threads are all held by calls to a store that does not answer)."""
+        borrower = object()
+        with trio.move_on_after(self.deadline):
+            await self.limiter.acquire_on_behalf_of(borrower)
+            return Slot(self.limiter, borrower)
+        raise StoreUnavailableError(f"no thread free for the store within {self.deadline:g} s")
 
     @asynccontextmanager
     async def stream(self, source: Callable[[], Iterable[T]]) -> AsyncIterator[Stream[T]]:

@@ -219,30 +219,40 @@ class ChunkCache:
         self, chunks: list[ChunkMeta], check: bool, bridge: Bridge | None = None
     ) -> dict[bytes, bytes | Exception]:
         """Fetch those of ``chunks`` that are neither cached nor being fetched, in one call
-        (through ``bridge``, by default the readers' own)."""
-        wanted = {
-            c.digest: c
-            for c in chunks
-            if c.size <= STREAM_ABOVE and c.digest not in self.cache and c.digest not in self._unavailable
-        }
+        (through ``bridge``, by default the readers' own).
 
-        async def fetch(digests: list[bytes], settle: Settle[bytes, bytes]) -> None:
-            run = [wanted[d] for d in digests]
-            started = trio.current_time()
+        The chunks are claimed only once a thread is there to fetch them: a run queued for one
+        of the threads for fetches ahead must not hold up a reader that needs one of its
+        chunks, and whose own threads are free.
+        """
+        bridge = bridge or self.bridge
+        slot = await bridge.reserve()
+        try:
+            wanted = {
+                c.digest: c
+                for c in chunks
+                if c.size <= STREAM_ABOVE and c.digest not in self.cache and c.digest not in self._unavailable
+            }
 
-            def deliver(answers: list[tuple[int, bytes | Exception]]) -> None:
-                for i, outcome in answers:
-                    if settle(digests[i], outcome):
-                        self.fetched(run[i], outcome, started)
+            async def fetch(digests: list[bytes], settle: Settle[bytes, bytes]) -> None:
+                run = [wanted[d] for d in digests]
+                started = trio.current_time()
 
-            arrived = Handover(deliver)
-            try:
-                await (bridge or self.bridge).call(_read_run, self.blobs, run, check, arrived.put)
-            except Exception as e:
-                deliver([(i, e) for i in range(len(run))])
-                raise
+                def deliver(answers: list[tuple[int, bytes | Exception]]) -> None:
+                    for i, outcome in answers:
+                        if settle(digests[i], outcome):
+                            self.fetched(run[i], outcome, started)
 
-        return await self.inflight.run_many(list(wanted), fetch)
+                arrived = Handover(deliver)
+                try:
+                    await bridge.call(_read_run, self.blobs, run, check, arrived.put, slot=slot)
+                except Exception as e:
+                    deliver([(i, e) for i in range(len(run))])
+                    raise
+
+            return await self.inflight.run_many(list(wanted), fetch)
+        finally:
+            slot.give_back()
 
     async def _stream_verified(self, chunk: ChunkMeta, check: bool) -> bytes:
         pieces: list[bytes] = []
