@@ -286,6 +286,22 @@ def test_a_directory_put_stream_is_bounded(stubs: Stubs, monkeypatch: pytest.Mon
     )
 
 
+def test_directory_put_streams_together_hold_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond what all directory Put streams may hold at once a stream fails UNAVAILABLE (a
+    client tries again later), and what it held is given back."""
+    monkeypatch.setattr(servicers, "PUT_DIRECTORIES_HELD", 10 * 512)  # 10 empty directories
+    running = start_server(open_memory_store(), ["[::1]:0"], threads=8)
+    try:
+        with grpc.insecure_channel(running.addresses[0]) as channel:
+            put = Stubs(channel).dirs.Put
+            empty = castore_pb2.Directory()
+            assert "retry later" in expect(Code.UNAVAILABLE, lambda: put(iter([empty] * 11)))
+            for _ in range(3):  # nothing stays held: by the failed stream, or by these
+                assert put(iter([empty] * 10)).root_digest == Directory.from_proto(empty).digest()
+    finally:
+        running.stop(None)
+
+
 def test_directory_get_errors(stubs: Stubs) -> None:
     expect(Code.INVALID_ARGUMENT, stubs.dirs.Get(rpc_directory_pb2.GetDirectoryRequest()))
     expect(Code.INVALID_ARGUMENT, stubs.dirs.Get(rpc_directory_pb2.GetDirectoryRequest(digest=b"12")))

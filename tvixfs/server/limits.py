@@ -301,3 +301,24 @@ class ReadAheadSlots:
             yield from ahead()
         finally:
             self._slots.release()
+
+
+class HeldBytes:
+    """Memory that calls of one kind hold at once, all together (directory Put streams, held
+    whole until they end): ``take`` says whether there is room, ``give`` returns it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self._held + n > self.limit:
+                return False
+            self._held += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._held -= n

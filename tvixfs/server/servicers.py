@@ -25,7 +25,7 @@ from tvixfs.protos import (
     rpc_pathinfo_pb2,
 )
 from tvixfs.server import damage
-from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, ReadAheadSlots
+from tvixfs.server.limits import DEFAULT_READ_AHEAD_STREAMS, HeldBytes, ReadAheadSlots
 from tvixfs.services.base import BlobService, DirectoryService, PathInfoService
 from tvixfs.services.encodedclosure import EncodedClosures
 from tvixfs.services.errors import (
@@ -33,6 +33,7 @@ from tvixfs.services.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    StoreUnavailableError,
 )
 from tvixfs.services.readahead import ReadAhead, chunks_read_ahead
 from tvixfs.services.regroup import in_messages
@@ -204,9 +205,17 @@ class BlobServicer:
         return rpc_blobstore_pb2.PutBlobResponse(digest=self._blobs.put(m.data for m in requests))
 
 
+# What all directory Put streams together may hold at once: a directory costs its wire size
+# four times (parsed, as measured) and 512 bytes besides. Beyond it a stream fails UNAVAILABLE,
+# which a client retries (tvixfs's does).
+PUT_DIRECTORIES_HELD = 1 << 30
+_DIRECTORY_OVERHEAD = 512
+
+
 class DirectoryServicer:
     def __init__(self, directories: DirectoryService) -> None:
         self._directories = directories
+        self._held = HeldBytes(PUT_DIRECTORIES_HELD)
 
     def handlers(self) -> Handlers:
         return {DIRECTORY_GET: self.get, DIRECTORY_PUT: self.put}
@@ -233,19 +242,30 @@ class DirectoryServicer:
         # The whole stream is validated before the backend sees any of it: the backend's
         # put_many is atomic, so a stream that fails anywhere stores nothing.
         batch = []
-        size = 0
-        for i, message in enumerate(requests):
-            size += message.ByteSize()
-            if i >= PUT_DIRECTORIES_MAX or size > PUT_DIRECTORY_BYTES_MAX:
-                raise InvalidArgumentError(
-                    f"DirectoryService/Put: more than {PUT_DIRECTORIES_MAX} directories or "
-                    f"{PUT_DIRECTORY_BYTES_MAX >> 20} MiB in one stream"
-                )
-            try:
-                batch.append(Directory.from_proto(message))
-            except ValidationError as e:
-                raise InvalidArgumentError(f"directory #{i} of the stream: {e}") from None
-        return rpc_directory_pb2.PutDirectoryResponse(root_digest=self._directories.put_many(batch))
+        size = held = 0
+        try:
+            for i, message in enumerate(requests):
+                wire = message.ByteSize()
+                size += wire
+                if i >= PUT_DIRECTORIES_MAX or size > PUT_DIRECTORY_BYTES_MAX:
+                    raise InvalidArgumentError(
+                        f"DirectoryService/Put: more than {PUT_DIRECTORIES_MAX} directories or "
+                        f"{PUT_DIRECTORY_BYTES_MAX >> 20} MiB in one stream"
+                    )
+                cost = 4 * wire + _DIRECTORY_OVERHEAD
+                if not self._held.take(cost):
+                    raise StoreUnavailableError(
+                        "DirectoryService/Put: the server holds as many directory uploads as it "
+                        f"may at once ({self._held.limit >> 20} MiB); retry later"
+                    )
+                held += cost
+                try:
+                    batch.append(Directory.from_proto(message))
+                except ValidationError as e:
+                    raise InvalidArgumentError(f"directory #{i} of the stream: {e}") from None
+            return rpc_directory_pb2.PutDirectoryResponse(root_digest=self._directories.put_many(batch))
+        finally:
+            self._held.give(held)
 
 
 class PathInfoServicer:
