@@ -491,3 +491,26 @@ async def test_a_reserved_thread_slot_is_given_back_once() -> None:
     with pytest.raises(StoreUnavailableError):  # no thread free: an error at the deadline
         await bridge.reserve()
     held.give_back()
+
+
+async def test_a_warm_run_waits_for_no_thread(background: trio.Nursery) -> None:
+    """``fetch_run`` of chunks all cached (a warm read spanning chunks) reserves no thread: with
+    every thread held by a store that does not answer, it still answers at once."""
+    blobs = open_memory_store().blobs
+    data = [os.urandom(1000) for _ in range(2)]
+    chunks = [ChunkMeta(blobs.put([d]), len(d)) for d in data]
+    cache = chunkcache.ChunkCache(Bridge(1, deadline=0.5), blobs, background, 1 << 20, 0)
+    await cache.fetch_run(chunks, True)
+    release = threading.Event()
+
+    async def hung() -> None:
+        with trio.move_on_after(5):
+            await trio.to_thread.run_sync(release.wait, 5, limiter=cache.bridge.limiter)
+
+    background.start_soon(hung)
+    await trio.testing.wait_all_tasks_blocked()
+    try:
+        with trio.fail_after(0.2):
+            assert await cache.fetch_run(chunks, True) == {}
+    finally:
+        release.set()

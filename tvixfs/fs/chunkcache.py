@@ -225,14 +225,12 @@ class ChunkCache:
         of the threads for fetches ahead must not hold up a reader that needs one of its
         chunks, and whose own threads are free.
         """
+        if not any(self._to_fetch(c) and c.digest not in self.inflight for c in chunks):
+            return {}  # a warm read waits for no thread
         bridge = bridge or self.bridge
         slot = await bridge.reserve()
         try:
-            wanted = {
-                c.digest: c
-                for c in chunks
-                if c.size <= STREAM_ABOVE and c.digest not in self.cache and c.digest not in self._unavailable
-            }
+            wanted = {c.digest: c for c in chunks if self._to_fetch(c)}
 
             async def fetch(digests: list[bytes], settle: Settle[bytes, bytes]) -> None:
                 run = [wanted[d] for d in digests]
@@ -253,6 +251,12 @@ class ChunkCache:
             return await self.inflight.run_many(list(wanted), fetch)
         finally:
             slot.give_back()
+
+    def _to_fetch(self, chunk: ChunkMeta) -> bool:
+        """Whether ``fetch_run`` should fetch ``chunk``: neither cached nor failed just now, and
+        small enough for one read (larger ones stream)."""
+        digest = chunk.digest
+        return chunk.size <= STREAM_ABOVE and digest not in self.cache and digest not in self._unavailable
 
     async def _stream_verified(self, chunk: ChunkMeta, check: bool) -> bytes:
         pieces: list[bytes] = []
