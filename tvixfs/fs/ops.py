@@ -54,8 +54,6 @@ from tvixfs.services.rootnodes import StorePathRoot
 from tvixfs.store.nixsig import PublicKey
 
 log = logging.getLogger(__name__)
-# A program retrying a read that fails would otherwise write a line per attempt.
-_FAILURES = RepeatedLog(log, logging.ERROR)
 
 ReaddirReply = Callable[[pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, int], bool]
 InvalidateEntry = Callable[[int, bytes], None]
@@ -252,6 +250,8 @@ class TvixOperations(pyfuse3.Operations):
         self._readdir_reply = readdir_reply
         self._invalidate = invalidate
         self.failures = 0
+        # A program retrying a read that fails would otherwise write a line per attempt.
+        self._failure_lines = RepeatedLog(log, logging.ERROR)
         # The text of the mount root's ``user.tvixfs.status`` (fs/statusreport.py), if set.
         self.root_status: Callable[[], bytes] | None = None
 
@@ -285,7 +285,7 @@ class TvixOperations(pyfuse3.Operations):
         self.failures += 1
         place = f"store path {os.fsdecode(where)}" if where else "the mount root"
         # One line per distinct failure and minute; the traceback only at debug level.
-        _FAILURES.emit(f"{request} in {place}: {type(e).__name__}: {e}")
+        self._failure_lines.emit(f"{request} in {place}: {type(e).__name__}: {e}")
         log.debug("%s failed", request, exc_info=e)
         return pyfuse3.FUSEError(errno.EIO)
 
