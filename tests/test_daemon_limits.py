@@ -312,11 +312,20 @@ def test_calls_whose_request_never_comes_hold_no_thread_for_long(method: str) ->
             # A unary method, opened as a stream, the request never sent.
             hang = hostile.stream_unary(method)
             calls = [hang.future(nothing()) for _ in range(8)]
-            time.sleep(0.3)
+            # Once those over the budget are refused, all 8 reached the gate and the rest wait.
+            ended = threading.Semaphore(0)
+            for call in calls:
+                call.add_done_callback(lambda _: ended.release())
+            refused = 8 - limits.max_streams_per_client
+            for _ in range(refused):
+                assert ended.acquire(timeout=PROMPT)
+            waiting = [call for call in calls if not call.done()]
+            assert len(waiting) == limits.max_streams_per_client
             stub = rpc_blobstore_pb2_grpc.BlobServiceStub(honest)
             with pytest.raises(grpc.RpcError) as absent:
                 stub.Stat(rpc_blobstore_pb2.StatBlobRequest(digest=bytes(32)), timeout=PROMPT / 2)
             assert absent.value.code() is Code.NOT_FOUND  # type: ignore[attr-defined]
+            assert not any(call.done() for call in waiting), "answered while they held their threads"
             codes = Counter(call.exception(timeout=PROMPT).code() for call in calls)  # type: ignore[union-attr]
             assert codes == {
                 Code.CANCELLED: limits.max_streams_per_client,

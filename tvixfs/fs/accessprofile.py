@@ -170,10 +170,8 @@ class AccessProfiles:
             chunks = [e.chunk for e in batch if not self._chunks.busy(e.digest)]
             if not chunks:
                 return False
-            # A profile is no store's word on the chunks: hashed here, unless the store checks
-            # every read against the digest asked for.
-            check = not self._chunks.blobs.capabilities.verifies_every_read
-            await self._chunks.fetch_run(chunks, check=check, bridge=self._chunks.ahead)
+            # A profile is no store's word on the chunks.
+            await self._chunks.fetch_run(chunks, self._chunks.check_unlisted, bridge=self._chunks.ahead)
         except Exception as e:
             log.debug("fetching %s of an access profile failed: %s", batch[0], e)
         return True

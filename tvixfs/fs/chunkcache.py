@@ -165,6 +165,13 @@ class ChunkCache:
         self.latency = Latency()
         self.ahead = Bridge(AHEAD_CALLS, bridge.deadline)
 
+    @property
+    def check_unlisted(self) -> bool:
+        """Whether chunks fetched by digests no chunk list of the store named (an access
+        profile's, a small file's whole blob) must be hashed here: unless the store checks
+        every read against the digest asked for (``verifies_every_read``)."""
+        return not self.blobs.capabilities.verifies_every_read
+
     def wanted(self, digest: bytes) -> bool:
         """Whether a chunk is missing from the cache."""
         return digest not in self.cache
